@@ -1,0 +1,82 @@
+"""Settings of one replica, from flags and the environment. Every duration carries its unit."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass
+class Settings:
+    # Empty means: start the embedded PostgreSQL in data_dir.
+    database_url: str = ""
+    data_dir: Path = Path(".chatd")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "INFO"
+
+    # Replica engine.
+    max_concurrent_runs: int = 50
+    acquire_poll_interval_s: float = 2.0
+    heartbeat_interval_s: float = 10.0
+    stale_threshold_s: float = 30.0
+    liveness_check_interval_s: float = 0.5
+    shutdown_grace_s: float = 10.0
+    part_flush_interval_ms: float = 15.0
+    max_steps_per_turn: int = 25
+    queue_limit: int = 20
+
+    # HTTP.
+    max_body_bytes: int = 1_000_000
+    keepalive_interval_s: float = 15.0
+    max_queued_events_per_client: int = 1000
+
+    anthropic_api_key: str = field(default_factory=lambda: os.environ.get("ANTHROPIC_API_KEY", ""))
+    openai_api_key: str = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", ""))
+    anthropic_base_url: str = field(
+        default_factory=lambda: os.environ.get("ANTHROPIC_BASE_URL", "")
+    )
+    openai_base_url: str = field(default_factory=lambda: os.environ.get("OPENAI_BASE_URL", ""))
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        defaults = cls()
+        return cls(
+            database_url=os.environ.get("DATABASE_URL", ""),
+            data_dir=Path(os.environ.get("CHATD_DATA_DIR", str(defaults.data_dir))),
+            host=os.environ.get("CHATD_HOST", defaults.host),
+            port=_env_int("CHATD_PORT", defaults.port),
+            log_level=os.environ.get("CHATD_LOG_LEVEL", defaults.log_level),
+            max_concurrent_runs=_env_int("CHATD_MAX_CONCURRENT_RUNS", defaults.max_concurrent_runs),
+            acquire_poll_interval_s=_env_float(
+                "CHATD_ACQUIRE_POLL_INTERVAL_S", defaults.acquire_poll_interval_s
+            ),
+            heartbeat_interval_s=_env_float(
+                "CHATD_HEARTBEAT_INTERVAL_S", defaults.heartbeat_interval_s
+            ),
+            stale_threshold_s=_env_float("CHATD_STALE_THRESHOLD_S", defaults.stale_threshold_s),
+            liveness_check_interval_s=_env_float(
+                "CHATD_LIVENESS_CHECK_INTERVAL_S", defaults.liveness_check_interval_s
+            ),
+            shutdown_grace_s=_env_float("CHATD_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
+            part_flush_interval_ms=_env_float(
+                "CHATD_PART_FLUSH_INTERVAL_MS", defaults.part_flush_interval_ms
+            ),
+            max_steps_per_turn=_env_int("CHATD_MAX_STEPS_PER_TURN", defaults.max_steps_per_turn),
+            queue_limit=_env_int("CHATD_QUEUE_LIMIT", defaults.queue_limit),
+            max_body_bytes=_env_int("CHATD_MAX_BODY_BYTES", defaults.max_body_bytes),
+            keepalive_interval_s=_env_float(
+                "CHATD_KEEPALIVE_INTERVAL_S", defaults.keepalive_interval_s
+            ),
+        )

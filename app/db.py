@@ -1,0 +1,123 @@
+"""The data-access plumbing: named SQL blocks loaded once from sql/queries/, the connection
+pool, and the conversion of driver errors into chatd's typed errors.
+
+Only modules that own a table's SQL (chats.py, replica_store.py, ...) run queries; everything
+else calls them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from app.paths import QUERIES_DIR
+
+# What a query function accepts: a plain connection or one borrowed from the pool.
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+_HEADER = re.compile(r"^--\s*name:\s*(?P<name>[a-z_][a-z0-9_]*)\s*(?P<kind>:[a-z]+)?\s*$")
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str
+    kind: str  # ":one", ":many", ":exec", ... as written in the header; documentation only
+    sql: str
+    source: str
+
+
+class Queries:
+    """Named SQL blocks: `-- name: acquire_chats :many` starts a block that ends at the next
+    header. Loaded once at import; a duplicate name anywhere is an error."""
+
+    def __init__(self, queries: dict[str, Query]) -> None:
+        self._queries = queries
+
+    @classmethod
+    def load(cls, directory: Path = QUERIES_DIR) -> Queries:
+        queries: dict[str, Query] = {}
+        for path in sorted(directory.glob("*.sql")):
+            for query in _parse(path):
+                if query.name in queries:
+                    raise ValueError(
+                        f"query {query.name!r} is defined in {queries[query.name].source}"
+                        f" and {query.source}"
+                    )
+                queries[query.name] = query
+        return cls(queries)
+
+    def names(self) -> list[str]:
+        return sorted(self._queries)
+
+    def sql(self, name: str) -> str:
+        """The SQL text of a named block; a typo fails loudly at the call site."""
+        try:
+            return self._queries[name].sql
+        except KeyError:
+            raise KeyError(f"no query named {name!r} in sql/queries/") from None
+
+
+def _parse(path: Path) -> list[Query]:
+    queries: list[Query] = []
+    name: str | None = None
+    kind = ""
+    lines: list[str] = []
+
+    def flush() -> None:
+        if name is not None:
+            body = "\n".join(lines).strip()
+            if not body:
+                raise ValueError(f"query {name!r} in {path} is empty")
+            queries.append(Query(name=name, kind=kind, sql=body, source=path.name))
+
+    for line in path.read_text().splitlines():
+        header = _HEADER.match(line)
+        if header:
+            flush()
+            name, kind, lines = header["name"], header["kind"] or ":exec", []
+        elif name is not None:
+            lines.append(line)
+    flush()
+    return queries
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[Conn]:
+    """A pooled connection inside one transaction. asyncpg shields the release from
+    cancellation, so a cancelled caller never leaks a connection mid-transaction."""
+    async with pool.acquire() as conn, conn.transaction():
+        yield conn
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors that mean "the connection is gone", as opposed to a bad statement."""
+    return isinstance(
+        exc,
+        (
+            asyncpg.exceptions.ConnectionDoesNotExistError,
+            asyncpg.exceptions.InterfaceError,
+            asyncpg.exceptions.PostgresConnectionError,
+            asyncpg.exceptions.AdminShutdownError,
+            asyncpg.exceptions.CannotConnectNowError,
+            ConnectionError,
+            OSError,
+        ),
+    )
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    """The same server and credentials, another database (works for socket DSNs too)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))

@@ -1,0 +1,1 @@
+"""The HTTP room: aiohttp application, routes, auth, streams over SSE and WebSocket."""

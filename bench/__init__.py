@@ -1,0 +1,1 @@
+"""chatd benchmarks, run by `make bench`."""

@@ -1,0 +1,181 @@
+-- 0001: the whole first schema of chatd. Never edit this file once landed; add 0002_... instead.
+-- Trigger functions live in triggers/ and are pulled in by the include lines below; their names
+-- carry a version suffix so that a later migration can add _v2 beside _v1 during a rolling deploy.
+
+CREATE TABLE organizations (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name       text NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND 200),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The default organization has a fixed id so that code and operators can name it.
+INSERT INTO organizations (id, name) VALUES ('00000000-0000-0000-0000-000000000001', 'default');
+
+CREATE TABLE users (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    organization_id uuid NOT NULL REFERENCES organizations (id)
+                    DEFAULT '00000000-0000-0000-0000-000000000001',
+    name            text NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND 200),
+    is_admin        boolean NOT NULL DEFAULT false,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- Tokens are random and shown once; only their SHA-256 is stored, so the unique index on the
+-- hash is the lookup path of every authenticated request.
+CREATE TABLE api_tokens (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id      uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    token_hash   bytea NOT NULL UNIQUE,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz
+);
+
+CREATE TABLE chat_model_configs (
+    id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    provider              text NOT NULL CHECK (provider IN ('anthropic', 'openai', 'builtin')),
+    model                 text NOT NULL CHECK (length(model) BETWEEN 1 AND 200),
+    display_name          text NOT NULL DEFAULT '',
+    context_limit         integer NOT NULL DEFAULT 200000 CHECK (context_limit > 0),
+    -- Percent of context_limit at which older messages are summarized.
+    compression_threshold integer NOT NULL DEFAULT 70 CHECK (compression_threshold BETWEEN 1 AND 100),
+    is_default            boolean NOT NULL DEFAULT false,
+    enabled               boolean NOT NULL DEFAULT true,
+    -- Provider options: prices (input_micros_per_mtok, ...), token_delay_ms for echo, timeouts.
+    options               jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    updated_at            timestamptz NOT NULL DEFAULT now()
+);
+
+-- At most one default model; the partial unique index enforces it.
+CREATE UNIQUE INDEX chat_model_configs_one_default ON chat_model_configs (is_default) WHERE is_default;
+
+-- The built-in offline model, so a new installation works with no API key.
+INSERT INTO chat_model_configs (id, provider, model, display_name, context_limit, is_default)
+VALUES ('00000000-0000-0000-0000-0000000000e0', 'builtin', 'echo', 'Echo (offline)', 200000, true);
+
+-- One row per replica process. heartbeat_at is the backstop liveness signal; the primary one is
+-- the session advisory lock each replica holds (see sql/queries/replicas.sql).
+CREATE TABLE chat_replicas (
+    id           uuid PRIMARY KEY,
+    hostname     text NOT NULL,
+    pid          integer NOT NULL,
+    address      text NOT NULL DEFAULT '',
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE chats (
+    id                     uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    owner_id               uuid NOT NULL REFERENCES users (id),
+    organization_id        uuid NOT NULL REFERENCES organizations (id),
+    parent_chat_id         uuid REFERENCES chats (id),
+    root_chat_id           uuid REFERENCES chats (id),
+    title                  text NOT NULL DEFAULT '' CHECK (length(title) <= 200),
+    status                 text NOT NULL DEFAULT 'waiting'
+                           CHECK (status IN ('waiting', 'pending', 'running', 'error')),
+    -- Bumped by chats_bump_version_v1 on every UPDATE; carried by every notification.
+    version                bigint NOT NULL DEFAULT 1,
+    -- Bumped on every acquire: the fencing token of a run together with worker_id.
+    generation             bigint NOT NULL DEFAULT 0,
+    -- No foreign key: a replica row may be deleted while history still names it.
+    worker_id              uuid,
+    started_at             timestamptz,
+    heartbeat_at           timestamptz,
+    interrupt_requested_at timestamptz,
+    last_error             jsonb,
+    model_config_id        uuid REFERENCES chat_model_configs (id),
+    client_type            text NOT NULL DEFAULT 'api' CHECK (client_type IN ('ui', 'api')),
+    archived               boolean NOT NULL DEFAULT false,
+    created_at             timestamptz NOT NULL DEFAULT now(),
+    updated_at             timestamptz NOT NULL DEFAULT now(),
+    -- A running chat always has an owner replica and nothing else has one.
+    CONSTRAINT chats_running_has_worker CHECK ((status = 'running') = (worker_id IS NOT NULL))
+);
+
+-- Acquire scans pending chats oldest first; the partial index holds only the pending ones, so it
+-- stays tiny however many chats exist.
+CREATE INDEX chats_pending_idx ON chats (updated_at, id) WHERE status = 'pending';
+-- Requeueing a dead replica's chats and the stale sweep look up running chats by worker.
+CREATE INDEX chats_running_worker_idx ON chats (worker_id) WHERE status = 'running';
+-- A user's chat list, newest first, paged by (created_at, id).
+CREATE INDEX chats_owner_created_idx ON chats (owner_id, created_at DESC, id DESC);
+-- Sub-agent tools look up children of a chat.
+CREATE INDEX chats_parent_idx ON chats (parent_chat_id) WHERE parent_chat_id IS NOT NULL;
+
+CREATE TABLE chat_messages (
+    id                 bigserial PRIMARY KEY,
+    chat_id            uuid NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    role               text NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+    content            jsonb NOT NULL CHECK (jsonb_typeof(content) = 'array'),
+    model_config_id    uuid REFERENCES chat_model_configs (id),
+    input_tokens       integer NOT NULL DEFAULT 0,
+    output_tokens      integer NOT NULL DEFAULT 0,
+    cache_read_tokens  integer NOT NULL DEFAULT 0,
+    cache_write_tokens integer NOT NULL DEFAULT 0,
+    cost_micros        bigint NOT NULL DEFAULT 0,
+    -- Summarized into a later summary message; kept for the user's history, left out of prompts.
+    compressed         boolean NOT NULL DEFAULT false,
+    -- Soft-deleted by an edit of an earlier user message.
+    deleted            boolean NOT NULL DEFAULT false,
+    created_at         timestamptz NOT NULL DEFAULT now()
+);
+
+-- "Messages of chat X after id N" is the cursor read of every stream and of the prompt builder.
+CREATE INDEX chat_messages_chat_id_idx ON chat_messages (chat_id, id);
+
+-- Messages sent while a chat is busy; FIFO by id.
+CREATE TABLE chat_queued_messages (
+    id         bigserial PRIMARY KEY,
+    chat_id    uuid NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    content    jsonb NOT NULL CHECK (jsonb_typeof(content) = 'array'),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX chat_queued_messages_chat_id_idx ON chat_queued_messages (chat_id, id);
+
+-- Live deltas of the step in progress. UNLOGGED: they are worth nothing after a crash (the step
+-- is redone), and skipping WAL makes the hottest insert path cheap. No foreign key to chats: the
+-- key-share lock of an FK check would queue behind every FOR UPDATE of the chat row.
+CREATE UNLOGGED TABLE chat_stream_parts (
+    id           bigserial PRIMARY KEY,
+    chat_id      uuid NOT NULL,
+    generation   bigint NOT NULL,
+    message_role text NOT NULL DEFAULT 'assistant',
+    part         jsonb NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- Stream snapshots read "parts of chat X after id N".
+CREATE INDEX chat_stream_parts_chat_id_idx ON chat_stream_parts (chat_id, id);
+
+-- include: triggers/chats_v1.sql
+-- include: triggers/chat_messages_v1.sql
+-- include: triggers/chat_queued_messages_v1.sql
+-- include: triggers/chat_stream_parts_v1.sql
+
+-- Operator views: psql answers "what is going on".
+CREATE VIEW chat_status_summary AS
+SELECT status, archived, count(*) AS chats, max(now() - updated_at) AS oldest_change_age
+FROM chats
+GROUP BY status, archived;
+
+CREATE VIEW chat_activity AS
+SELECT c.id AS chat_id,
+       c.title,
+       c.status,
+       c.worker_id,
+       r.hostname AS worker_hostname,
+       r.pid AS worker_pid,
+       c.generation,
+       now() - c.started_at AS running_for,
+       now() - r.heartbeat_at AS worker_heartbeat_age,
+       c.interrupt_requested_at IS NOT NULL AS interrupt_requested
+FROM chats c
+LEFT JOIN chat_replicas r ON r.id = c.worker_id
+WHERE c.status IN ('pending', 'running');
+
+CREATE VIEW chat_replica_health AS
+SELECT r.id, r.hostname, r.pid, r.address, r.started_at,
+       now() - r.heartbeat_at AS heartbeat_age,
+       (SELECT count(*) FROM chats c WHERE c.worker_id = r.id AND c.status = 'running') AS running_chats
+FROM chat_replicas r;

@@ -1,0 +1,52 @@
+"""`chatd serve` as a user starts it: no DATABASE_URL, so it brings up its own PostgreSQL."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.e2e.replicas import ReplicaProcess
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_serve_without_database_url_starts_embedded_postgres_and_answers_healthz(
+    tmp_path: Path,
+) -> None:
+    data_dir = Path("/tmp") / f"chatd-e2e-{tmp_path.name[-20:]}"
+    replica = ReplicaProcess(
+        log_dir=tmp_path, env={"DATABASE_URL": "", "CHATD_DATA_DIR": str(data_dir)}
+    )
+    replica.start()
+    try:
+        await replica.wait_healthy(timeout_s=60)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(replica.url + "/healthz") as response,
+        ):
+            assert response.status == 200
+            assert await response.json() == {"status": "ok"}
+        assert "embedded PostgreSQL in" in replica.logs()
+        assert "connect with:" in replica.logs()
+
+        replica.signal(signal.SIGTERM)
+        assert await replica.wait_exit() == 0
+        # The embedded server stopped with the service.
+        assert not (data_dir / "postmaster.pid").exists()
+    finally:
+        replica.kill()
+
+
+async def test_serve_with_database_url_uses_that_server(tmp_path: Path, database_url: str) -> None:
+    replica = ReplicaProcess(log_dir=tmp_path, env={"DATABASE_URL": database_url})
+    replica.start()
+    try:
+        await replica.wait_healthy()
+        assert "embedded PostgreSQL" not in replica.logs()
+        replica.signal(signal.SIGTERM)
+        assert await replica.wait_exit() == 0
+    finally:
+        replica.kill()
