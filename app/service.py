@@ -49,7 +49,9 @@ async def serve(settings: Settings, dsn: str) -> None:
         listener = Listener(dsn)
         async with asyncio.TaskGroup() as tasks:
             listener_task = tasks.create_task(listener.run(), name="listener")
-            runner = web.AppRunner(build_app(pool=pool, listener=listener), shutdown_timeout=2.0)
+            runner = web.AppRunner(
+                build_app(settings=settings, pool=pool, listener=listener), shutdown_timeout=2.0
+            )
             await runner.setup()
             try:
                 site = web.TCPSite(runner, settings.host, settings.port)

@@ -124,11 +124,13 @@ CREATE TABLE chat_messages (
 -- "Messages of chat X after id N" is the cursor read of every stream and of the prompt builder.
 CREATE INDEX chat_messages_chat_id_idx ON chat_messages (chat_id, id);
 
--- Messages sent while a chat is busy; FIFO by id.
+-- Messages sent while a chat is busy. The head of the queue is the first by
+-- (promoted DESC, id): FIFO, except that a message promoted while its chat runs goes first.
 CREATE TABLE chat_queued_messages (
     id         bigserial PRIMARY KEY,
     chat_id    uuid NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
     content    jsonb NOT NULL CHECK (jsonb_typeof(content) = 'array'),
+    promoted   boolean NOT NULL DEFAULT false,
     created_at timestamptz NOT NULL DEFAULT now()
 );
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from app.config import Settings
 from app.listener import Listener
 
+SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 LISTENER = web.AppKey("listener", Listener)
 
@@ -34,8 +36,9 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def build_app(*, pool: asyncpg.Pool, listener: Listener) -> web.Application:
-    app = web.Application()
+def build_app(*, settings: Settings, pool: asyncpg.Pool, listener: Listener) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
     app[POOL] = pool
     app[LISTENER] = listener
     app.router.add_get("/healthz", healthz)

@@ -1,0 +1,128 @@
+-- Queries of the chat state machine as driven by users (app/chats.py). Every transition first
+-- locks the chat row (lock_chat_for_owner), so transitions of one chat are serialized and the
+-- message ids of one chat commit in id order (a safe "after id X" cursor for streams).
+
+-- name: default_model_config :one
+-- The partial unique index chat_model_configs_one_default makes this at most one row.
+SELECT * FROM chat_model_configs WHERE is_default AND enabled;
+
+-- name: enabled_model_config :one
+SELECT * FROM chat_model_configs WHERE id = $1 AND enabled;
+
+-- name: insert_chat :one
+-- A chat is born pending with its first message in the same transaction, so it is only
+-- visible (and acquirable) once it is durable.
+INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
+                   model_config_id, client_type)
+VALUES ($1, $2, $3, coalesce($4, $3), $5, 'pending', $6, $7)
+RETURNING *;
+
+-- name: lock_chat_for_owner :one
+-- FOR UPDATE serializes every transition (and every message insert) of one chat. The owner
+-- condition makes another user's chat indistinguishable from a missing one.
+SELECT * FROM chats WHERE id = $1 AND owner_id = $2 FOR UPDATE;
+
+-- name: get_chat_for_owner :one
+SELECT * FROM chats WHERE id = $1 AND owner_id = $2;
+
+-- name: list_chats_for_owner :many
+-- Newest first, paged by the (created_at, id) of the last row of the previous page; served by
+-- chats_owner_created_idx. $3/$4 filter when not null.
+SELECT * FROM chats
+WHERE owner_id = $1
+  AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $5::uuid))
+  AND ($3::text IS NULL OR status = $3)
+  AND ($4::boolean IS NULL OR archived = $4)
+ORDER BY created_at DESC, id DESC
+LIMIT $6;
+
+-- name: insert_message :one
+INSERT INTO chat_messages (chat_id, role, content)
+VALUES ($1, $2, $3::jsonb)
+RETURNING *;
+
+-- name: make_pending :one
+-- waiting/error -> pending: a new user turn. Clears the error and any stale interrupt mark.
+UPDATE chats
+SET status = 'pending', worker_id = NULL, last_error = NULL, interrupt_requested_at = NULL
+WHERE id = $1
+RETURNING *;
+
+-- name: count_queued :one
+SELECT count(*) FROM chat_queued_messages WHERE chat_id = $1;
+
+-- name: insert_queued :one
+INSERT INTO chat_queued_messages (chat_id, content)
+VALUES ($1, $2::jsonb)
+RETURNING *;
+
+-- name: list_queued :many
+-- Queue order: promoted first, then FIFO by id (the same order the worker pops in).
+SELECT * FROM chat_queued_messages WHERE chat_id = $1 ORDER BY promoted DESC, id;
+
+-- name: delete_queued :one
+DELETE FROM chat_queued_messages WHERE id = $1 AND chat_id = $2 RETURNING *;
+
+-- name: promote_queued :one
+UPDATE chat_queued_messages SET promoted = true WHERE id = $1 AND chat_id = $2 RETURNING *;
+
+-- name: clear_queue :exec
+DELETE FROM chat_queued_messages WHERE chat_id = $1;
+
+-- name: interrupt_pending :one
+-- A pending chat has no worker yet: Stop takes it straight back to waiting. Acquire locks the
+-- row too, so a Stop racing an acquire is serialized with it: either the chat is still pending
+-- here, or it is running and the worker gets the mark below.
+UPDATE chats
+SET status = 'waiting', interrupt_requested_at = NULL
+WHERE id = $1
+RETURNING *;
+
+-- name: request_interrupt :one
+-- A running chat: mark it; the owning worker learns it from the chat row's notification,
+-- flushes its partial output and completes the transition to waiting.
+UPDATE chats
+SET interrupt_requested_at = coalesce(interrupt_requested_at, clock_timestamp())
+WHERE id = $1
+RETURNING *;
+
+-- name: get_user_message_for_edit :one
+SELECT * FROM chat_messages
+WHERE id = $1 AND chat_id = $2 AND NOT deleted;
+
+-- name: soft_delete_messages_from :exec
+-- An edit removes the edited message and everything after it from the visible history.
+UPDATE chat_messages SET deleted = true WHERE chat_id = $1 AND id >= $2 AND NOT deleted;
+
+-- name: clear_stream_parts :exec
+DELETE FROM chat_stream_parts WHERE chat_id = $1;
+
+-- name: reset_to_pending :one
+-- Edit: whatever the chat was doing, it starts over from the edited message. Clearing worker_id
+-- fences out a run in progress (its writes require status = running and its worker id).
+UPDATE chats
+SET status = 'pending', worker_id = NULL, last_error = NULL, interrupt_requested_at = NULL
+WHERE id = $1
+RETURNING *;
+
+-- name: update_chat_fields :one
+-- PATCH: title and archived, each only when given. Archiving a busy chat stops it: status goes
+-- to waiting and worker_id is cleared, which fences out the run in progress.
+UPDATE chats
+SET title = coalesce($2, title),
+    archived = coalesce($3, archived),
+    status = CASE WHEN coalesce($3, archived) AND status IN ('pending', 'running')
+                  THEN 'waiting' ELSE status END,
+    worker_id = CASE WHEN coalesce($3, archived) AND status IN ('pending', 'running')
+                     THEN NULL ELSE worker_id END,
+    interrupt_requested_at = CASE WHEN coalesce($3, archived) AND status IN ('pending', 'running')
+                                  THEN NULL ELSE interrupt_requested_at END
+WHERE id = $1
+RETURNING *;
+
+-- name: list_messages :many
+-- The visible history after a cursor, in id order (never created_at order).
+SELECT * FROM chat_messages
+WHERE chat_id = $1 AND id > $2 AND NOT deleted
+ORDER BY id
+LIMIT $3;
