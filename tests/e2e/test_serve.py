@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +18,8 @@ pytestmark = pytest.mark.e2e
 async def test_serve_without_database_url_starts_embedded_postgres_and_answers_healthz(
     tmp_path: Path,
 ) -> None:
-    data_dir = Path("/tmp") / f"chatd-e2e-{tmp_path.name[-20:]}"
+    # A short path of its own: the server's Unix socket lives in the data directory.
+    data_dir = Path(tempfile.mkdtemp(prefix="chatd-e2e-"))
     replica = ReplicaProcess(
         log_dir=tmp_path, env={"DATABASE_URL": "", "CHATD_DATA_DIR": str(data_dir)}
     )
@@ -38,6 +41,7 @@ async def test_serve_without_database_url_starts_embedded_postgres_and_answers_h
         assert not (data_dir / "postmaster.pid").exists()
     finally:
         replica.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def test_serve_with_database_url_uses_that_server(tmp_path: Path, database_url: str) -> None:
