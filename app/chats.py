@@ -18,6 +18,7 @@ import asyncpg
 
 from app.db import Conn, Queries, transaction
 from app.errors import InvalidTransition, NotFound, QueueFull, ValidationFailed
+from app.usage import check_spend_limit
 
 Q = Queries.load()
 
@@ -287,6 +288,7 @@ async def create_chat(
             validations=[{"field": "client_type", "detail": "expected ui or api"}],
         )
     async with transaction(pool) as conn:
+        await check_spend_limit(conn, organization_id=owner.organization_id, user_id=owner.user_id)
         root_chat_id: uuid.UUID | None = None
         if parent_chat_id is not None:
             parent = await _lock_chat(conn, owner, parent_chat_id)
@@ -324,6 +326,9 @@ async def send_message(
                 from_status=chat_row["status"],
                 reason="the chat is archived; unarchive it first",
             )
+        await check_spend_limit(
+            conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
+        )
         if chat_row["status"] in ("waiting", "error"):
             message_row = await conn.fetchrow(
                 Q.sql("insert_message"), chat_id, "user", json.dumps(parts)
@@ -379,6 +384,9 @@ async def edit_message(
                 from_status=chat_row["status"],
                 reason=f"only user messages can be edited, this one is {message_row['role']}",
             )
+        await check_spend_limit(
+            conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
+        )
         await conn.execute(Q.sql("soft_delete_messages_from"), chat_id, message_id)
         await conn.execute(Q.sql("clear_queue"), chat_id)
         await conn.execute(Q.sql("clear_stream_parts"), chat_id)

@@ -182,3 +182,17 @@ SELECT r.id, r.hostname, r.pid, r.address, r.started_at,
        now() - r.heartbeat_at AS heartbeat_age,
        (SELECT count(*) FROM chats c WHERE c.worker_id = r.id AND c.status = 'running') AS running_chats
 FROM chat_replicas r;
+
+-- Spend limits (migration 0002). A row with user_id NULL is the organization's default for each
+-- of its users; a row with a user_id overrides it for that user.
+CREATE TABLE spend_limits (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    organization_id uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    user_id         uuid REFERENCES users (id) ON DELETE CASCADE,
+    limit_micros    bigint NOT NULL CHECK (limit_micros >= 0),
+    period          text NOT NULL DEFAULT 'month' CHECK (period IN ('day', 'week', 'month')),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (organization_id, user_id)
+);
+
+CREATE INDEX chats_org_owner_idx ON chats (organization_id, owner_id);

@@ -108,3 +108,48 @@ async def create_stream_part(
     )
     assert row is not None
     return row
+
+
+async def create_organization(conn: Conn, **overrides: Any) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "INSERT INTO organizations (name) VALUES ($1) RETURNING *",
+        overrides.get("name", f"org-{uuid.uuid4().hex[:8]}"),
+    )
+    assert row is not None
+    return row
+
+
+async def create_spend_limit(
+    conn: Conn,
+    *,
+    organization_id: uuid.UUID = DEFAULT_ORGANIZATION_ID,
+    user_id: uuid.UUID | None = None,
+    limit_micros: int = 1_000_000,
+    period: str = "month",
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        """
+        INSERT INTO spend_limits (organization_id, user_id, limit_micros, period)
+        VALUES ($1, $2, $3, $4) RETURNING *
+        """,
+        organization_id,
+        user_id,
+        limit_micros,
+        period,
+    )
+    assert row is not None
+    return row
+
+
+async def record_spend(conn: Conn, *, chat_id: uuid.UUID, cost_micros: int) -> asyncpg.Record:
+    """An assistant message that cost this much (what the worker records after a step)."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO chat_messages (chat_id, role, content, cost_micros)
+        VALUES ($1, 'assistant', '[{"type": "text", "text": "paid"}]'::jsonb, $2) RETURNING *
+        """,
+        chat_id,
+        cost_micros,
+    )
+    assert row is not None
+    return row

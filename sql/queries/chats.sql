@@ -14,7 +14,7 @@ SELECT * FROM chat_model_configs WHERE id = $1 AND enabled;
 -- visible (and acquirable) once it is durable.
 INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
                    model_config_id, client_type)
-VALUES ($1, $2, $3, coalesce($4, $3), $5, 'pending', $6, $7)
+VALUES ($1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5, 'pending', $6, $7)
 RETURNING *;
 
 -- name: lock_chat_for_owner :one

@@ -1,0 +1,31 @@
+"""Spend limits: a user whose spend in the current period reached the limit of their
+organization (or their own override) cannot start new turns; the API answers 409 with
+{message, spent_micros, limit_micros, resets_at}. Spend comes from the cost_micros the worker
+records on each assistant message."""
+
+from __future__ import annotations
+
+import uuid
+
+from app.db import Conn, Queries
+from app.errors import SpendLimitReached
+
+Q = Queries.load()
+
+
+async def check_spend_limit(conn: Conn, *, organization_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """Raise SpendLimitReached when the user may not start another turn."""
+    limit = await conn.fetchrow(Q.sql("effective_spend_limit"), organization_id, user_id)
+    if limit is None:
+        return
+    bounds = await conn.fetchrow(Q.sql("period_bounds"), limit["period"])
+    assert bounds is not None
+    spent: int = await conn.fetchval(
+        Q.sql("spent_since"), organization_id, user_id, bounds["starts_at"]
+    )
+    if spent >= limit["limit_micros"]:
+        raise SpendLimitReached(
+            spent_micros=spent,
+            limit_micros=limit["limit_micros"],
+            resets_at=bounds["resets_at"].isoformat(),
+        )
