@@ -353,6 +353,8 @@ async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Cha
     async with transaction(pool) as conn:
         chat_row = await _lock_chat(conn, owner, chat_id)
         updated: asyncpg.Record | None = chat_row
+        # Stop reaches the chat's sub-agents too (they work for the turn being stopped).
+        await conn.execute(Q.sql("interrupt_children"), chat_id)
         if chat_row["status"] == "pending":
             updated = await conn.fetchrow(Q.sql("interrupt_pending"), chat_id)
         elif chat_row["status"] == "running":
@@ -449,6 +451,8 @@ async def update_chat(
     async with transaction(pool) as conn:
         await _lock_chat(conn, owner, chat_id)
         row = await conn.fetchrow(Q.sql("update_chat_fields"), chat_id, title, archived)
+        if archived:
+            await conn.execute(Q.sql("archive_children"), chat_id)
         assert row is not None
         return Chat.from_record(row)
 
