@@ -6,6 +6,7 @@ A provider raises `ProviderError` (with a classified error) for anything that we
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -64,7 +65,15 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ReasoningDelta:
+    """A piece of the model's visible reasoning.
+
+    `signature` is Anthropic's integrity token for a thinking block; it arrives as its own delta
+    (with empty text) at the end of the block. A reasoning part replayed to Anthropic must carry
+    it back (`{"type": "reasoning", "text", "signature"}`), or the API rejects the block, so the
+    chat loop should keep it on the persisted part. Other providers leave it empty."""
+
     text: str
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,10 +87,23 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Usage:
+    """Token counts of one step. `input_tokens` excludes the cached prompt tokens, which are
+    counted (and priced) separately, as Anthropic reports them; OpenAI adapters subtract."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+
+    @property
+    def context_tokens(self) -> int:
+        """Everything the model read or wrote this step: what compaction compares to its limit."""
+        return (
+            self.input_tokens
+            + self.cache_read_tokens
+            + self.cache_write_tokens
+            + self.output_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,17 @@ class StepFinished:
 
 
 StreamEvent = TextDelta | ReasoningDelta | ToolCall | StepFinished
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """The provider received something that is not (yet) a chatd event: a fragment of tool-call
+    arguments, a message header, a block boundary. Only the stream guards look at it (retry.py),
+    so a model that spends a minute writing one large tool call is not mistaken for a silent
+    stream; `retry.stream_step` never passes it on."""
+
+
+ProviderEvent = StreamEvent | StreamProgress
 
 
 @dataclass(frozen=True)
@@ -126,6 +159,29 @@ class ProviderError(Exception):
 class Provider(Protocol):
     name: str
 
-    def stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
-        """Stream one model step. Must end with exactly one StepFinished."""
+    def stream(self, request: ModelRequest) -> AsyncIterator[ProviderEvent]:
+        """Stream one model step. Must end with exactly one StepFinished. May interleave
+        StreamProgress events; callers go through `retry.stream_step`, which drops them."""
         ...
+
+
+def parse_tool_arguments(raw: str) -> dict[str, Any]:
+    """Tool-call arguments as a dict, from the JSON text a model streamed.
+
+    Models occasionally emit invalid JSON (or are cut off by max_tokens). Failing the step would
+    retry the same answer; handing the raw text to the tool lets its validation error reach the
+    model, which then corrects itself, so that is what this does."""
+    if not raw.strip():
+        return {}
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"_invalid_json": raw}
+    return value if isinstance(value, dict) else {"input": value}
+
+
+def tool_result_text(result: object) -> str:
+    """A tool result as the text a model reads: a string as it is, anything else as JSON."""
+    if isinstance(result, str):
+        return result
+    return json.dumps(result, ensure_ascii=False, default=str)

@@ -1,0 +1,231 @@
+"""Stream one model step with chatd's retries and stream guards (DESIGN.md §6, §7).
+
+The SDKs' own retries are off; this loop retries instead, so that every retry is visible: it
+awaits `on_retry` before each one, which the chat loop publishes as a `retry` event.
+
+Guards, both retryable:
+- startup: no sign of life (any event, including `StreamProgress`) within `startup_timeout_s`
+  of starting an attempt → `startup_timeout`;
+- silence: no sign of life for `silence_timeout_s` once the stream has started → `timeout`.
+Each guard covers only the wait for the provider's next event, never the time our caller
+spends handling the event we gave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from app.providers.base import (
+    ClassifiedError,
+    ErrorKind,
+    ModelRequest,
+    Provider,
+    ProviderError,
+    ProviderEvent,
+    StepFinished,
+    StreamEvent,
+    StreamProgress,
+)
+from app.providers.errors import classify, utc_now
+
+T = TypeVar("T")
+
+DEFAULT_STARTUP_TIMEOUT_S = 60.0
+DEFAULT_SILENCE_TIMEOUT_S = 90.0
+DEFAULT_MAX_ATTEMPTS = 25
+DEFAULT_INITIAL_DELAY_S = 1.0
+DEFAULT_MAX_DELAY_S = 60.0
+
+
+@dataclass(frozen=True)
+class RetryInfo:
+    """One retry about to happen. `attempt` counts retries: 1 is the first retry (the second
+    try), so it is also the number of attempts that failed so far."""
+
+    attempt: int
+    delay_ms: int
+    retrying_at: datetime  # UTC
+    error: ClassifiedError
+
+    def as_json(self) -> dict[str, Any]:
+        """The fields of DESIGN.md §8's `retry` event, minus `type` and `chat_id`."""
+        return {
+            "attempt": self.attempt,
+            "delay_ms": self.delay_ms,
+            "retrying_at": self.retrying_at.isoformat(),
+            "kind": self.error.kind,
+            "provider": self.error.provider,
+            "status_code": self.error.status_code,
+            "error": self.error.message,
+        }
+
+
+@dataclass(frozen=True)
+class StreamGuards:
+    startup_timeout_s: float
+    silence_timeout_s: float
+
+    @classmethod
+    def for_model(
+        cls, options: dict[str, Any], *, startup_timeout_s: float, silence_timeout_s: float
+    ) -> StreamGuards:
+        """The given defaults, overridden by the model config's options of the same names."""
+        return cls(
+            startup_timeout_s=_positive_float(options.get("startup_timeout_s"), startup_timeout_s),
+            silence_timeout_s=_positive_float(options.get("silence_timeout_s"), silence_timeout_s),
+        )
+
+
+def backoff_delay_s(attempt: int, *, initial_delay_s: float, max_delay_s: float) -> float:
+    """Exponential backoff before retry number `attempt` (1-based): 1, 2, 4, ... capped."""
+    # Capping the exponent keeps 2**n finite for absurd attempt counts.
+    return min(max_delay_s, initial_delay_s * 2.0 ** min(attempt - 1, 62))
+
+
+def retry_delay_s(
+    attempt: int, error: ClassifiedError, *, initial_delay_s: float, max_delay_s: float
+) -> float:
+    """The backoff, but never sooner than the provider's Retry-After (which is not capped:
+    retrying earlier than the provider asked only earns another 429)."""
+    delay_s = backoff_delay_s(attempt, initial_delay_s=initial_delay_s, max_delay_s=max_delay_s)
+    if error.retry_after_s is not None:
+        delay_s = max(delay_s, error.retry_after_s)
+    return delay_s
+
+
+async def stream_step(
+    provider: Provider,
+    request: ModelRequest,
+    *,
+    on_retry: Callable[[RetryInfo], Awaitable[None]],
+    on_attempt_start: Callable[[int], Awaitable[None]] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    now: Callable[[], datetime] = utc_now,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    silence_timeout_s: float = DEFAULT_SILENCE_TIMEOUT_S,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    initial_delay_s: float = DEFAULT_INITIAL_DELAY_S,
+    max_delay_s: float = DEFAULT_MAX_DELAY_S,
+) -> AsyncIterator[StreamEvent]:
+    """Yield the events of one model step, retrying retryable failures; the last event is the
+    step's `StepFinished`. Raises `ProviderError` for a non-retryable error or when
+    `max_attempts` attempts failed (the last attempt's error, its `detail` saying so).
+
+    **Partial output.** Events are yielded as they arrive, so a failed attempt may already have
+    yielded text, reasoning or even tool calls. When `on_retry` is awaited, everything yielded
+    since the last `on_attempt_start` belongs to the failed attempt and the caller must drop it
+    (discard buffered parts, publish the `retry` event); the next attempt starts from scratch.
+    `on_attempt_start(n)` (n = 1, 2, ...) is awaited before every attempt, the first included,
+    for callers that prefer to reset their buffer there.
+
+    `startup_timeout_s`/`silence_timeout_s` are defaults; a model's `config.options` of the
+    same names override them. `sleep` and `now` are injectable so tests need not wait out the
+    backoff. Cancellation (interrupt, shutdown) propagates from wherever it lands, including
+    the backoff sleep; it is never retried or converted."""
+    guards = StreamGuards.for_model(
+        request.config.options,
+        startup_timeout_s=startup_timeout_s,
+        silence_timeout_s=silence_timeout_s,
+    )
+    failed = 0
+    while True:
+        if on_attempt_start is not None:
+            await on_attempt_start(failed + 1)
+        try:
+            async with _closing(_guarded(provider.stream(request), guards, provider.name)) as step:
+                async for event in step:
+                    yield event
+            return
+        except Exception as exc:  # CancelledError is a BaseException: never caught here
+            error = classify(exc, provider.name, now=now)
+        failed += 1
+        if not error.retryable:
+            raise ProviderError(error)
+        if failed >= max_attempts:
+            raise ProviderError(
+                dataclasses.replace(
+                    error, detail=f"gave up after {failed} attempts; last: {error.detail or '-'}"
+                )
+            )
+        delay_s = retry_delay_s(
+            failed, error, initial_delay_s=initial_delay_s, max_delay_s=max_delay_s
+        )
+        await on_retry(
+            RetryInfo(
+                attempt=failed,
+                delay_ms=round(delay_s * 1000),
+                retrying_at=now() + timedelta(seconds=delay_s),
+                error=error,
+            )
+        )
+        await sleep(delay_s)
+
+
+async def _guarded(
+    events: AsyncIterator[ProviderEvent], guards: StreamGuards, provider: str
+) -> AsyncGenerator[StreamEvent]:
+    """`events` up to and including its StepFinished, without StreamProgress. Fails with a
+    retryable error when the provider is silent too long or ends before its StepFinished.
+    Closes `events` however it ends."""
+    async with _closing(events):
+        timeout_s = guards.startup_timeout_s
+        kind: ErrorKind = "startup_timeout"
+        while True:
+            deadline = asyncio.timeout(timeout_s)
+            try:
+                async with deadline:
+                    event = await anext(events)
+            except StopAsyncIteration:
+                raise ProviderError(_ended_early(provider)) from None
+            except TimeoutError:
+                # Only our own deadline is a guard; a TimeoutError from inside the provider is
+                # its own failure and goes to the classifier as it is.
+                if not deadline.expired():
+                    raise
+                raise ProviderError(_guard_error(kind, provider, timeout_s)) from None
+            timeout_s, kind = guards.silence_timeout_s, "timeout"
+            if isinstance(event, StreamProgress):
+                continue
+            yield event
+            if isinstance(event, StepFinished):
+                return  # exactly one StepFinished: whatever follows is not part of the step
+
+
+@contextlib.asynccontextmanager
+async def _closing(events: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T]]:
+    """Close `events` on exit when it is an async generator (every provider's stream is), so
+    an abandoned attempt releases its HTTP response now rather than at garbage collection."""
+    try:
+        yield events
+    finally:
+        if isinstance(events, AsyncGenerator):
+            await events.aclose()
+
+
+def _guard_error(kind: ErrorKind, provider: str, timeout_s: float) -> ClassifiedError:
+    if kind == "startup_timeout":
+        message = f"the provider sent nothing for {timeout_s:g}s after the request"
+    else:
+        message = f"the provider's stream was silent for {timeout_s:g}s"
+    return ClassifiedError(kind=kind, provider=provider, retryable=True, message=message)
+
+
+def _ended_early(provider: str) -> ClassifiedError:
+    return ClassifiedError(
+        kind="timeout",
+        provider=provider,
+        retryable=True,
+        message="the provider's stream ended before its terminal event",
+    )
+
+
+def _positive_float(raw: object, default: float) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
+        return default
+    return float(raw)
