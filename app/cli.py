@@ -1,18 +1,23 @@
-"""The `chatd` command: serve, migrate, status."""
+"""The `chatd` command: serve, migrate, status, token create, chat."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import asyncpg
 
+from app.auth import create_token
+from app.client import run_chat
 from app.config import Settings
+from app.db import create_pool
+from app.embedded_pg import start_embedded_postgres
+from app.errors import ValidationFailed
 from app.log import configure_logging
 from app.migrate import migrate_dsn
-from app.service import database, serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +30,22 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("migrate", help="apply pending schema migrations and exit")
     commands.add_parser("status", help="print chat and replica counts from the database")
+
+    token_cmd = commands.add_parser("token", help="manage API tokens")
+    token_commands = token_cmd.add_subparsers(dest="token_command", required=True)
+    create_cmd = token_commands.add_parser(
+        "create", help="create a token for USER (and USER if needed); prints only the token"
+    )
+    create_cmd.add_argument("user", metavar="USER")
+    create_cmd.add_argument("--admin", action="store_true", help="make USER an admin")
+
+    chat_cmd = commands.add_parser("chat", help="send a message and stream the answer")
+    chat_cmd.add_argument("text", help="the message")
+    chat_cmd.add_argument("--chat", dest="chat_id", help="continue this chat (default: a new one)")
+    chat_cmd.add_argument("--url", help="the server (default: CHATD_URL or http://127.0.0.1:8080)")
+    chat_cmd.add_argument(
+        "--token", help="API token (default: CHATD_TOKEN, else the local token of `chatd serve`)"
+    )
     return parser
 
 
@@ -36,6 +57,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.host = args.host
     if getattr(args, "port", None):
         settings.port = args.port
+
+    if args.command == "chat":
+        # A client of the HTTP API: no database here.
+        return run_chat(args.text, chat_id=args.chat_id, url=args.url, token=args.token)
+
+    if args.command == "token":
+        # stdout carries the token and nothing else (scripts capture it).
+        with _quiet_database(settings) as dsn:
+            try:
+                token = asyncio.run(_create_token(dsn, args.user, admin=args.admin))
+            except ValidationFailed as exc:
+                print(f"chatd token create: {exc.message}", file=sys.stderr)
+                return 2
+        print(token, flush=True)
+        return 0
+
+    # Imported here: the service pulls in the engine and the provider SDKs (seconds of imports)
+    # that `chatd chat` and `chatd token` never use.
+    from app.service import database, serve  # noqa: PLC0415
 
     with database(settings) as dsn:
         if args.command == "serve":
@@ -49,6 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "status":
             asyncio.run(_status(dsn))
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_database(settings: Settings) -> Iterator[str]:
+    """Like service.database, without printing to stdout."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    embedded = start_embedded_postgres(settings.data_dir)
+    try:
+        yield embedded.dsn
+    finally:
+        embedded.stop()
+
+
+async def _create_token(dsn: str, user: str, *, admin: bool) -> str:
+    await migrate_dsn(dsn)
+    pool = await create_pool(dsn, min_size=1, max_size=1)
+    try:
+        return await create_token(pool, user, admin=admin)
+    finally:
+        await pool.close()
 
 
 async def _status(dsn: str) -> None:

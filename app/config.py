@@ -12,6 +12,11 @@ def _env_float(name: str, default: float) -> float:
     return float(raw) if raw else default
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    return raw.strip().lower() not in ("0", "false", "no", "off") if raw else default
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     return int(raw) if raw else default
@@ -29,6 +34,8 @@ class Settings:
     # Replica engine.
     max_concurrent_runs: int = 50
     acquire_poll_interval_s: float = 2.0
+    # Acquire on chat_wake notifications (off: the fallback poll alone, a benchmark baseline).
+    acquire_listen: bool = True
     heartbeat_interval_s: float = 10.0
     stale_threshold_s: float = 30.0
     liveness_check_interval_s: float = 0.5
@@ -62,6 +69,7 @@ class Settings:
             acquire_poll_interval_s=_env_float(
                 "CHATD_ACQUIRE_POLL_INTERVAL_S", defaults.acquire_poll_interval_s
             ),
+            acquire_listen=_env_bool("CHATD_ACQUIRE_LISTEN", defaults.acquire_listen),
             heartbeat_interval_s=_env_float(
                 "CHATD_HEARTBEAT_INTERVAL_S", defaults.heartbeat_interval_s
             ),
@@ -76,6 +84,9 @@ class Settings:
             max_steps_per_turn=_env_int("CHATD_MAX_STEPS_PER_TURN", defaults.max_steps_per_turn),
             queue_limit=_env_int("CHATD_QUEUE_LIMIT", defaults.queue_limit),
             max_body_bytes=_env_int("CHATD_MAX_BODY_BYTES", defaults.max_body_bytes),
+            max_queued_events_per_client=_env_int(
+                "CHATD_MAX_QUEUED_EVENTS_PER_CLIENT", defaults.max_queued_events_per_client
+            ),
             keepalive_interval_s=_env_float(
                 "CHATD_KEEPALIVE_INTERVAL_S", defaults.keepalive_interval_s
             ),

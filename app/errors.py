@@ -54,6 +54,11 @@ class InvalidTransition(ChatdError):
         self.reason = reason
 
 
+class Conflict(ChatdError):
+    """The request conflicts with the current state of a resource other than a chat's status
+    (e.g. deleting a model config that chats still use)."""
+
+
 class QueueFull(ChatdError):
     """The chat's queue of pending user messages is at its bound."""
 

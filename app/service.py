@@ -1,6 +1,10 @@
-"""One replica process: the database, the listener, the HTTP API (and, from the engine on, the
-worker), composed in one TaskGroup so that a crash of any long-lived part stops the process
-loudly instead of leaving it half alive."""
+"""One replica process: the database, the listener, the HTTP API and the worker (the Replica
+engine), composed so that a crash of any long-lived part stops the process loudly instead of
+leaving it half alive.
+
+Shutdown order (SIGTERM/SIGINT): the Replica stops first (no more acquires; its runs give their
+chats back to pending within `shutdown_grace_s` and it unregisters), then HTTP (so clients see
+the chats move on), then the listener and the pool."""
 
 from __future__ import annotations
 
@@ -9,17 +13,24 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+import asyncpg
 from aiohttp import web
 
+from app.auth import ensure_local_token
 from app.config import Settings
-from app.db import create_pool
 from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
+from app.engine_metrics import engine_metrics
 from app.http.server import build_app
 from app.listener import Listener
 from app.log import get_logger
 from app.migrate import migrate_dsn
+from app.providers import retry
+from app.providers.registry import close_providers
+from app.replica import ENGINE_SERVER_SETTINGS, Replica
 
 log = get_logger(__name__)
+
+POOL_MAX_SIZE = 20
 
 
 @contextlib.contextmanager
@@ -44,24 +55,60 @@ async def serve(settings: Settings, dsn: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
 
-    pool = await create_pool(dsn)
+    # Not db.create_pool: the engine needs a server-side bound on idle transactions (see
+    # ENGINE_SERVER_SETTINGS) and room for its runs next to the HTTP handlers.
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=POOL_MAX_SIZE, server_settings=ENGINE_SERVER_SETTINGS
+    )
+    assert pool is not None
     try:
+        # `make run`: a local admin user and its token, written to the data directory where
+        # `chatd chat` finds it. Only for the embedded database.
+        local_token = (
+            await ensure_local_token(pool, settings.data_dir) if not settings.database_url else None
+        )
         listener = Listener(dsn)
+        replica = Replica(
+            settings=settings,
+            pool=pool,
+            listener=listener,
+            dsn=dsn,
+            address=f"http://{settings.host}:{settings.port}",
+            stream_step=retry.stream_step,
+        )
         async with asyncio.TaskGroup() as tasks:
             listener_task = tasks.create_task(listener.run(), name="listener")
             runner = web.AppRunner(
-                build_app(settings=settings, pool=pool, listener=listener), shutdown_timeout=2.0
+                build_app(
+                    settings=settings,
+                    pool=pool,
+                    listener=listener,
+                    metrics=[engine_metrics(replica)],
+                ),
+                shutdown_timeout=2.0,
             )
             await runner.setup()
             try:
                 site = web.TCPSite(runner, settings.host, settings.port)
                 await site.start()
+                await replica.start()
                 log.info("service.listening", url=f"http://{settings.host}:{settings.port}")
                 print(f"chatd: serving on http://{settings.host}:{settings.port}", flush=True)
-                await stop_requested.wait()
+                if local_token is not None:
+                    print(f"chatd: local admin token: {local_token}", flush=True)
+                    print('chatd: try it: chatd chat "hello"', flush=True)
+                stop_wait = tasks.create_task(stop_requested.wait(), name="stop-signal")
+                await asyncio.wait(
+                    {stop_wait, replica.main_task}, return_when=asyncio.FIRST_COMPLETED
+                )
+                stop_wait.cancel()
                 log.info("service.stopping")
             finally:
+                await replica.stop()
                 await runner.cleanup()
+                await close_providers()
                 listener_task.cancel()
+            if not replica.main_task.cancelled() and replica.main_task.exception() is not None:
+                raise RuntimeError("the replica engine crashed") from replica.main_task.exception()
     finally:
         await pool.close()

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import peer_pgqueuer, physical
+from bench import chatd_engine, peer_pgqueuer, physical
 from bench.harness import BenchServer, ScenarioResult
 
 Scenario = Callable[[BenchServer, ScenarioResult], Awaitable[None]]
@@ -36,13 +36,65 @@ async def _peer(server: BenchServer, result: ScenarioResult) -> None:
         await peer_pgqueuer.run(dsn, result)
 
 
+async def _pickup(server: BenchServer, result: ScenarioResult) -> None:
+    async with server.fresh_database() as dsn:
+        await chatd_engine.pickup(dsn, result, listen=True)
+    async with server.fresh_database() as dsn:
+        await chatd_engine.pickup(dsn, result, listen=False)
+
+
+async def _throughput(server: BenchServer, result: ScenarioResult) -> None:
+    async with server.fresh_database() as dsn:
+        await chatd_engine.throughput(dsn, result)
+
+
+async def _interrupt(server: BenchServer, result: ScenarioResult) -> None:
+    async with server.fresh_database() as dsn:
+        await chatd_engine.interrupt(dsn, result)
+
+
+async def _failover(server: BenchServer, result: ScenarioResult) -> None:
+    async with server.fresh_database() as dsn:
+        await chatd_engine.failover(dsn, result)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "physical": _physical,
     "peer": _peer,
+    "pickup": _pickup,
+    "throughput": _throughput,
+    "interrupt": _interrupt,
+    "failover": _failover,
 }
 
 # (label, numerator, denominator): ratios printed under the table when both sides were run.
-RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = []
+RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
+    (
+        "chatd pickup p50 / PGQueuer pickup p50",
+        ("pickup", "pickup_p50_ms"),
+        ("peer", "pickup_p50_ms"),
+    ),
+    (
+        "chatd pickup p99 / PGQueuer pickup p99",
+        ("pickup", "pickup_p99_ms"),
+        ("peer", "pickup_p99_ms"),
+    ),
+    (
+        "chatd pickup p50 / poll-only pickup p50",
+        ("pickup", "pickup_p50_ms"),
+        ("pickup", "pickup_poll_only_p50_ms"),
+    ),
+    (
+        "chatd pickup p50 / NOTIFY latency p50 (physical floor)",
+        ("pickup", "pickup_p50_ms"),
+        ("physical", "notify_latency_p50_ms"),
+    ),
+    (
+        "chatd turns/s / PGQueuer no-op jobs/s",
+        ("throughput", "turns_per_s"),
+        ("peer", "jobs_per_s"),
+    ),
+]
 
 
 def _machine() -> dict[str, object]:

@@ -12,7 +12,7 @@ from app.errors import SpendLimitReached
 from tests import factories
 
 
-async def _owner(conn: asyncpg.Connection, organization_id: object = None) -> Owner:
+async def _owner(conn: factories.Conn, organization_id: object = None) -> Owner:
     if organization_id is None:
         organization_id = factories.DEFAULT_ORGANIZATION_ID
     user = await factories.create_user(conn, organization_id=organization_id)

@@ -1,0 +1,146 @@
+"""The ONE place where errors become HTTP answers: a JSON body `{message, detail?, validations?}`
+with the status of the error's class. Handlers never choose an error status themselves.
+
+| error | status |
+|---|---|
+| ValidationFailed, malformed JSON | 400 |
+| Unauthorized | 401 |
+| Forbidden | 403 |
+| NotFound, unknown route | 404 |
+| wrong method | 405 |
+| InvalidTransition, Conflict | 409 |
+| SpendLimitReached | 409, with its own body |
+| body over `max_body_bytes` | 413 |
+| QueueFull | 429 |
+| database unreachable or overloaded | 503 |
+
+Anything else is a bug: it is logged with its traceback and answered 500 with a generic body
+(the fuzz tests exist to make sure no input gets there)."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from app.db import is_connection_error
+from app.errors import (
+    ChatdError,
+    Conflict,
+    Forbidden,
+    InvalidTransition,
+    NotFound,
+    QueueFull,
+    SpendLimitReached,
+    Unauthorized,
+    ValidationFailed,
+)
+from app.http.api import json_response
+from app.http.validation import PayloadTooLarge
+from app.log import get_logger
+
+log = get_logger(__name__)
+
+_STATUS: list[tuple[type[ChatdError], int]] = [
+    (ValidationFailed, 400),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (InvalidTransition, 409),
+    (Conflict, 409),
+    (SpendLimitReached, 409),
+    (QueueFull, 429),
+]
+
+_HTTP_MESSAGES = {
+    404: "no such route",
+    405: "method not allowed on this route",
+    413: "request body too large",
+}
+
+
+def status_of(error: ChatdError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def error_body(error: ChatdError) -> dict[str, object]:
+    if isinstance(error, SpendLimitReached):
+        return error.body()
+    body: dict[str, object] = {"message": error.message}
+    if error.detail:
+        body["detail"] = error.detail
+    if isinstance(error, ValidationFailed) and error.validations:
+        body["validations"] = error.validations
+    if isinstance(error, QueueFull):
+        body["detail"] = f"at most {error.limit} queued messages per chat"
+    return body
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ChatdError as error:
+        status = status_of(error)
+        if status == 500:
+            log.error("http.unmapped_error", path=request.path, error=repr(error), exc_info=True)
+            return json_response({"message": "internal error"}, status=500)
+        response = json_response(error_body(error), status=status)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="chatd"'
+        return response
+    except PayloadTooLarge as error:
+        return json_response(
+            {"message": "request body too large", "detail": f"limit {error.limit_bytes} bytes"},
+            status=413,
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body: dict[str, object] = {"message": _HTTP_MESSAGES.get(exc.status, exc.reason)}
+        if exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+            body["detail"] = "allowed: " + ", ".join(sorted(exc.allowed_methods))
+        response = json_response(body, status=exc.status)
+        for name in ("Allow",):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except (
+        asyncpg.exceptions.DataError,
+        asyncpg.exceptions.IntegrityConstraintViolationError,
+    ) as exc:
+        # Input validation should have caught this; the database is the last line, and what it
+        # refused is still the caller's input, not a server fault.
+        log.warning("http.rejected_by_database", path=request.path, error=repr(exc))
+        return json_response(
+            {"message": "the database rejected the request", "detail": exc.__class__.__name__},
+            status=400,
+        )
+    except (
+        asyncpg.exceptions.TooManyConnectionsError,
+        asyncpg.exceptions.InsufficientResourcesError,
+        asyncpg.exceptions.QueryCanceledError,
+        TimeoutError,
+    ) as exc:
+        log.warning("http.database_busy", path=request.path, error=repr(exc))
+        return _unavailable(exc)
+    except Exception as exc:
+        if is_connection_error(exc) and not isinstance(exc, ConnectionResetError):
+            log.warning("http.database_unreachable", path=request.path, error=repr(exc))
+            return _unavailable(exc)
+        if isinstance(exc, ConnectionResetError):
+            raise  # the client went away: nobody to answer
+        log.error("http.internal_error", path=request.path, error=repr(exc), exc_info=True)
+        return json_response({"message": "internal error"}, status=500)
+
+
+def _unavailable(exc: BaseException) -> web.Response:
+    response = json_response(
+        {"message": "service temporarily unavailable", "detail": exc.__class__.__name__},
+        status=503,
+    )
+    response.headers["Retry-After"] = "1"
+    return response

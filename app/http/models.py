@@ -1,0 +1,342 @@
+"""The shapes of the HTTP API (DESIGN.md §8) as pydantic models. Request models validate every
+request and generate the OpenAPI document; response and event models only describe (the
+responses are built by the domain objects' `to_json`), and the tests check real responses
+against them, so the document cannot drift from the server."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from app.chats import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS
+
+MAX_INT4 = 2**31 - 1
+MAX_LIST_LIMIT = 200
+MAX_MESSAGES_LIMIT = 1000
+
+ChatStatus = Literal["waiting", "pending", "running", "error"]
+Provider = Literal["anthropic", "openai", "builtin"]
+
+
+class Strict(BaseModel):
+    """Unknown fields are rejected; `model_*` field names are ours, not pydantic's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------
+# Requests.
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)]
+
+
+UserContent = (
+    Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_PARTS)]
+)
+Title = Annotated[StrictStr, Field(max_length=MAX_TITLE_CHARS)]
+
+
+class CreateChatRequest(Strict):
+    content: UserContent = Field(description="The first user message: text, or text parts.")
+    model_config_id: uuid.UUID | None = None
+    title: Title | None = None
+    client_type: Literal["ui", "api"] = "api"
+
+
+class UpdateChatRequest(Strict):
+    title: Title | None = None
+    archived: StrictBool | None = None
+
+
+class SendMessageRequest(Strict):
+    content: UserContent
+
+
+class EditMessageRequest(Strict):
+    content: UserContent
+
+
+ModelName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+DisplayName = Annotated[StrictStr, Field(max_length=200)]
+ContextLimit = Annotated[StrictInt, Field(ge=1, le=MAX_INT4)]
+CompressionThreshold = Annotated[StrictInt, Field(ge=1, le=100)]
+
+
+class CreateModelConfigRequest(Strict):
+    provider: Provider
+    model: ModelName
+    display_name: DisplayName = ""
+    context_limit: ContextLimit = 200_000
+    compression_threshold: CompressionThreshold = Field(
+        70, description="Percent of context_limit at which older messages are summarized."
+    )
+    is_default: StrictBool = False
+    enabled: StrictBool = True
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Provider options: prices (*_micros_per_mtok), token_delay_ms (echo),"
+        " startup_timeout_s, silence_timeout_s, ...",
+    )
+
+
+class UpdateModelConfigRequest(Strict):
+    provider: Provider | None = None
+    model: ModelName | None = None
+    display_name: DisplayName | None = None
+    context_limit: ContextLimit | None = None
+    compression_threshold: CompressionThreshold | None = None
+    is_default: StrictBool | None = None
+    enabled: StrictBool | None = None
+    options: dict[str, Any] | None = None
+
+
+class ListChatsQuery(Strict):
+    status: ChatStatus | None = None
+    archived: bool | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)] = 50
+    before: Annotated[str, Field(max_length=200)] | None = Field(
+        None, description="The `next` cursor of the previous page."
+    )
+
+
+class ListMessagesQuery(Strict):
+    after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    limit: Annotated[int, Field(ge=1, le=MAX_MESSAGES_LIMIT)] = 100
+
+
+class StreamQuery(Strict):
+    after: Annotated[str, Field(max_length=41, pattern=r"^\d{1,19}:\d{1,19}$")] | None = Field(
+        None,
+        description="Resume after this cursor (`<last message id>:<last part id>`); the"
+        " Last-Event-ID header wins when both are given.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Responses (descriptive).
+
+
+class Described(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class Validation(Described):
+    field: str
+    detail: str
+
+
+class ErrorBody(Described):
+    message: str
+    detail: str | None = None
+    validations: list[Validation] | None = None
+
+
+class SpendLimitBody(Described):
+    message: str
+    spent_micros: int
+    limit_micros: int
+    resets_at: str
+
+
+class ChatOut(Described):
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    parent_chat_id: uuid.UUID | None
+    title: str
+    status: ChatStatus
+    version: int
+    model_config_id: uuid.UUID | None
+    client_type: Literal["ui", "api"]
+    last_error: dict[str, Any] | None
+    archived: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class Usage(Described):
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+
+
+class MessageOut(Described):
+    id: int
+    chat_id: uuid.UUID
+    role: Literal["system", "user", "assistant", "tool"]
+    content: list[dict[str, Any]] = Field(
+        description='Parts: {"type":"text","text"}, {"type":"reasoning","text"},'
+        ' {"type":"tool_call","id","name","args"},'
+        ' {"type":"tool_result","tool_call_id","name","result","is_error"}.'
+    )
+    created_at: datetime
+    usage: Usage | None = None
+    cost_micros: int | None = None
+
+
+class QueuedOut(Described):
+    id: int
+    chat_id: uuid.UUID
+    content: list[dict[str, Any]]
+    promoted: bool
+    created_at: datetime
+
+
+class ChatList(Described):
+    chats: list[ChatOut]
+    next: str | None = Field(description="Pass as `before` for the next page; null at the end.")
+
+
+class MessageList(Described):
+    messages: list[MessageOut]
+    queued: list[QueuedOut]
+    next: int | None = Field(
+        None, description="Pass as `after_id` for the next page; null when this page was short."
+    )
+
+
+class MessageEnvelope(Described):
+    message: MessageOut
+
+
+class QueuedEnvelope(Described):
+    queued: QueuedOut
+
+
+class ModelConfigOut(Described):
+    id: uuid.UUID
+    provider: Provider
+    model: str
+    display_name: str
+    context_limit: int
+    compression_threshold: int
+    is_default: bool
+    enabled: bool
+    options: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class ModelConfigList(Described):
+    model_configs: list[ModelConfigOut]
+
+
+class ReplicaOut(Described):
+    id: uuid.UUID
+    hostname: str
+    pid: int
+    address: str
+    started_at: datetime
+    heartbeat_age_s: float
+    running_chats: int
+
+
+class ReplicaList(Described):
+    replicas: list[ReplicaOut]
+
+
+class Health(Described):
+    status: Literal["ok", "unavailable"]
+    message: str | None = None
+    detail: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Stream events (the `data:` of SSE frames, the WebSocket frames minus their `cursor`).
+
+
+class StatusEvent(Described):
+    type: Literal["status"]
+    chat_id: uuid.UUID
+    status: ChatStatus
+    version: int
+
+
+class MessageEvent(Described):
+    type: Literal["message"]
+    chat_id: uuid.UUID
+    message: MessageOut
+
+
+class MessagePartEvent(Described):
+    type: Literal["message_part"]
+    chat_id: uuid.UUID
+    part_id: int
+    role: str
+    part: dict[str, Any]
+
+
+class QueueEvent(Described):
+    type: Literal["queue"]
+    chat_id: uuid.UUID
+    queued: list[QueuedOut]
+
+
+class RetryEvent(Described):
+    type: Literal["retry"]
+    chat_id: uuid.UUID
+    attempt: int | None
+    delay_ms: int | None
+    retrying_at: str | None
+    kind: str | None
+    provider: str | None
+    status_code: int | None
+    error: str | None
+
+
+class ErrorEvent(Described):
+    type: Literal["error"]
+    chat_id: uuid.UUID
+    message: str
+    kind: str
+    provider: str | None
+    retryable: bool
+    status_code: int | None
+    detail: str | None
+
+
+class HistoryResetEvent(Described):
+    type: Literal["history_reset"]
+    chat_id: uuid.UUID
+    from_message_id: int
+    reason: Literal["edit", "step_discarded"]
+
+
+StreamEvent = Annotated[
+    StatusEvent
+    | MessageEvent
+    | MessagePartEvent
+    | QueueEvent
+    | RetryEvent
+    | ErrorEvent
+    | HistoryResetEvent,
+    Field(discriminator="type"),
+]
+
+
+class ChatStreamEvent(Described):
+    """Any chat stream event (documentation wrapper of the union)."""
+
+    event: StreamEvent
+
+
+class ChatListChangeEvent(Described):
+    type: Literal["created", "updated", "deleted"]
+    chat_id: uuid.UUID
+    version: int | None
+    status: ChatStatus | None
+    title: str | None
+    archived: bool | None
+    parent_chat_id: uuid.UUID | None
+
+
+class ResyncEvent(Described):
+    type: Literal["resync"]
+    reason: Literal["overflow", "reconnected"]

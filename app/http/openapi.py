@@ -1,0 +1,104 @@
+"""The OpenAPI 3.1 document, generated from the route declarations and the very pydantic models
+that validate requests (request bodies, query parameters) and describe answers and events."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from app.http.api import Route
+
+REF = "#/components/schemas/{model}"
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
+_PATH_SCHEMAS: dict[str, dict[str, Any]] = {
+    "uuid": {"type": "string", "format": "uuid"},
+    "id": {"type": "integer", "format": "int64", "minimum": 1},
+}
+
+
+def openapi_document(routes: list[Route], *, version: str = "0.1.0") -> dict[str, Any]:
+    models: list[type[BaseModel]] = []
+    for route in routes:
+        for model in (route.body, route.query, *(a.model for a in route.answers.values())):
+            if model is not None and model not in models:
+                models.append(model)
+    refs, top = models_json_schema([(model, "validation") for model in models], ref_template=REF)
+    schemas: dict[str, Any] = top.get("$defs", {})
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        return dict(refs[(model, "validation")])
+
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        operation: dict[str, Any] = {
+            "operationId": route.operation_id,
+            "summary": route.summary,
+            "tags": [route.tag],
+            "responses": {},
+        }
+        if route.description:
+            operation["description"] = route.description
+        operation["security"] = [{"bearer": []}] if route.auth else []
+        if route.admin:
+            operation["x-admin-only"] = True
+        parameters: list[dict[str, Any]] = []
+        for name in _PATH_PARAM.findall(route.path):
+            kind = route.path_params.get(name, "uuid")
+            parameters.append(
+                {"name": name, "in": "path", "required": True, "schema": _PATH_SCHEMAS[kind]}
+            )
+        if route.query is not None:
+            query_schema = schemas[route.query.__name__]
+            required = set(query_schema.get("required", []))
+            for name, schema in query_schema.get("properties", {}).items():
+                parameter: dict[str, Any] = {
+                    "name": name,
+                    "in": "query",
+                    "required": name in required,
+                    "schema": {k: v for k, v in schema.items() if k != "description"},
+                }
+                if "description" in schema:
+                    parameter["description"] = schema["description"]
+                parameters.append(parameter)
+        for name, description in route.headers.items():
+            parameters.append(
+                {
+                    "name": name,
+                    "in": "header",
+                    "required": False,
+                    "description": description,
+                    "schema": {"type": "string"},
+                }
+            )
+        if parameters:
+            operation["parameters"] = parameters
+        if route.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(route.body)}},
+            }
+        for status, answer in sorted(route.answers.items()):
+            response: dict[str, Any] = {"description": answer.description}
+            if answer.model is not None:
+                response["content"] = {answer.media_type: {"schema": ref(answer.model)}}
+            operation["responses"][str(status)] = response
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "chatd",
+            "version": version,
+            "description": "Durable AI-agent chats. Errors are JSON {message, detail?,"
+            " validations?}. Streams: see docs/api.md for the event protocol and cursors.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }

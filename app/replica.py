@@ -1,0 +1,516 @@
+"""The replica engine: acquire loop, liveness (advisory lock + heartbeat), stale sweeper, part
+flusher and the supervision of runs, in one TaskGroup (docs/engine.md).
+
+Constructing a `Replica` starts nothing (tests build passive ones). `start()` registers it
+(liveness connection, advisory lock, `chat_replicas` row) and starts its long-lived tasks, each
+named, in one TaskGroup: a crash of any of them cancels the others and the replica, loudly,
+rather than leaving it half alive. `stop()` is the graceful shutdown: stop acquiring, stop every
+run with the *shutdown* cause (completed steps are kept, the chats go back to pending), wait up
+to `shutdown_grace_s`, unregister.
+
+Liveness. A replica holds a session advisory lock keyed by its id on a dedicated connection
+(not from the pool) and heartbeats its row. Every `liveness_check_interval_s` the sweeper of
+every replica looks for registered replicas whose lock is free (their session ended) or whose
+heartbeat is older than `stale_threshold_s` (connected but stuck), deletes their rows and gives
+their running chats back, in one transaction that is safe to run on several replicas at once.
+A replica that loses its own liveness connection, or finds its row deleted, stops its runs (it
+can no longer prove ownership) and registers again under a new id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from app import runs
+from app.chats import Chat
+from app.config import Settings
+from app.db import Queries, is_connection_error, transaction
+from app.errors import FencedOut
+from app.listener import Listener
+from app.log import get_logger
+from app.parts import PartFlusher
+from app.runner import Run, RunDeps, RunEnd, StepStreamer, StopCause, stream_step
+from app.tools.registry import ToolRegistry, default_registry
+
+Q = Queries.load()
+log = get_logger(__name__)
+
+# Advisory lock namespace of replica liveness locks: "chat" in ASCII (sql/queries/replicas.sql).
+LIVENESS_LOCK_NAMESPACE = 0x63686174
+# Attempts at finding an id whose lock key is free (a 32-bit collision is rare; two in a row
+# would mean something else holds our namespace).
+REGISTER_ATTEMPTS = 8
+REGISTER_BACKOFF_MAX_S = 2.0
+# Bound of the liveness connection's setup and of the final unregister.
+CONNECT_TIMEOUT_S = 10.0
+# After the shutdown grace, runs still going are cancelled and get this long to unwind.
+HARD_CANCEL_WAIT_S = 1.0
+# How long a sweep waits for a chat row lock before it gives up until the next check.
+SWEEP_LOCK_TIMEOUT_MS = 1000
+# Server settings for the pool a replica uses. A replica that is stopped (SIGSTOP) or stalled
+# between two statements of a transaction holds its row locks; the server ends such a
+# transaction after this long, so the chats it locked can move on to another replica.
+ENGINE_SERVER_SETTINGS = {"idle_in_transaction_session_timeout": "5000"}
+
+
+class LivenessLost(Exception):
+    """This replica can no longer prove it is alive."""
+
+
+def lock_key(replica_id: uuid.UUID) -> int:
+    """The second int4 of the replica's advisory lock: its id's first 32 bits, signed."""
+    return int.from_bytes(replica_id.bytes[:4], "big", signed=True)
+
+
+@dataclass
+class ReplicaStats:
+    acquired: int = 0
+    acquire_attempts: int = 0
+    max_running: int = 0
+    run_ends: Counter[str] = field(default_factory=Counter)
+    run_crashes: int = 0
+    requeued_for_others: int = 0  # chats of gone replicas this replica handed on
+    replicas_swept: int = 0
+    registrations: int = 0
+    liveness_losses: int = 0
+
+
+class Replica:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        listener: Listener,
+        dsn: str,
+        tools: ToolRegistry | None = None,
+        stream_step: StepStreamer = stream_step,
+        hostname: str | None = None,
+        address: str = "",
+    ) -> None:
+        self.settings = settings
+        self.id = uuid.uuid4()
+        self._pool = pool
+        self._listener = listener
+        self._dsn = dsn
+        self._hostname = hostname or socket.gethostname()
+        self._address = address
+        self.flusher = PartFlusher(pool, interval_ms=settings.part_flush_interval_ms)
+        self._deps = RunDeps(
+            pool=pool,
+            listener=listener,
+            flusher=self.flusher,
+            tools=tools if tools is not None else default_registry(),
+            max_steps_per_turn=settings.max_steps_per_turn,
+            stream_step=stream_step,
+        )
+        self.runs: dict[uuid.UUID, tuple[Run, asyncio.Task[None]]] = {}
+        self.stats = ReplicaStats()
+        self._liveness_conn: asyncpg.Connection | None = None
+        self._liveness_conn_lost = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._poke = asyncio.Event()  # "try to acquire now"
+        self._stop_requested = asyncio.Event()
+        self._accepting = True
+        self._task_group: asyncio.TaskGroup | None = None
+        self._main: asyncio.Task[None] | None = None
+
+    @property
+    def main_task(self) -> asyncio.Task[None]:
+        assert self._main is not None, "the replica was not started"
+        return self._main
+
+    @property
+    def listener(self) -> Listener:
+        return self._listener
+
+    @property
+    def registered(self) -> bool:
+        return self._registered.is_set()
+
+    def _fields(self) -> dict[str, object]:
+        return {"replica_id": self.id}
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register (liveness lock + row), then start the long-lived tasks."""
+        assert self._main is None, "a replica starts once"
+        await self._register(first_id=self.id)
+        self._main = asyncio.create_task(self._run(), name=f"replica:{self.id}")
+
+    async def stop(self) -> None:
+        """Graceful shutdown; returns when the replica is unregistered. Idempotent."""
+        if self._main is None:
+            return
+        self._stop_requested.set()
+        await asyncio.wait({self._main})
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as task_group:
+                self._task_group = task_group
+                long_lived = [
+                    task_group.create_task(self.flusher.run(), name="replica-flusher"),
+                    task_group.create_task(self._liveness_loop(), name="replica-liveness"),
+                    task_group.create_task(self._sweeper_loop(), name="replica-sweeper"),
+                    task_group.create_task(self._wake_loop(), name="replica-wake"),
+                    task_group.create_task(self._acquire_loop(), name="replica-acquire"),
+                ]
+                log.info("replica.started", hostname=self._hostname, **self._fields())
+                await self._stop_requested.wait()
+                log.info("replica.stopping", running=len(self.runs), **self._fields())
+                # No more acquires. The acquire loop is not cancelled mid-query (chats it had
+                # just taken would be left running under no run); it ends after the current
+                # attempt, and hands back anything that attempt took.
+                acquiring = long_lived[-1]
+                self._accepting = False
+                self._poke.set()
+                if not self._registered.is_set():
+                    acquiring.cancel()  # waiting for liveness: nothing in flight
+                await asyncio.wait({acquiring}, timeout=CONNECT_TIMEOUT_S)
+                await self._stop_runs(StopCause.SHUTDOWN)
+                for task in long_lived:
+                    task.cancel()
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("replica.crashed", error=repr(exc), exc_info=True, **self._fields())
+            raise
+        finally:
+            self._accepting = False
+            self._task_group = None
+            await self._unregister()
+            log.info("replica.stopped", **self._fields())
+
+    async def _stop_runs(self, cause: StopCause) -> None:
+        """Stop every run for `cause` and wait up to the grace period; cancel the rest."""
+        entries = list(self.runs.values())
+        if not entries:
+            return
+        for run, _task in entries:
+            run.stop(cause)
+        tasks = {task for _run, task in entries}
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
+        if pending:
+            log.warning("replica.runs_cancelled", runs=len(pending), cause=cause.label)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=HARD_CANCEL_WAIT_S)
+
+    # --- liveness ---------------------------------------------------------------------------
+
+    async def _register(self, *, first_id: uuid.UUID | None = None) -> None:
+        """Open the liveness connection, take the lock of a fresh id, then insert the row (in
+        that order: a row others can see always has its lock held while its session lives)."""
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            conn = await asyncpg.connect(self._dsn)
+        try:
+            candidate = await _lock_free_id(conn, first_id or uuid.uuid4())
+            await conn.execute(
+                Q.sql("replica_insert"), candidate, self._hostname, os.getpid(), self._address
+            )
+        except (Exception, asyncio.CancelledError):
+            conn.terminate()
+            raise
+        self._liveness_conn_lost.clear()
+        conn.add_termination_listener(lambda _conn: self._liveness_conn_lost.set())
+        self._liveness_conn = conn
+        self.id = candidate
+        self.stats.registrations += 1
+        self._registered.set()
+        self._poke.set()
+        log.info("replica.registered", backend_pid=conn.get_server_pid(), **self._fields())
+
+    async def _unregister(self) -> None:
+        self._registered.clear()
+        conn, self._liveness_conn = self._liveness_conn, None
+        if conn is None:
+            return
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await conn.execute(Q.sql("replica_delete"), self.id)
+                await conn.close()  # ends the session: the advisory lock is released
+        except (Exception, asyncio.CancelledError) as exc:
+            conn.terminate()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("replica.unregister_failed", error=repr(exc), **self._fields())
+
+    async def _liveness_loop(self) -> None:
+        backoff_s = 0.05
+        while True:
+            try:
+                await self._hold_liveness()
+            except LivenessLost as exc:
+                reason = str(exc)
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                reason = repr(exc)
+            self._registered.clear()
+            self.stats.liveness_losses += 1
+            log.error(
+                "replica.liveness_lost", reason=reason, running=len(self.runs), **self._fields()
+            )
+            await self._stop_runs(StopCause.LIVENESS_LOST)
+            await self._unregister()
+            while True:
+                try:
+                    await self._register()
+                    backoff_s = 0.05
+                    break
+                except Exception as exc:
+                    if not _is_transient(exc):
+                        raise
+                    log.warning("replica.register_failed", error=repr(exc), retry_in_s=backoff_s)
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, REGISTER_BACKOFF_MAX_S)
+
+    async def _hold_liveness(self) -> None:
+        """Heartbeat the row and check the connection until liveness is lost (raises)."""
+        conn = self._liveness_conn
+        if conn is None:
+            raise LivenessLost("no liveness connection")
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        query_timeout_s = max(settings.stale_threshold_s, 1.0)
+        next_heartbeat = loop.time() + settings.heartbeat_interval_s
+        while True:
+            wait_s = min(settings.liveness_check_interval_s, next_heartbeat - loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait_s, 0.0)):
+                    await self._liveness_conn_lost.wait()
+            if self._liveness_conn_lost.is_set():
+                raise LivenessLost("liveness connection closed")
+            async with asyncio.timeout(query_timeout_s):
+                if loop.time() >= next_heartbeat:
+                    if await conn.fetchval(Q.sql("replica_heartbeat"), self.id) is None:
+                        raise LivenessLost("replica row deleted: declared dead by another replica")
+                    next_heartbeat = loop.time() + settings.heartbeat_interval_s
+                else:
+                    await conn.fetchval(Q.sql("replica_keepalive"))
+
+    # --- the sweeper: requeue the chats of replicas that are gone ----------------------------
+
+    async def _sweeper_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Orphans (running chats of no replica) and orphan parts only exist after rare races
+        # and become eligible after the stale threshold: looking once per threshold is enough.
+        next_orphan_check = loop.time()
+        while True:
+            await asyncio.sleep(self.settings.liveness_check_interval_s)
+            if not self._registered.is_set():
+                continue
+            try:
+                check_orphans = loop.time() >= next_orphan_check
+                await self.sweep(orphans=check_orphans)
+                if check_orphans:
+                    next_orphan_check = loop.time() + self.settings.stale_threshold_s
+                    if removed := await runs.delete_orphan_parts(self._pool):
+                        log.info("parts.orphans_deleted", parts=removed, **self._fields())
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                log.warning("replica.sweep_failed", error=repr(exc), **self._fields())
+
+    async def sweep(self, *, orphans: bool = True) -> list[Chat]:
+        """One liveness check: find replicas that are gone, delete them and give their running
+        chats back; with `orphans`, also the running chats of no replica at all. Returns the
+        chats handed on. Costs one query when every replica is alive."""
+        stale_s = self.settings.stale_threshold_s
+        gone = await self._pool.fetch(
+            Q.sql("replica_find_gone"), self.id, LIVENESS_LOCK_NAMESPACE, stale_s
+        )
+        if not gone and not orphans:
+            return []
+        gone_ids = [row["id"] for row in gone]
+        lock_free_ids = [row["id"] for row in gone if row["lock_free"]]
+        async with transaction(self._pool) as conn:
+            # A stuck replica may hold a chat row lock in a transaction it cannot finish: wait
+            # a bounded time and retry at the next check rather than wedge the sweeper (the
+            # server ends such transactions, see ENGINE_SERVER_SETTINGS).
+            await conn.execute(Q.sql("replica_sweep_lock_timeout"), f"{SWEEP_LOCK_TIMEOUT_MS}ms")
+            deleted: list[uuid.UUID] = []
+            if gone_ids:
+                deleted = [
+                    row["id"]
+                    for row in await conn.fetch(
+                        Q.sql("replica_delete_gone"), gone_ids, lock_free_ids, stale_s
+                    )
+                ]
+            requeued = await runs.requeue_orphans(conn, deleted, orphan_grace_s=stale_s)
+        if deleted:
+            self.stats.replicas_swept += len(deleted)
+            for row in gone:
+                if row["id"] in deleted:
+                    log.warning(
+                        "replica.swept",
+                        gone_replica_id=row["id"],
+                        lock_free=row["lock_free"],
+                        stale=row["stale"],
+                        **self._fields(),
+                    )
+        for chat in requeued:
+            log.info(
+                "run.requeued_for_gone_replica",
+                chat_id=chat.id,
+                status=chat.status,
+                **self._fields(),
+            )
+        self.stats.requeued_for_others += len(requeued)
+        return requeued
+
+    # --- acquiring and running -------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        """Whether the replica still takes new chats (False once shutdown began)."""
+        return self._accepting
+
+    @property
+    def spare_capacity(self) -> int:
+        return self.settings.max_concurrent_runs - len(self.runs)
+
+    async def _wake_loop(self) -> None:
+        """chat_wake notifications and listener resyncs poke the acquire loop."""
+        if not self.settings.acquire_listen:
+            log.info("replica.poll_only", interval_s=self.settings.acquire_poll_interval_s)
+            return
+        async with self._listener.subscribe("chat_wake") as wake:
+            async for _event in wake:
+                self._poke.set()
+
+    async def _acquire_loop(self) -> None:
+        while True:
+            await self._registered.wait()
+            if not self._accepting:
+                return
+            self._poke.clear()
+            try:
+                await self.acquire()
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                log.warning("replica.acquire_failed", error=repr(exc), **self._fields())
+            if not self.accepting():
+                return
+            # The slow fallback poll covers lost notifications.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.acquire_poll_interval_s):
+                    await self._poke.wait()
+
+    async def acquire(self) -> list[Chat]:
+        """Acquire as many pending chats as there is capacity for and start their runs."""
+        spare = self.spare_capacity
+        if spare <= 0 or not self._accepting or not self._registered.is_set():
+            return []
+        worker_id = self.id
+        self.stats.acquire_attempts += 1
+        chats = await runs.acquire(self._pool, worker_id, spare)
+        for chat in chats:
+            if worker_id != self.id or not self._registered.is_set() or not self._accepting:
+                # Liveness was lost (or shutdown began) while acquiring: a run here could not
+                # prove ownership. Give the chat straight back (fenced, so a no-op if another
+                # replica's sweeper was faster).
+                log.warning(
+                    "run.not_started", chat_id=chat.id, generation=chat.generation, **self._fields()
+                )
+                with contextlib.suppress(FencedOut):
+                    await runs.requeue(self._pool, runs.token_of(chat))
+                continue
+            self._start_run(chat)
+        if chats and len(chats) == spare:
+            self._poke.set()  # there may be more: try again as soon as capacity frees
+        return chats
+
+    def _start_run(self, chat: Chat) -> None:
+        task_group = self._task_group
+        assert task_group is not None
+        run = Run(chat, self._deps)
+        task = task_group.create_task(self._supervise(run), name=f"run:{chat.id}:{chat.generation}")
+        self.runs[chat.id] = (run, task)
+        self.stats.acquired += 1
+        self.stats.max_running = max(self.stats.max_running, len(self.runs))
+
+    async def _supervise(self, run: Run) -> None:
+        """Run one chat. A run that crashes never takes the replica down: a database failure
+        gives the chat back (pending), a bug fails the chat (error), both fenced."""
+        try:
+            try:
+                end = await run.execute()
+            except Exception as exc:
+                self.stats.run_crashes += 1
+                log.error(
+                    "run.crashed",
+                    chat_id=run.chat_id,
+                    generation=run.token.generation,
+                    error=repr(exc),
+                    exc_info=True,
+                    **self._fields(),
+                )
+                end = await self._salvage(run, transient=_is_transient(exc))
+            self.stats.run_ends[end.value] += 1
+        finally:
+            current = self.runs.get(run.chat_id)
+            if current is not None and current[0] is run:
+                del self.runs[run.chat_id]
+            self._poke.set()
+
+    async def _salvage(self, run: Run, *, transient: bool) -> RunEnd:
+        """Release the chat of a crashed run. If even that cannot be written, this replica
+        cannot vouch for its chats any more: it drops its liveness, so that the other replicas
+        requeue them, and registers again."""
+        backoff_s = 0.2
+        for _attempt in range(SALVAGE_ATTEMPTS):
+            try:
+                if transient:
+                    await runs.requeue(self._pool, run.token)
+                    return RunEnd.REQUEUED
+                await runs.fail(self._pool, run.token, INTERNAL_ERROR)
+                return RunEnd.FAILED
+            except FencedOut:
+                return RunEnd.LOST
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                log.warning("run.salvage_failed", chat_id=run.chat_id, error=repr(exc))
+                await asyncio.sleep(backoff_s)
+                backoff_s *= 2
+        log.error("replica.dropping_liveness", reason="a chat cannot be released", **self._fields())
+        conn = self._liveness_conn
+        if conn is not None:
+            conn.terminate()
+        return RunEnd.LOST
+
+
+# The last_error of a chat whose run crashed on a bug (the shape of a classified error).
+INTERNAL_ERROR = {
+    "kind": "generic",
+    "provider": "chatd",
+    "retryable": False,
+    "message": "internal error while running the chat",
+    "status_code": None,
+    "retry_after_s": None,
+    "detail": None,
+}
+SALVAGE_ATTEMPTS = 4
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Database trouble that may pass (as opposed to a bug)."""
+    return is_connection_error(exc) or isinstance(exc, TimeoutError | asyncpg.PostgresError)
+
+
+async def _lock_free_id(conn: asyncpg.Connection, candidate: uuid.UUID) -> uuid.UUID:
+    """Take the liveness lock of `candidate`, or of another fresh id when its key is taken."""
+    for _attempt in range(REGISTER_ATTEMPTS):
+        if await conn.fetchval(Q.sql("replica_try_lock"), candidate, LIVENESS_LOCK_NAMESPACE):
+            return candidate
+        candidate = uuid.uuid4()
+    raise RuntimeError("could not find a free replica lock key")

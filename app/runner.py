@@ -1,0 +1,551 @@
+"""The chat loop of one run (DESIGN.md §6): build the prompt, stream one model step, write its
+live parts through the replica's flusher, run its tool calls, persist the step (fenced), repeat
+while the model asks for tools (up to a step limit), then end the turn, which may pop a queued
+message and go on.
+
+Cancellation is information. A run is stopped for one of four causes (`StopCause`), always set
+*before* anything is cancelled:
+
+- interrupt: the user pressed Stop. Only the step in progress is cancelled; the run persists the
+  partial output (tool calls without a result get a synthetic "interrupted" one) and ends the
+  turn (a promoted queued message continues the run, otherwise -> waiting).
+- shutdown: the replica is stopping. The step is cancelled; completed steps are kept, the
+  partial one is dropped, and the chat goes back to pending (one shielded, fenced write).
+- liveness_lost: the replica cannot prove it is alive; like shutdown (the write is fenced, so it
+  does nothing if another replica already took the chat).
+- lost_ownership: the row says the run no longer owns the chat (edited, archived, requeued,
+  re-acquired). The run stops and writes nothing.
+
+The step runs in a task of its own, so an interrupt cancels the step and never the run; the run
+tells why the step ended from the cause, not from the exception type. The run itself is only
+cancelled from outside as a last resort (the shutdown grace period ran out), and then never
+swallows the CancelledError.
+
+The provider stream is called in exactly one place, `stream_step()`: the retry loop plugs in
+there. When it retries, it calls `on_retry` first; the run voids the step's live parts and writes
+one `{"type": "retry", ...}` control part (role "system") so streams emit a `retry` event."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import asyncpg
+
+from app import runs
+from app.chats import Chat, Message, Owner
+from app.errors import FencedOut
+from app.listener import Listener, Notice, Resync, Subscription
+from app.log import get_logger
+from app.parts import PartFlusher
+from app.providers.base import (
+    ClassifiedError,
+    ModelConfig,
+    ModelRequest,
+    PromptMessage,
+    Provider,
+    ProviderError,
+    ReasoningDelta,
+    StepFinished,
+    StreamEvent,
+    StreamProgress,
+    TextDelta,
+    ToolCall,
+    Usage,
+)
+from app.providers.pricing import cost_micros
+from app.providers.registry import provider_for
+from app.providers.retry import RetryInfo
+from app.runs import RunToken, StepRecord
+from app.tools.registry import ToolContext, ToolRegistry
+
+log = get_logger(__name__)
+
+# The synthetic result of a tool call that an interrupt cut off (DESIGN.md §3).
+INTERRUPTED_RESULT = "interrupted"
+# Bound of the shielded give-back write of a stopping run.
+GIVE_BACK_TIMEOUT_S = 5.0
+
+
+class StopCause(enum.IntEnum):
+    """Why a run (or its step) is being stopped. A stronger cause replaces a weaker one."""
+
+    INTERRUPT = 1
+    SHUTDOWN = 2
+    LIVENESS_LOST = 3
+    LOST_OWNERSHIP = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class RunEnd(enum.Enum):
+    """How a run ended, for the replica's stats, logs and tests."""
+
+    WAITING = "waiting"  # the turn ended, the user's turn (possibly after an interrupt)
+    FAILED = "failed"  # a terminal provider error: status error
+    REQUEUED = "requeued"  # shutdown / lost liveness: given back to pending
+    LOST = "lost"  # lost ownership or fenced out: wrote nothing more
+
+
+# --- the seam where the provider is called ------------------------------------------------
+
+
+class StepStreamer(Protocol):
+    """The signature of the seam, shared with the retry loop `app.providers.retry.stream_step`
+    (which the service may pass as `RunDeps.stream_step`)."""
+
+    def __call__(
+        self,
+        provider: Provider,
+        request: ModelRequest,
+        *,
+        on_retry: Callable[[RetryInfo], Awaitable[None]],
+    ) -> AsyncIterator[StreamEvent]: ...
+
+
+async def stream_step(
+    provider: Provider,
+    request: ModelRequest,
+    *,
+    on_retry: Callable[[RetryInfo], Awaitable[None]],
+) -> AsyncIterator[StreamEvent]:
+    """Stream one model step: the one place a run calls its provider.
+
+    This default makes one attempt: a `ProviderError` ends the step (and the run marks the chat
+    `error`), and so does a stream that ends before its terminal event (a retryable timeout
+    that is not retried here). The retry loop (`app.providers.retry.stream_step`) has the same
+    signature and contract: it awaits `on_retry(info)` before each new attempt (the run then
+    voids the failed attempt's live parts and writes a `retry` control part) and raises
+    `ProviderError` when the error is terminal or the retries are exhausted."""
+    del on_retry
+    finished = False
+    async for event in provider.stream(request):
+        if isinstance(event, StreamProgress):
+            continue
+        yield event
+        if isinstance(event, StepFinished):
+            finished = True
+            break
+    if not finished:
+        raise ProviderError(
+            ClassifiedError(
+                kind="timeout",
+                provider=provider.name,
+                retryable=True,
+                message="the model's stream ended before its final event",
+            )
+        )
+
+
+def step_cost_micros(config: ModelConfig, usage: Usage) -> int:
+    try:
+        return cost_micros(usage, config.options)
+    except ValueError as exc:  # the model-config API validates prices; never fail a run on it
+        log.warning("run.bad_price", model_config_id=config.id, error=str(exc))
+        return 0
+
+
+# --- one step's accumulated output ---------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    """What a step has produced so far, in the persisted shape: consecutive text (reasoning)
+    deltas merged into one part, tool calls in the order they came."""
+
+    content: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[dict[str, Any]] = field(default_factory=list)
+    finished: StepFinished | None = None
+
+    def add_delta(self, kind: Literal["text", "reasoning"], text: str, signature: str = "") -> None:
+        if self.content and self.content[-1]["type"] == kind:
+            self.content[-1] = self.content[-1] | {"text": self.content[-1]["text"] + text}
+        else:
+            self.content.append({"type": kind, "text": text})
+        if signature:
+            # Anthropic's thinking-block signature must travel with the persisted part.
+            self.content[-1]["signature"] = signature
+
+    def add_tool_call(self, call: ToolCall) -> dict[str, Any]:
+        self.tool_calls.append(call)
+        part = {"type": "tool_call", "id": call.id, "name": call.name, "args": call.args}
+        self.content.append(part)
+        return part
+
+    def record(self, config: ModelConfig, *, interrupted: bool = False) -> StepRecord:
+        results = list(self.tool_results)
+        if interrupted:
+            answered = {r["tool_call_id"] for r in results}
+            results += [
+                tool_result_part(call, INTERRUPTED_RESULT, is_error=True)
+                for call in self.tool_calls
+                if call.id not in answered
+            ]
+        usage = self.finished.usage if self.finished is not None else Usage()
+        return StepRecord(
+            assistant_content=list(self.content),
+            tool_results=results,
+            usage=usage,
+            cost_micros=step_cost_micros(config, usage),
+        )
+
+
+def tool_result_part(call: ToolCall, result: Any, *, is_error: bool) -> dict[str, Any]:
+    return {
+        "type": "tool_result",
+        "tool_call_id": call.id,
+        "name": call.name,
+        "result": result,
+        "is_error": is_error,
+    }
+
+
+def build_request(config: ModelConfig, history: list[Message], tools: ToolRegistry) -> ModelRequest:
+    """The prompt: system messages (summaries) become the system text, the rest goes in order."""
+    system: list[str] = []
+    messages: list[PromptMessage] = []
+    for message in history:
+        if message.role == "system":
+            system.extend(
+                str(p.get("text", "")) for p in message.content if p.get("type") == "text"
+            )
+        elif message.role in ("user", "assistant", "tool"):
+            messages.append(PromptMessage(message.role, message.content))  # type: ignore[arg-type]
+    return ModelRequest(
+        config=config, messages=messages, system="\n\n".join(system), tools=tools.specs()
+    )
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunDeps:
+    """What a run needs from its replica."""
+
+    pool: asyncpg.Pool
+    listener: Listener
+    flusher: PartFlusher
+    tools: ToolRegistry
+    max_steps_per_turn: int
+    stream_step: StepStreamer = stream_step
+    provider_for: Callable[[ModelConfig], Provider] = provider_for
+
+
+class Run:
+    """One acquired chat, driven until its turn(s) end or it is stopped."""
+
+    def __init__(self, chat: Chat, deps: RunDeps) -> None:
+        self.token: RunToken = runs.token_of(chat)
+        self.chat_id = chat.id
+        self._model_config_id = chat.model_config_id
+        self._owner = Owner(user_id=chat.owner_id, organization_id=chat.organization_id)
+        self._parent_chat_id = chat.parent_chat_id
+        self._deps = deps
+        self.cause: StopCause | None = None
+        self._step_task: asyncio.Task[None] | None = None
+        self._version = chat.version  # the newest row version this run has seen
+        self._interrupt_version = 0  # version at which the newest Stop mark was seen
+        self._handled_version = 0  # row version after the run last honoured a Stop
+        self.steps_persisted = 0
+        self._releasing = False  # the run's last write (release/fail/requeue) is under way
+        self._log = {
+            "chat_id": chat.id,
+            "replica_id": self.token.worker_id,
+            "generation": self.token.generation,
+        }
+
+    # --- control from outside (the watcher, the replica) ----------------------------------
+
+    def stop(self, cause: StopCause) -> None:
+        """Ask the run to stop for `cause`: recorded first, then the step in progress (if any)
+        is cancelled. The run finishes its current write, if any, and acts on the cause."""
+        if cause != StopCause.INTERRUPT and (self.cause is None or cause > self.cause):
+            self.cause = cause
+        if self._step_task is not None and not self._step_task.done():
+            self._step_task.cancel()
+
+    @property
+    def interrupt_pending(self) -> bool:
+        return self._interrupt_version > self._handled_version
+
+    def _interrupt_pending(self) -> bool:
+        # A method for the loop, so that the type checker does not narrow it across awaits.
+        return self.interrupt_pending
+
+    def stop_cause(self) -> StopCause | None:
+        """The cause to act on (a method, not an attribute: it changes across every await)."""
+        return self.cause
+
+    def _observe(self, *, version: int, owned: bool, interrupt_requested: bool) -> None:
+        """Apply one observation of the chat row (a notification or a read), newest wins."""
+        if version <= self._version:
+            return
+        self._version = version
+        if not owned:
+            # The notification of the run's own last write (the chat released) says "not
+            # owned" too; that is no news worth a log line.
+            if self.cause != StopCause.LOST_OWNERSHIP and not self._releasing:
+                log.info("run.ownership_lost", version=version, **self._log)
+            self.stop(StopCause.LOST_OWNERSHIP)
+        elif interrupt_requested and version > self._handled_version:
+            self._interrupt_version = version
+            log.info("run.interrupt_requested", version=version, **self._log)
+            self.stop(StopCause.INTERRUPT)
+
+    def _observe_chat(self, chat: Chat | None) -> None:
+        if chat is None:
+            self._version = max(self._version, 1) + 1
+            self.stop(StopCause.LOST_OWNERSHIP)
+            return
+        self._observe(
+            version=chat.version,
+            owned=runs.owns(chat, self.token),
+            interrupt_requested=chat.interrupt_requested,
+        )
+
+    async def _watch(self, subscription: Subscription) -> None:
+        """Follow the chat's channel: interrupts and loss of ownership reach the run here."""
+        try:
+            async for event in subscription:
+                if isinstance(event, Resync):
+                    self._observe_chat(await runs.read_chat(self._deps.pool, self.chat_id))
+                    continue
+                assert isinstance(event, Notice)
+                payload = json.loads(event.payload)
+                kind = payload.get("type")
+                if kind == "deleted":
+                    self.stop(StopCause.LOST_OWNERSHIP)
+                elif kind == "chat":
+                    self._observe(
+                        version=int(payload["version"]),
+                        owned=payload.get("status") == "running"
+                        and payload.get("worker_id") == str(self.token.worker_id)
+                        and int(payload.get("generation", -1)) == self.token.generation,
+                        interrupt_requested=bool(payload.get("interrupt_requested")),
+                    )
+        except Exception as exc:
+            # Without a watcher the run would be deaf to Stop and to loss of ownership: give
+            # the chat back rather than run blind.
+            log.error("run.watch_failed", error=repr(exc), exc_info=True, **self._log)
+            self.stop(StopCause.SHUTDOWN)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def execute(self) -> RunEnd:
+        deps = self._deps
+        log.info("run.started", **self._log)
+        try:
+            async with deps.listener.subscribe(f"chat:{self.chat_id}") as subscription:
+                watcher = asyncio.create_task(
+                    self._watch(subscription), name=f"run-watch:{self.chat_id}"
+                )
+                try:
+                    # Subscribed first, read second: a Stop (or a takeover) that raced the
+                    # acquire is in this row or in a notification after it, never lost.
+                    self._observe_chat(await runs.read_chat(deps.pool, self.chat_id))
+                    end = await self._drive()
+                finally:
+                    watcher.cancel()
+                    await asyncio.wait({watcher})
+        except FencedOut:
+            log.info("run.fenced_out", **self._log)
+            end = RunEnd.LOST
+        finally:
+            self._step_task = None
+            # Whatever is still buffered belongs to a run that is over; a flush in flight is
+            # fenced in SQL.
+            deps.flusher.drop(self.chat_id)
+        log.info("run.ended", end=end.value, steps=self.steps_persisted, **self._log)
+        return end
+
+    async def _drive(self) -> RunEnd:
+        deps = self._deps
+        if self.stop_cause() is not None:
+            return await self._abandon()
+        config = await runs.load_model_config(deps.pool, self._model_config_id)
+        try:
+            provider = deps.provider_for(config)
+        except ProviderError as exc:
+            return await self._fail(exc.error)
+        model_config_id = uuid.UUID(config.id)
+        while True:
+            end = await self._turn(config, provider, model_config_id)
+            if end is not None:
+                return end
+
+    async def _turn(
+        self, config: ModelConfig, provider: Provider, model_config_id: uuid.UUID
+    ) -> RunEnd | None:
+        """One user turn: steps until the model stops calling tools. None when a queued message
+        continues the run with another turn."""
+        deps = self._deps
+        final: StepRecord | None = None
+        for step_number in range(1, deps.max_steps_per_turn + 1):
+            if self.stop_cause() is not None:
+                return await self._abandon()
+            if self._interrupt_pending():
+                return await self._end_turn(None, model_config_id, interrupted=True)
+            history = await runs.prompt_messages(deps.pool, self.chat_id)
+            request = build_request(config, history, deps.tools)
+            output = StepOutput()
+            step = asyncio.create_task(
+                self._step(provider, request, output),
+                name=f"run-step:{self.chat_id}:{self.token.generation}:{step_number}",
+            )
+            self._step_task = step
+            if self.stop_cause() is not None or self._interrupt_pending():
+                step.cancel()  # a stop that arrived while the prompt was being read
+            try:
+                await asyncio.wait({step})
+            finally:
+                # Only when this run itself is cancelled (the shutdown grace ran out) is the
+                # step still going here.
+                if not step.done():
+                    step.cancel()
+                    await asyncio.wait({step})
+                self._step_task = None
+
+            if step.cancelled():
+                if self.stop_cause() is not None:
+                    return await self._abandon()
+                if self._interrupt_pending():
+                    partial = output.record(config, interrupted=True)
+                    return await self._end_turn(partial, model_config_id, interrupted=True)
+                raise RuntimeError("a step was cancelled without a cause")
+            error = step.exception()
+            if isinstance(error, ProviderError):
+                return await self._fail(error.error)
+            if error is not None:
+                raise error
+
+            record = output.record(config)
+            if not output.tool_calls:
+                final = record
+                break
+            await deps.flusher.settle(self.chat_id)
+            await runs.persist_step(deps.pool, self.token, record, model_config_id=model_config_id)
+            self.steps_persisted += 1
+            log.info("run.step_persisted", step=step_number, **self._log)
+        else:
+            log.info("run.step_limit", steps=deps.max_steps_per_turn, **self._log)
+        # A step that completed is kept whatever stop arrived meanwhile: ending the turn is as
+        # good a hand-over as a requeue (and a run that lost its chat is fenced out here).
+        return await self._end_turn(final, model_config_id, interrupted=self._interrupt_pending())
+
+    async def _step(self, provider: Provider, request: ModelRequest, output: StepOutput) -> None:
+        """Stream one model step, then run its tool calls; live parts go to the flusher."""
+        flusher = self._deps.flusher
+
+        async def on_retry(notice: RetryInfo) -> None:
+            # The attempt's parts are void: nothing of it may be flushed after the control part.
+            output.content.clear()
+            output.tool_calls.clear()
+            output.finished = None
+            await flusher.discard(self.chat_id)
+            await runs.void_step(self._deps.pool, self.token, {"type": "retry", **notice.as_json()})
+            log.info("run.retrying", attempt=notice.attempt, kind=notice.error.kind, **self._log)
+
+        async for event in self._deps.stream_step(provider, request, on_retry=on_retry):
+            if isinstance(event, TextDelta):
+                output.add_delta("text", event.text)
+                await flusher.add(self.token, "assistant", {"type": "text", "text": event.text})
+            elif isinstance(event, ReasoningDelta):
+                output.add_delta("reasoning", event.text, event.signature)
+                if event.text:
+                    await flusher.add(
+                        self.token, "assistant", {"type": "reasoning", "text": event.text}
+                    )
+            elif isinstance(event, ToolCall):
+                await flusher.add(self.token, "assistant", output.add_tool_call(event))
+            elif isinstance(event, StepFinished):
+                output.finished = event
+
+        context = ToolContext(
+            chat_id=self.chat_id,
+            generation=self.token.generation,
+            owner=self._owner,
+            parent_chat_id=self._parent_chat_id,
+            pool=self._deps.pool,
+            listener=self._deps.listener,
+        )
+        for call in output.tool_calls:
+            outcome = await self._deps.tools.call(call.name, call.args, context)
+            part = tool_result_part(call, outcome.result, is_error=outcome.is_error)
+            output.tool_results.append(part)
+            await flusher.add(self.token, "tool", part)
+
+    async def _end_turn(
+        self, step: StepRecord | None, model_config_id: uuid.UUID, *, interrupted: bool
+    ) -> RunEnd | None:
+        await self._deps.flusher.settle(self.chat_id)
+        self._releasing = True
+        outcome = await runs.end_turn(
+            self._deps.pool,
+            self.token,
+            interrupted=interrupted,
+            step=step,
+            model_config_id=model_config_id,
+        )
+        # No await between the write and this: any Stop seen after it is a new one.
+        self._handled_version = max(self._handled_version, outcome.chat.version)
+        self._version = max(self._version, outcome.chat.version)
+        if step is not None and not step.is_empty:
+            self.steps_persisted += 1
+        self._releasing = outcome.next_message is None
+        if outcome.next_message is None:
+            log.info("run.turn_ended", interrupted=interrupted, **self._log)
+            return RunEnd.WAITING
+        log.info(
+            "run.next_message",
+            message_id=outcome.next_message.id,
+            interrupted=interrupted,
+            **self._log,
+        )
+        return None
+
+    async def _fail(self, error: ClassifiedError) -> RunEnd:
+        log.warning("run.provider_error", kind=error.kind, error=error.message, **self._log)
+        await self._deps.flusher.discard(self.chat_id)
+        self._releasing = True
+        await runs.fail(self._deps.pool, self.token, error.as_json())
+        return RunEnd.FAILED
+
+    async def _abandon(self) -> RunEnd:
+        """Act on a stop cause other than interrupt."""
+        cause = self.stop_cause()
+        assert cause is not None
+        await self._deps.flusher.discard(self.chat_id)
+        if cause == StopCause.LOST_OWNERSHIP:
+            log.info("run.stopped", cause=cause.label, **self._log)
+            return RunEnd.LOST
+        self._releasing = True
+        # Shutdown or lost liveness: hand the chat on. This is the one write that must finish
+        # even if the run is cancelled while it is in flight.
+        write = asyncio.ensure_future(self._give_back())
+        write.add_done_callback(_retrieve_exception)
+        try:
+            await asyncio.shield(write)
+        except FencedOut:
+            log.info("run.stopped", cause=cause.label, given_back=False, **self._log)
+            return RunEnd.LOST
+        log.info("run.stopped", cause=cause.label, given_back=True, **self._log)
+        return RunEnd.REQUEUED
+
+    async def _give_back(self) -> Chat:
+        async with asyncio.timeout(GIVE_BACK_TIMEOUT_S):
+            return await runs.requeue(self._deps.pool, self.token)
+
+
+def _retrieve_exception(task: asyncio.Future[Any]) -> None:
+    """A shielded write may end after its run was cancelled; its outcome is logged there."""
+    if not task.cancelled():
+        task.exception()

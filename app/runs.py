@@ -1,0 +1,301 @@
+"""The worker's side of the chat state machine (DESIGN.md §3): acquire, persist a step, finish a
+turn, complete an interrupt, give a chat back (shutdown, lost liveness, dead replica), fail.
+
+A run is fenced by its `RunToken` (worker_id, generation). Every write below is one transaction
+that first locks the chat row on the condition "running, worker_id = me, generation = g"
+(`run_lock_owned`); when that matches nothing the run has lost its chat (an edit, an archive, a
+requeue by another replica, a re-acquire) and `FencedOut` is raised with nothing written. The
+user's side of the machine is in chats.py."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import asyncpg
+
+from app.chats import Chat, Message
+from app.db import Conn, Queries, transaction
+from app.errors import FencedOut
+from app.providers.base import ModelConfig, Usage
+
+Q = Queries.load()
+
+PartRole = Literal["assistant", "tool", "system"]
+
+
+@dataclass(frozen=True)
+class RunToken:
+    """The fencing token of one run: only writes that still match it are allowed."""
+
+    chat_id: uuid.UUID
+    worker_id: uuid.UUID
+    generation: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one model step leaves in the history: the assistant's content, the results of its
+    tool calls (empty when it called none), its usage and cost."""
+
+    assistant_content: list[dict[str, Any]]
+    tool_results: list[dict[str, Any]] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    cost_micros: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.assistant_content and not self.tool_results
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """How a turn ended: `next_message` is the queued message that continues the run (the chat
+    stays running), or None when the chat went back to the user (waiting)."""
+
+    chat: Chat
+    next_message: Message | None
+
+
+def token_of(chat: Chat) -> RunToken:
+    assert chat.worker_id is not None, "only a running chat has a token"
+    return RunToken(chat.id, chat.worker_id, chat.generation)
+
+
+async def acquire(pool: asyncpg.Pool, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    """pending -> running for up to `limit` chats (oldest first) in one statement."""
+    if limit <= 0:
+        return []
+    rows = await pool.fetch(Q.sql("run_acquire"), worker_id, limit)
+    return [Chat.from_record(row) for row in rows]
+
+
+async def read_chat(pool: asyncpg.Pool, chat_id: uuid.UUID) -> Chat | None:
+    row = await pool.fetchrow(Q.sql("run_read_chat"), chat_id)
+    return Chat.from_record(row) if row is not None else None
+
+
+def owns(chat: Chat | None, token: RunToken) -> bool:
+    """Whether the row still says this run owns the chat."""
+    return (
+        chat is not None
+        and chat.status == "running"
+        and chat.worker_id == token.worker_id
+        and chat.generation == token.generation
+    )
+
+
+async def load_model_config(pool: asyncpg.Pool, model_config_id: uuid.UUID | None) -> ModelConfig:
+    row = await pool.fetchrow(Q.sql("run_model_config"), model_config_id)
+    if row is None:
+        raise LookupError(f"model config {model_config_id} does not exist")
+    return ModelConfig(
+        id=str(row["id"]),
+        provider=row["provider"],
+        model=row["model"],
+        display_name=row["display_name"],
+        context_limit=row["context_limit"],
+        compression_threshold=row["compression_threshold"],
+        options=json.loads(row["options"]),
+    )
+
+
+async def prompt_messages(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[Message]:
+    rows = await pool.fetch(Q.sql("run_prompt_messages"), chat_id)
+    return [Message.from_record(row) for row in rows]
+
+
+async def _lock_owned(conn: Conn, token: RunToken) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        Q.sql("run_lock_owned"), token.chat_id, token.worker_id, token.generation
+    )
+    if row is None:
+        raise FencedOut(
+            "the run no longer owns its chat",
+            detail=f"chat {token.chat_id} generation {token.generation}",
+        )
+    return row
+
+
+async def check_owned(pool: asyncpg.Pool, token: RunToken) -> Chat:
+    """The fence alone, in its own transaction: the row as this run owns it, or FencedOut."""
+    async with transaction(pool) as conn:
+        return Chat.from_record(await _lock_owned(conn, token))
+
+
+async def _insert_step(
+    conn: Conn, token: RunToken, step: StepRecord, model_config_id: uuid.UUID | None
+) -> list[Message]:
+    roles: list[str] = []
+    contents: list[str] = []
+    usage_columns: list[list[int]] = [[], [], [], [], []]
+    if step.assistant_content or step.tool_results:
+        roles.append("assistant")
+        contents.append(json.dumps(step.assistant_content))
+        for column, value in zip(
+            usage_columns,
+            (
+                step.usage.input_tokens,
+                step.usage.output_tokens,
+                step.usage.cache_read_tokens,
+                step.usage.cache_write_tokens,
+                step.cost_micros,
+            ),
+            strict=True,
+        ):
+            column.append(value)
+    if step.tool_results:
+        roles.append("tool")
+        contents.append(json.dumps(step.tool_results))
+        for column in usage_columns:
+            column.append(0)
+    if not roles:
+        return []
+    rows = await conn.fetch(
+        Q.sql("run_insert_messages"),
+        token.chat_id,
+        model_config_id,
+        roles,
+        contents,
+        *usage_columns,
+    )
+    return [Message.from_record(row) for row in rows]
+
+
+async def persist_step(
+    pool: asyncpg.Pool, token: RunToken, step: StepRecord, *, model_config_id: uuid.UUID | None
+) -> list[Message]:
+    """A finished step becomes durable: its assistant message (+ a tool message with the tool
+    results) are inserted and the chat's live parts deleted, in one fenced transaction, so a
+    reader sees either the parts or the messages. The caller must first make sure no flush of
+    this chat's parts can commit afterwards (PartFlusher.discard)."""
+    async with transaction(pool) as conn:
+        await _lock_owned(conn, token)
+        messages = await _insert_step(conn, token, step, model_config_id)
+        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        return messages
+
+
+async def void_step(
+    pool: asyncpg.Pool, token: RunToken, control_part: dict[str, Any], *, role: PartRole = "system"
+) -> int:
+    """A step is being retried: its live parts are void. Delete them and write one control part
+    (e.g. `{"type": "retry", ...}`) so stream readers learn why they vanished; returns its id."""
+    async with transaction(pool) as conn:
+        await _lock_owned(conn, token)
+        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        part_id: int = await conn.fetchval(
+            Q.sql("run_insert_control_part"),
+            token.chat_id,
+            token.generation,
+            role,
+            json.dumps(control_part),
+        )
+        return part_id
+
+
+async def _pop_next_message(
+    conn: Conn, chat_id: uuid.UUID, *, promoted_only: bool
+) -> Message | None:
+    queued = await conn.fetchrow(Q.sql("run_pop_queue_head"), chat_id, promoted_only)
+    if queued is None:
+        return None
+    row = await conn.fetchrow(Q.sql("run_insert_user_message"), chat_id, queued["content"])
+    assert row is not None
+    return Message.from_record(row)
+
+
+async def end_turn(
+    pool: asyncpg.Pool,
+    token: RunToken,
+    *,
+    interrupted: bool,
+    step: StepRecord | None = None,
+    model_config_id: uuid.UUID | None = None,
+) -> TurnOutcome:
+    """The end of a turn, in one fenced transaction.
+
+    - `step` (the turn's last step, or an interrupted step's output so far) is persisted
+      first, and the chat's live parts are deleted.
+    - Then the queue decides. Normally its head (promoted first, then FIFO) becomes the next user
+      message and the run goes on (the chat stays running). After a Stop (the run was
+      interrupted, or the mark arrived while the turn was ending) only a *promoted* message may
+      continue the run: that is how "send this queued message now" works on a running chat.
+    - With nothing to continue: -> waiting, the Stop mark cleared."""
+    async with transaction(pool) as conn:
+        row = await _lock_owned(conn, token)
+        if step is not None and not step.is_empty:
+            await _insert_step(conn, token, step, model_config_id)
+        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        stop_requested = interrupted or row["interrupt_requested_at"] is not None
+        next_message = await _pop_next_message(conn, token.chat_id, promoted_only=stop_requested)
+        if next_message is not None:
+            if row["interrupt_requested_at"] is not None:
+                continued = await conn.fetchrow(Q.sql("run_continue"), token.chat_id)
+                assert continued is not None
+                row = continued
+            return TurnOutcome(Chat.from_record(row), next_message)
+        released = await conn.fetchrow(Q.sql("run_release"), token.chat_id, "waiting")
+        assert released is not None
+        return TurnOutcome(Chat.from_record(released), None)
+
+
+async def _give_back(conn: Conn, chat_id: uuid.UUID, *, stop_requested: bool) -> asyncpg.Record:
+    """A run that will not finish hands its chat on. Without a Stop, -> pending: another run
+    redoes the unfinished step (completed steps are kept). With a Stop, the user's wish wins:
+    -> waiting, unless a promoted queued message was waiting to be sent, which becomes the next
+    user message (-> pending) just as the owning run would have done it."""
+    status = "pending"
+    if stop_requested and await _pop_next_message(conn, chat_id, promoted_only=True) is None:
+        status = "waiting"
+    row = await conn.fetchrow(Q.sql("run_release"), chat_id, status)
+    assert row is not None
+    return row
+
+
+async def requeue(pool: asyncpg.Pool, token: RunToken) -> Chat:
+    """Graceful shutdown or lost liveness: give the chat back (fenced), drop its live parts. The
+    caller discards its buffered parts first."""
+    async with transaction(pool) as conn:
+        row = await _lock_owned(conn, token)
+        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        released = await _give_back(
+            conn, token.chat_id, stop_requested=row["interrupt_requested_at"] is not None
+        )
+        return Chat.from_record(released)
+
+
+async def fail(pool: asyncpg.Pool, token: RunToken, error: dict[str, Any]) -> Chat:
+    """running -> error with a structured last_error (the classified provider error)."""
+    async with transaction(pool) as conn:
+        await _lock_owned(conn, token)
+        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        row = await conn.fetchrow(Q.sql("run_fail"), token.chat_id, json.dumps(error))
+        assert row is not None
+        return Chat.from_record(row)
+
+
+async def requeue_orphans(
+    conn: Conn, gone_worker_ids: Sequence[uuid.UUID], *, orphan_grace_s: float
+) -> list[Chat]:
+    """Inside the caller's transaction: give back the running chats of replicas that are gone
+    (and of no replica at all for longer than `orphan_grace_s`). Safe when several replicas do
+    it at once: each chat is locked, and whoever comes second finds it no longer running."""
+    rows = await conn.fetch(Q.sql("run_lock_orphans"), list(gone_worker_ids), orphan_grace_s)
+    if not rows:
+        return []
+    chat_ids = [row["id"] for row in rows]
+    await conn.execute(Q.sql("run_delete_parts_of"), chat_ids)
+    return [
+        Chat.from_record(await _give_back(conn, row["id"], stop_requested=row["stop_requested"]))
+        for row in rows
+    ]
+
+
+async def delete_orphan_parts(pool: asyncpg.Pool) -> int:
+    """Remove live parts that belong to no run in progress; returns how many."""
+    count: int = await pool.fetchval(Q.sql("parts_delete_orphans"))
+    return count

@@ -1,0 +1,835 @@
+"""The stream room: per replica, ONE hub per chat that has local watchers (DESIGN.md §5).
+
+A hub subscribes to `chat:<id>` on the listener. Notifications only set "what to re-read" flags;
+the hub's loop then runs ONE statement (`stream_read`) for everything that accumulated, whatever
+the number of local clients, and fans the resulting frames out to every client's bounded queue.
+Frames are encoded once and shared by all clients.
+
+Joining is serialized with the live reads: a new client is handed to the hub's loop, whose next
+read (after the subscription is armed) also serves as the client's snapshot, read from the
+client's own cursor. Every later read is newer than that snapshot, so "drop what the snapshot
+already covered" holds by construction, for the queue and the status as much as for messages
+and parts. Clients that join together share one read.
+
+Positions. A hub and each joining client have a `Position`: the last message id delivered, the
+part high-water mark, whether a step is in progress (parts were delivered since the last
+message), the last status/version and queue sent. `advance(read, position)` turns a read into
+the frames that take that position to the state of the read; it is pure, and it is the whole
+protocol:
+  - a message cursor that was soft-deleted since (an edit) -> `history_reset` from the first id
+    to drop, then the messages after it;
+  - messages after the cursor, in id order (a message ends the step in progress);
+  - live parts of the chat's current generation after the part cursor; a `retry` control part
+    voids the parts before it, so a position behind it starts at the last retry;
+  - a step the position was following that vanished without a message (its run failed, was
+    requeued or re-acquired) -> `history_reset` for the step only (`reason: step_discarded`);
+  - the status when it changed (never older than one sent), then `error` when it is `error`;
+  - the queue when it changed.
+
+The cursor of an event is `<last message id>:<last part id of the step in progress, or 0>`.
+A client that stops reading overflows its queue (`max_queued_events_per_client` live frames):
+its queue is dropped and replaced by one final `error` frame of kind `resync`, carrying the
+cursor of the last frame it was given, and the connection is closed; memory never grows.
+Hubs without clients are stopped and forgotten, which also UNLISTENs their channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+
+from app.chats import Message, QueuedMessage
+from app.db import Queries
+from app.errors import ValidationFailed
+from app.listener import Listener, Notice, Resync, Subscription
+from app.log import get_logger
+
+Q = Queries.load()
+log = get_logger(__name__)
+
+MAX_ID = 2**63 - 1
+_CURSOR = re.compile(r"(\d{1,19}):(\d{1,19})")
+
+
+@dataclass(frozen=True)
+class StreamCursor:
+    """`<last message id>:<last part id>`; 0 means "none"."""
+
+    message_id: int = 0
+    part_id: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.message_id}:{self.part_id}"
+
+    @classmethod
+    def parse(cls, text: str, *, field: str = "after") -> StreamCursor:
+        match = _CURSOR.fullmatch(text.strip())
+        if match is None or int(match[1]) > MAX_ID or int(match[2]) > MAX_ID:
+            raise ValidationFailed(
+                "invalid stream cursor",
+                validations=[{"field": field, "detail": "expected <message id>:<part id>"}],
+            )
+        return cls(int(match[1]), int(match[2]))
+
+
+class Payload:
+    """The JSON data of one event, encoded at most once however many clients receive it."""
+
+    __slots__ = ("_json", "data")
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self._json: str | None = None
+
+    def json(self) -> str:
+        if self._json is None:
+            self._json = json.dumps(self.data, separators=(",", ":"), ensure_ascii=False)
+        return self._json
+
+
+class Frame:
+    """One event as sent: SSE (`id:` cursor, `event:`, `data:`) or a WebSocket text frame (the
+    same JSON with a `cursor` field). `final` frames end the connection after they are sent."""
+
+    __slots__ = ("_sse", "_ws", "cursor", "event", "final", "payload")
+
+    def __init__(
+        self, event: str, payload: Payload, cursor: StreamCursor | None, *, final: bool = False
+    ) -> None:
+        self.event = event
+        self.payload = payload
+        self.cursor = cursor
+        self.final = final
+        self._sse: bytes | None = None
+        self._ws: str | None = None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.payload.data
+
+    def sse(self) -> bytes:
+        if self._sse is None:
+            head = f"id: {self.cursor}\n" if self.cursor is not None else ""
+            self._sse = f"{head}event: {self.event}\ndata: {self.payload.json()}\n\n".encode()
+        return self._sse
+
+    def ws(self) -> str:
+        if self._ws is None:
+            body = self.payload.json()
+            if self.cursor is None:
+                self._ws = body
+            else:
+                # The payload is a JSON object: splice the cursor in without re-encoding it.
+                self._ws = f'{{"cursor":"{self.cursor}",{body[1:]}'
+        return self._ws
+
+
+SSE_KEEPALIVE = b": keepalive\n\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Reads and positions: the pure part of the protocol.
+
+
+@dataclass(frozen=True)
+class LivePart:
+    id: int
+    is_retry: bool
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class ChatRead:
+    """What one `stream_read` statement returned, with every payload prepared once."""
+
+    chat_id: uuid.UUID
+    exists: bool
+    status: str = ""
+    version: int = 0
+    generation: int = 0
+    status_payload: Payload | None = None
+    error_payload: Payload | None = None
+    error_key: str | None = None
+    messages: list[tuple[int, Payload]] | None = None
+    parts: list[LivePart] | None = None
+    queue_payload: Payload | None = None
+    queue_key: str | None = None
+    resets: dict[int, int] | None = None
+
+    @classmethod
+    def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None) -> ChatRead:
+        if row is None:
+            return cls(chat_id=chat_id, exists=False)
+        cid = str(chat_id)
+        last_error = json.loads(row["last_error"]) if row["last_error"] is not None else None
+        messages = None
+        if row["messages"] is not None:
+            messages = [
+                (
+                    record["id"],
+                    Payload(
+                        {
+                            "type": "message",
+                            "chat_id": cid,
+                            "message": Message.from_record(record).to_json(),
+                        }
+                    ),
+                )
+                for record in row["messages"]
+            ]
+        parts = None
+        if row["parts"] is not None:
+            parts = [_live_part(cid, record) for record in row["parts"]]
+        queue_payload = queue_key = None
+        if row["queue"] is not None:
+            queued = [QueuedMessage.from_record(record).to_json() for record in row["queue"]]
+            queue_payload = Payload({"type": "queue", "chat_id": cid, "queued": queued})
+            queue_key = queue_payload.json()
+        status = row["status"]
+        return cls(
+            chat_id=chat_id,
+            exists=True,
+            status=status,
+            version=row["version"],
+            generation=row["generation"],
+            status_payload=Payload(
+                {"type": "status", "chat_id": cid, "status": status, "version": row["version"]}
+            ),
+            error_payload=_error_payload(cid, last_error) if status == "error" else None,
+            error_key=row["last_error"] if status == "error" else None,
+            messages=messages,
+            parts=parts,
+            queue_payload=queue_payload,
+            queue_key=queue_key,
+            resets={int(k): int(v) for k, v in json.loads(row["resets"]).items()}
+            if row["resets"] is not None
+            else {},
+        )
+
+
+def _live_part(chat_id: str, record: asyncpg.Record) -> LivePart:
+    part = json.loads(record["part"])
+    if isinstance(part, dict) and part.get("type") == "retry":
+        return LivePart(
+            id=record["id"],
+            is_retry=True,
+            payload=Payload(
+                {
+                    "type": "retry",
+                    "chat_id": chat_id,
+                    "attempt": part.get("attempt"),
+                    "delay_ms": part.get("delay_ms"),
+                    "retrying_at": part.get("retrying_at"),
+                    "kind": part.get("kind"),
+                    "provider": part.get("provider"),
+                    "status_code": part.get("status_code"),
+                    "error": part.get("error"),
+                }
+            ),
+        )
+    return LivePart(
+        id=record["id"],
+        is_retry=False,
+        payload=Payload(
+            {
+                "type": "message_part",
+                "chat_id": chat_id,
+                "part_id": record["id"],
+                "role": record["message_role"],
+                "part": part,
+            }
+        ),
+    )
+
+
+def _error_payload(chat_id: str, last_error: Any) -> Payload:
+    error = last_error if isinstance(last_error, dict) else {}
+    return Payload(
+        {
+            "type": "error",
+            "chat_id": chat_id,
+            "message": str(error.get("message") or "the chat failed"),
+            "kind": error.get("kind", "generic"),
+            "provider": error.get("provider"),
+            "retryable": bool(error.get("retryable", False)),
+            "status_code": error.get("status_code"),
+            "detail": error.get("detail"),
+        }
+    )
+
+
+@dataclass
+class Position:
+    """Where a stream stands. `part_id` is a high-water mark that never goes back; the cursor
+    shows it only while a step is in progress, so `m:0` means "no live parts held"."""
+
+    message_id: int = 0
+    part_id: int = 0
+    in_step: bool = False
+    status: str | None = None
+    version: int = 0
+    generation: int | None = None
+    error_key: str | None = None
+    queue_key: str | None = None
+
+    @classmethod
+    def at(cls, cursor: StreamCursor) -> Position:
+        return cls(message_id=cursor.message_id, part_id=cursor.part_id, in_step=cursor.part_id > 0)
+
+    @property
+    def cursor(self) -> StreamCursor:
+        return StreamCursor(self.message_id, self.part_id if self.in_step else 0)
+
+
+def advance(read: ChatRead, position: Position) -> list[Frame]:
+    """The frames that take `position` to the state of `read` (and move it there)."""
+    cid = str(read.chat_id)
+    if not read.exists:
+        return [
+            Frame(
+                "error",
+                Payload(
+                    {
+                        "type": "error",
+                        "chat_id": cid,
+                        "message": "the chat was deleted",
+                        "kind": "deleted",
+                        "provider": None,
+                        "retryable": False,
+                        "status_code": None,
+                        "detail": None,
+                    }
+                ),
+                position.cursor,
+                final=True,
+            )
+        ]
+    frames: list[Frame] = []
+    reset_from = (read.resets or {}).get(position.message_id)
+    if reset_from is not None:
+        position.message_id = reset_from - 1
+        position.in_step = False
+        frames.append(_reset_frame(cid, reset_from, "edit", position))
+    if read.messages is not None:
+        for message_id, payload in read.messages:
+            if message_id > position.message_id:
+                position.message_id = message_id
+                position.in_step = False
+                frames.append(Frame("message", payload, position.cursor))
+    if read.parts is not None:
+        fresh = [part for part in read.parts if part.id > position.part_id]
+        last_retry = max((i for i, part in enumerate(fresh) if part.is_retry), default=None)
+        if last_retry is not None:
+            fresh = fresh[last_retry:]  # a retry voids everything before it
+        elif position.in_step and all(part.id != position.part_id for part in read.parts):
+            # The step this position follows is gone without a message and without a retry
+            # notice: its run failed, was requeued or taken over. Its parts are void.
+            position.in_step = False
+            frames.append(_reset_frame(cid, position.message_id + 1, "step_discarded", position))
+        for part in fresh:
+            position.part_id = part.id
+            position.in_step = True
+            frames.append(
+                Frame("retry" if part.is_retry else "message_part", part.payload, position.cursor)
+            )
+    if position.status is None or read.version > position.version:
+        changed = position.status != read.status or (
+            read.status == "error" and position.error_key != read.error_key
+        )
+        position.version = read.version
+        position.generation = read.generation
+        if changed:
+            position.status = read.status
+            position.error_key = read.error_key
+            assert read.status_payload is not None
+            frames.append(Frame("status", read.status_payload, position.cursor))
+            if read.error_payload is not None:
+                frames.append(Frame("error", read.error_payload, position.cursor))
+    if read.queue_payload is not None and read.queue_key != position.queue_key:
+        position.queue_key = read.queue_key
+        frames.append(Frame("queue", read.queue_payload, position.cursor))
+    return frames
+
+
+def _reset_frame(chat_id: str, from_message_id: int, reason: str, position: Position) -> Frame:
+    return Frame(
+        "history_reset",
+        Payload(
+            {
+                "type": "history_reset",
+                "chat_id": chat_id,
+                "from_message_id": from_message_id,
+                "reason": reason,
+            }
+        ),
+        position.cursor,
+    )
+
+
+def notice_frame(chat_id: uuid.UUID, cursor: StreamCursor | None, kind: str, message: str) -> Frame:
+    """A final `error` frame that tells a client to reconnect from `cursor` (kind `resync`
+    after an overflow, `shutdown` when the replica stops, `unavailable` when the hub failed)."""
+    return Frame(
+        "error",
+        Payload(
+            {
+                "type": "error",
+                "chat_id": str(chat_id),
+                "message": message,
+                "kind": kind,
+                "provider": None,
+                "retryable": True,
+                "status_code": None,
+                "detail": f"reconnect with cursor {cursor}" if cursor is not None else None,
+            }
+        ),
+        cursor,
+        final=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Clients and hubs.
+
+
+class StreamClient:
+    """One connected watcher: a bounded queue of frames that its connection's writer drains.
+
+    The snapshot a client receives on joining is not counted against the bound (it is as large
+    as the history after the client's cursor, and its frames are shared); live frames are. On
+    overflow the queue is replaced by one final `resync` frame."""
+
+    def __init__(self, chat_id: uuid.UUID, cursor: StreamCursor, max_queued: int) -> None:
+        self.chat_id = chat_id
+        self.position = Position.at(cursor)
+        self.delivered = cursor  # the cursor of the last frame handed to the writer
+        self.overflowed = False
+        self.closed = False
+        self.left = False  # its connection is gone
+        self._max_queued = max_queued
+        self._frames: deque[Frame] = deque()
+        self._snapshot_left = 0
+        self._ready = asyncio.Event()
+
+    @property
+    def queued(self) -> int:
+        return len(self._frames)
+
+    def push_snapshot(self, frames: list[Frame]) -> None:
+        if self.closed:
+            return
+        self._frames.extend(frames)
+        self._snapshot_left += len(frames)
+        if frames:
+            self._ready.set()
+            if frames[-1].final:
+                self.closed = True
+
+    def push(self, frames: list[Frame]) -> bool:
+        """Queue live frames; False when the client overflowed (it is closed then)."""
+        if self.closed:
+            return not self.overflowed
+        for frame in frames:
+            if len(self._frames) - self._snapshot_left >= self._max_queued:
+                self.overflowed = True
+                self.finish(
+                    notice_frame(
+                        self.chat_id,
+                        self.delivered,
+                        "resync",
+                        "the client fell behind; reconnect from the cursor",
+                    ),
+                    drop_queued=True,
+                )
+                return False
+            self._frames.append(frame)
+            if frame.final:
+                self.closed = True
+                break
+        self._ready.set()
+        return True
+
+    def finish(self, frame: Frame, *, drop_queued: bool = False) -> None:
+        """Queue a final frame (after what is queued, or instead of it)."""
+        if self.closed and not drop_queued:
+            return
+        if drop_queued:
+            self._frames.clear()
+            self._snapshot_left = 0
+        self._frames.append(frame)
+        self.closed = True
+        self._ready.set()
+
+    def abort(self) -> None:
+        """The connection is gone: drop everything and wake the writer so that it stops."""
+        self.closed = True
+        self._frames.clear()
+        self._snapshot_left = 0
+        self._ready.set()
+
+    def tail_cursor(self) -> StreamCursor:
+        """The cursor a client will hold once everything queued is delivered."""
+        for frame in reversed(self._frames):
+            if frame.cursor is not None:
+                return frame.cursor
+        return self.delivered
+
+    async def next(self, timeout_s: float) -> Frame | None:
+        """The next frame; None when nothing came within timeout_s (time for a keepalive), or
+        at once when the client is closed and everything queued was handed out."""
+        if not self._frames:
+            if self.closed:
+                return None
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._ready.wait()
+            if not self._frames:
+                return None
+        frame = self._frames.popleft()
+        if self._snapshot_left:
+            self._snapshot_left -= 1
+        if frame.cursor is not None:
+            self.delivered = frame.cursor
+        return frame
+
+
+@dataclass
+class HubCounters:
+    reads: int = 0  # stream_read statements
+    notifications: int = 0  # notices received on the chat's channel
+    resyncs: int = 0  # listener resyncs (reconnect, subscription overflow)
+    overflows: int = 0  # clients dropped because they fell behind
+
+
+class ChatStreamHub:
+    """The watchers of one chat on this replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        chat_id: uuid.UUID,
+        pool: asyncpg.Pool,
+        listener: Listener,
+        *,
+        on_failed: Callable[[ChatStreamHub], None],
+    ) -> None:
+        self.chat_id = chat_id
+        self.channel = f"chat:{chat_id}"
+        self.clients: set[StreamClient] = set()
+        self.counters = HubCounters()
+        self.finished = False
+        self._pool = pool
+        self._listener = listener
+        self._on_failed = on_failed
+        self._joiners: list[StreamClient] = []
+        self._in_flight: list[StreamClient] = []  # joiners whose snapshot is being read
+        self._position: Position | None = None
+        self._want_history = False
+        self._want_queue = False
+        self._want_chat = False
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._final_notice: tuple[str, str] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.watchers == 0
+
+    @property
+    def watchers(self) -> int:
+        """Clients served, waiting for their snapshot, or whose snapshot is being read."""
+        in_flight = sum(not client.left for client in self._in_flight)
+        return len(self.clients) + len(self._joiners) + in_flight
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"stream-hub:{self.chat_id}")
+
+    async def stop(self) -> None:
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stream.hub_stop_failed", chat_id=self.chat_id, error=repr(task.exception()))
+
+    def join(self, client: StreamClient) -> None:
+        self._joiners.append(client)
+        self._dirty.set()
+
+    def leave(self, client: StreamClient) -> None:
+        client.left = True  # it may be in the read in flight: it must not join after it
+        self.clients.discard(client)
+        with contextlib.suppress(ValueError):
+            self._joiners.remove(client)
+
+    def close_all(self, kind: str, message: str) -> None:
+        """Every client gets a final notice after what it has queued; so does every client
+        whose snapshot is being read right now, once it has it."""
+        self._final_notice = (kind, message)
+        for client in [*self.clients, *self._joiners, *self._in_flight]:
+            client.finish(notice_frame(self.chat_id, client.tail_cursor(), kind, message))
+
+    async def _run(self) -> None:
+        try:
+            async with (
+                self._listener.subscribe(self.channel) as subscription,
+                asyncio.TaskGroup() as tasks,
+            ):
+                # Armed: from here on every commit to this chat reaches _pump, so the first read
+                # below (the snapshot of the first clients) misses nothing that follows it.
+                pump = tasks.create_task(
+                    self._pump(subscription), name=f"stream-hub-pump:{self.chat_id}"
+                )
+                await self._serve()
+                pump.cancel()  # the chat is gone: nothing more to stream
+        except Exception as exc:
+            # A per-chat hub failing must not take the replica down: its clients are told to
+            # reconnect (which builds a new hub) and the failure is logged loudly.
+            log.error("stream.hub_failed", chat_id=self.chat_id, error=repr(exc), exc_info=True)
+            self.close_all("unavailable", "the stream failed on this replica; reconnect")
+            self._on_failed(self)
+        finally:
+            self.finished = True
+
+    async def _pump(self, subscription: Subscription) -> None:
+        """Turn notifications into "what to re-read" flags; the loop reads once for all."""
+        async for event in subscription:
+            if isinstance(event, Resync):
+                self.counters.resyncs += 1
+                self._want_history = self._want_queue = True
+            else:
+                self.counters.notifications += 1
+                self._note(event.payload)
+            self._dirty.set()
+
+    def _note(self, payload: str) -> None:
+        try:
+            notice = json.loads(payload)
+            kind = notice["type"]
+            newest_id = int(notice.get("part_id") or notice.get("message_id") or MAX_ID)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            self._want_history = self._want_queue = True
+            return
+        position = self._position
+        if kind == "parts":
+            # Already read by an earlier (batched) read: nothing new to fetch.
+            if position is None or newest_id > position.part_id:
+                self._want_history = True
+        elif kind == "message":
+            if position is None or newest_id > position.message_id:
+                self._want_history = True
+        elif kind == "history_reset":
+            self._want_history = True
+        elif kind == "queue":
+            self._want_queue = True
+        elif kind == "chat":
+            # Heartbeats and interrupt marks change the row but nothing a stream shows; a new
+            # status or generation may also have ended or voided the step in progress.
+            if (
+                position is None
+                or notice.get("status") != position.status
+                or notice.get("generation") != position.generation
+            ):
+                self._want_history = True
+        elif kind == "deleted":
+            self._want_chat = True
+        else:
+            self._want_history = self._want_queue = True
+
+    async def _serve(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            joiners, self._joiners = self._joiners, []
+            history = self._want_history or bool(joiners)
+            queue = self._want_queue or bool(joiners)
+            chat = self._want_chat
+            self._want_history = self._want_queue = self._want_chat = False
+            if not (history or queue or chat) or (self._position is None and not joiners):
+                continue  # nothing to read, or nobody to read it for
+            positions = [client.position for client in joiners]
+            if self._position is not None:
+                positions.append(self._position)
+            self._in_flight = joiners
+            try:
+                read = await self._read(positions, history=history, queue=queue)
+            except BaseException:
+                self._joiners[:0] = joiners  # still waiting for their snapshot
+                raise
+            finally:
+                self._in_flight = []
+            if self._position is not None:
+                frames = advance(read, self._position)
+                if frames:
+                    for client in list(self.clients):
+                        if not client.push(frames):
+                            self.counters.overflows += 1
+                            self.clients.discard(client)
+                            log.info("stream.client_overflow", chat_id=self.chat_id)
+            for joiner in joiners:
+                if joiner.left:
+                    continue
+                joiner.push_snapshot(advance(read, joiner.position))
+                if self._final_notice is not None:
+                    kind, message = self._final_notice
+                    joiner.finish(notice_frame(self.chat_id, joiner.tail_cursor(), kind, message))
+                if self._position is None:
+                    self._position = replace(joiner.position)
+                self.clients.add(joiner)
+            if not read.exists:
+                return
+
+    async def _read(self, positions: list[Position], *, history: bool, queue: bool) -> ChatRead:
+        after_message_id = min((p.message_id for p in positions), default=0)
+        from_part_id = min((p.part_id for p in positions), default=0)
+        message_cursors = sorted({p.message_id for p in positions if p.message_id > 0})
+        args = (self.chat_id, history, after_message_id, from_part_id, queue, message_cursors)
+        self.counters.reads += 1
+        try:
+            row = await self._pool.fetchrow(Q.sql("stream_read"), *args)
+        except asyncpg.exceptions.OutdatedSchemaCacheError:
+            # The rows are decoded as the tables' composite types; a migration that changed one
+            # (a rolling deploy) makes asyncpg drop its type cache and raise once. Read again.
+            self.counters.reads += 1
+            row = await self._pool.fetchrow(Q.sql("stream_read"), *args)
+        return ChatRead.from_row(self.chat_id, row)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    hubs: int
+    clients: int
+    reads: int
+    notifications: int
+    resyncs: int
+    overflows: int
+
+
+class StreamHubs:
+    """The registry of this replica's hubs: created on the first watcher of a chat, stopped and
+    forgotten when its last watcher leaves. Counters of reclaimed hubs are kept in the totals."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, listener: Listener, *, max_queued_events_per_client: int
+    ) -> None:
+        self._pool = pool
+        self._listener = listener
+        self._max_queued = max_queued_events_per_client
+        self._hubs: dict[uuid.UUID, ChatStreamHub] = {}
+        self._retired = HubCounters()
+        self._closing = False
+
+    def hub(self, chat_id: uuid.UUID) -> ChatStreamHub | None:
+        return self._hubs.get(chat_id)
+
+    def stats(self) -> StreamStats:
+        hubs = list(self._hubs.values())
+        return StreamStats(
+            hubs=len(hubs),
+            clients=sum(hub.watchers for hub in hubs),
+            reads=self._retired.reads + sum(hub.counters.reads for hub in hubs),
+            notifications=self._retired.notifications
+            + sum(hub.counters.notifications for hub in hubs),
+            resyncs=self._retired.resyncs + sum(hub.counters.resyncs for hub in hubs),
+            overflows=self._retired.overflows + sum(hub.counters.overflows for hub in hubs),
+        )
+
+    @contextlib.asynccontextmanager
+    async def watch(self, chat_id: uuid.UUID, cursor: StreamCursor) -> AsyncIterator[StreamClient]:
+        """Join the chat's hub (creating it); the client's queue starts with its snapshot."""
+        client = StreamClient(chat_id, cursor, self._max_queued)
+        if self._closing:
+            client.finish(
+                notice_frame(chat_id, cursor, "shutdown", "the server is shutting down; reconnect")
+            )
+            yield client
+            return
+        hub = self._hubs.get(chat_id)
+        if hub is None or hub.finished:
+            hub = ChatStreamHub(chat_id, self._pool, self._listener, on_failed=self._forget)
+            self._hubs[chat_id] = hub
+            hub.start()
+        hub.join(client)
+        try:
+            yield client
+        finally:
+            hub.leave(client)
+            if hub.idle:
+                self._forget(hub)
+                await hub.stop()
+
+    def _forget(self, hub: ChatStreamHub) -> None:
+        if self._hubs.get(hub.chat_id) is hub:
+            del self._hubs[hub.chat_id]
+            self._retired.reads += hub.counters.reads
+            self._retired.notifications += hub.counters.notifications
+            self._retired.overflows += hub.counters.overflows
+            self._retired.resyncs += hub.counters.resyncs
+
+    def close_all(self) -> None:
+        """Shutdown: every client gets a final `shutdown` frame after what it has queued."""
+        self._closing = True
+        for hub in list(self._hubs.values()):
+            hub.close_all("shutdown", "the server is shutting down; reconnect")
+
+    async def aclose(self) -> None:
+        self.close_all()
+        hubs = list(self._hubs.values())
+        for hub in hubs:
+            self._forget(hub)
+        for hub in hubs:
+            await hub.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The caller's chat list (`GET /api/v1/chats/watch`): straight from `chat_owner:<user id>`.
+
+
+def owner_channel(user_id: uuid.UUID) -> str:
+    return f"chat_owner:{user_id}"
+
+
+def owner_frame(event: Notice | Resync) -> Frame | None:
+    """A chat-list change as a frame: `created`, `updated` (status, title or archived changed)
+    or `deleted`, with the chat's new summary; `resync` when notifications may have been lost
+    (the client re-lists)."""
+    if isinstance(event, Resync):
+        reason = "overflow" if event.reason == "overflow" else "reconnected"
+        return Frame(
+            "resync",
+            Payload({"type": "resync", "reason": reason}),
+            None,
+            final=event.reason == "overflow",
+        )
+    try:
+        notice = json.loads(event.payload)
+        kind = notice["type"]
+        chat_id = notice["chat_id"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if kind not in ("created", "updated", "deleted"):
+        return None
+    return Frame(
+        kind,
+        Payload(
+            {
+                "type": kind,
+                "chat_id": chat_id,
+                "version": notice.get("version"),
+                "status": notice.get("status"),
+                "title": notice.get("title"),
+                "archived": notice.get("archived"),
+                "parent_chat_id": notice.get("parent_chat_id"),
+            }
+        ),
+        None,
+    )

@@ -1,0 +1,2 @@
+"""Tools the model can call: a registry (registry.py), a few safe built-ins (builtin.py), and a
+plug-in point for more (entry points in the `chatd.tools` group)."""

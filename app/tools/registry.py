@@ -1,0 +1,131 @@
+"""The tool registry: what the model is offered (`specs()`) and how a call is executed
+(`call()`).
+
+A tool is a name, a description, a JSON schema for its arguments and an async handler. Handlers
+get the parsed arguments and a `ToolContext` (which chat, which run), and return any
+JSON-serializable value; raising `ToolError` (or anything else) becomes a tool result with
+`is_error: true`, so a broken tool never breaks a run. A call is bounded by its tool's timeout.
+
+Plug-in point: a distribution may declare an entry point in the group `chatd.tools` whose object
+is a callable taking the registry (`def register(registry: ToolRegistry) -> None`);
+`default_registry()` loads the built-ins and then every such plug-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import asyncpg
+
+from app.chats import Owner
+from app.listener import Listener
+from app.log import get_logger
+from app.providers.base import ToolSpec
+
+log = get_logger(__name__)
+
+ENTRY_POINT_GROUP = "chatd.tools"
+DEFAULT_TOOL_TIMEOUT_S = 60.0
+MAX_RESULT_CHARS = 50_000
+
+
+class ToolError(Exception):
+    """A tool's own, expected failure: its message is shown to the model as the result."""
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """Who calls: the chat (and its run's generation), on behalf of which user, and the
+    replica's database pool and listener for tools that need them (sub-agent tools create child
+    chats and wait on their notifications)."""
+
+    chat_id: uuid.UUID
+    generation: int
+    owner: Owner
+    parent_chat_id: uuid.UUID | None
+    pool: asyncpg.Pool
+    listener: Listener
+
+
+ToolHandler = Callable[[dict[str, Any], ToolContext], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    handler: ToolHandler
+    timeout_s: float = DEFAULT_TOOL_TIMEOUT_S
+
+    @property
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, self.input_schema)
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    result: Any
+    is_error: bool
+
+
+class ToolRegistry:
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for tool in tools:
+            self.register(tool)
+
+    def register(self, tool: Tool) -> None:
+        if tool.name in self._tools:
+            raise ValueError(f"a tool named {tool.name!r} is already registered")
+        self._tools[tool.name] = tool
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)
+
+    def specs(self) -> list[ToolSpec]:
+        return [self._tools[name].spec for name in self.names()]
+
+    async def call(self, name: str, args: dict[str, Any], context: ToolContext) -> ToolOutcome:
+        """Run one tool call. Cancellation (an interrupt, a shutdown) propagates; every other
+        failure is the call's result."""
+        tool = self._tools.get(name)
+        if tool is None:
+            return ToolOutcome(f"unknown tool {name!r}", is_error=True)
+        try:
+            async with asyncio.timeout(tool.timeout_s):
+                result = await tool.handler(args, context)
+        except ToolError as exc:
+            return ToolOutcome(str(exc), is_error=True)
+        except TimeoutError:
+            return ToolOutcome(f"tool {name!r} timed out after {tool.timeout_s:g}s", is_error=True)
+        except Exception as exc:
+            log.warning("tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc))
+            return ToolOutcome(f"tool {name!r} failed: {exc}", is_error=True)
+        try:
+            encoded = json.dumps(result)
+        except (TypeError, ValueError):
+            return ToolOutcome(f"tool {name!r} returned a value that is not JSON", is_error=True)
+        if len(encoded) > MAX_RESULT_CHARS:
+            return ToolOutcome(
+                f"tool {name!r} returned {len(encoded)} characters, more than {MAX_RESULT_CHARS}",
+                is_error=True,
+            )
+        return ToolOutcome(result, is_error=False)
+
+
+def default_registry() -> ToolRegistry:
+    """The built-in tools plus every plug-in of the `chatd.tools` entry point group."""
+    from app.tools.builtin import register_builtin_tools  # noqa: PLC0415 (builtin imports us)
+
+    registry = ToolRegistry()
+    register_builtin_tools(registry)
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        entry_point.load()(registry)
+        log.info("tools.plugin_loaded", plugin=entry_point.name)
+    return registry

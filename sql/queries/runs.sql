@@ -1,0 +1,187 @@
+-- Queries of the worker's side of the chat state machine (app/runs.py). A run is fenced by
+-- (worker_id, generation): every write of a run first locks the chat row with run_lock_owned,
+-- and a run whose row no longer says "running, worker_id = me, generation = g" writes nothing.
+-- Locking the row first also serializes message inserts of one chat, so its message ids
+-- commit in id order (the cursor of every stream).
+
+-- name: run_acquire :many
+-- pending -> running for up to $2 chats, oldest first, in one statement. SKIP LOCKED: replicas
+-- acquiring at the same time take disjoint sets instead of queueing behind each other, and a
+-- chat locked by a user's transition right now is simply left for the next attempt. The scan
+-- is served by the partial index chats_pending_idx (updated_at, id) WHERE status = 'pending'.
+-- The generation bump makes (worker_id, generation) a token no earlier run of the chat holds.
+WITH candidates AS (
+    SELECT id
+    FROM chats
+    WHERE status = 'pending'
+    ORDER BY updated_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE chats c
+SET status = 'running',
+    worker_id = $1,
+    generation = c.generation + 1,
+    started_at = clock_timestamp(),
+    heartbeat_at = clock_timestamp(),
+    last_error = NULL
+FROM candidates
+WHERE c.id = candidates.id
+RETURNING c.*;
+
+-- name: run_lock_owned :one
+-- The fence. Every write transaction of a run starts here; no row means the run lost its chat
+-- (edited, archived, requeued after its replica was declared dead, re-acquired) and the caller
+-- raises FencedOut without writing anything else.
+SELECT * FROM chats
+WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'
+FOR UPDATE;
+
+-- name: run_read_chat :one
+-- An unlocked read of the row: the ownership check of a run after it subscribed to the chat's
+-- channel, and after every listener resync.
+SELECT * FROM chats WHERE id = $1;
+
+-- name: run_model_config :one
+-- The chat's model config, or the default one when the chat names none.
+SELECT * FROM chat_model_configs
+WHERE id = $1 OR ($1::uuid IS NULL AND is_default)
+ORDER BY is_default DESC
+LIMIT 1;
+
+-- name: run_prompt_messages :many
+-- What the model sees: the visible, uncompressed history in id order (chat_messages_chat_id_idx).
+SELECT * FROM chat_messages
+WHERE chat_id = $1 AND NOT deleted AND NOT compressed
+ORDER BY id;
+
+-- name: run_insert_messages :many
+-- A step's messages (the assistant's, then the tool results') in ONE statement: the statement-
+-- level trigger sends one "message" notification for the step. WITH ORDINALITY + ORDER BY make
+-- the ids follow the array order.
+INSERT INTO chat_messages (chat_id, role, content, model_config_id, input_tokens, output_tokens,
+                           cache_read_tokens, cache_write_tokens, cost_micros)
+SELECT $1, m.role, m.content::jsonb, $2, m.input_tokens, m.output_tokens, m.cache_read_tokens,
+       m.cache_write_tokens, m.cost_micros
+FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::bigint[])
+     WITH ORDINALITY AS m(role, content, input_tokens, output_tokens, cache_read_tokens,
+                          cache_write_tokens, cost_micros, n)
+ORDER BY m.n
+RETURNING *;
+
+-- name: run_delete_parts :exec
+-- All live parts of the chat: those of the step being persisted (or voided) and any orphan of an
+-- earlier generation. Sends no notification; the message notification of the same transaction
+-- tells readers the step became durable.
+DELETE FROM chat_stream_parts WHERE chat_id = $1;
+
+-- name: run_insert_control_part :one
+-- A control part (today: a retry notice) written directly, not through the flusher, because it
+-- must commit after the deletion of the step's void parts in the same transaction.
+INSERT INTO chat_stream_parts (chat_id, generation, message_role, part)
+VALUES ($1, $2, $3, $4::jsonb)
+RETURNING id;
+
+-- name: run_pop_queue_head :one
+-- The head of the queue: promoted first, then FIFO (the order list_queued shows). $2 = true pops
+-- only a promoted message (after an interrupt only a promoted message may continue the run).
+DELETE FROM chat_queued_messages
+WHERE id = (
+    SELECT id FROM chat_queued_messages
+    WHERE chat_id = $1 AND (promoted OR NOT $2)
+    ORDER BY promoted DESC, id
+    LIMIT 1
+)
+RETURNING *;
+
+-- name: run_insert_user_message :one
+INSERT INTO chat_messages (chat_id, role, content)
+VALUES ($1, 'user', $2::jsonb)
+RETURNING *;
+
+-- name: run_continue :one
+-- The run goes on with the next user message: clear a Stop that was just honoured.
+UPDATE chats
+SET interrupt_requested_at = NULL, heartbeat_at = clock_timestamp()
+WHERE id = $1
+RETURNING *;
+
+-- name: run_release :one
+-- The run gives the chat up: $2 is 'waiting' (end of a turn, an honoured Stop) or 'pending'
+-- (graceful shutdown, lost liveness, a dead replica's chat: another replica continues it).
+-- Clearing worker_id ends the ownership, as the chats_running_has_worker check demands.
+UPDATE chats
+SET status = $2, worker_id = NULL, interrupt_requested_at = NULL
+WHERE id = $1
+RETURNING *;
+
+-- name: run_fail :one
+-- A terminal provider error (or a bug in the run): running -> error with the classified error.
+-- A new user message makes the chat pending again (make_pending clears last_error).
+UPDATE chats
+SET status = 'error', worker_id = NULL, interrupt_requested_at = NULL, last_error = $2::jsonb
+WHERE id = $1
+RETURNING *;
+
+-- name: run_lock_orphans :many
+-- Running chats whose replica is gone: named in $1 (its advisory lock was free or its heartbeat
+-- stale, and its row was just deleted), or with no replica row at all for longer than $2
+-- seconds (a replica that acquired after it had already been declared dead). Locked in id
+-- order; replicas sweeping at the same time queue here and then skip what the first one
+-- already moved (the row no longer matches), so each chat is requeued once. Served by
+-- chats_running_worker_idx.
+SELECT c.id, c.interrupt_requested_at IS NOT NULL AS stop_requested
+FROM chats c
+WHERE c.status = 'running'
+  AND (c.worker_id = ANY($1::uuid[])
+       OR (NOT EXISTS (SELECT 1 FROM chat_replicas r WHERE r.id = c.worker_id)
+           AND c.started_at < clock_timestamp() - make_interval(secs => $2)))
+ORDER BY c.id
+FOR UPDATE;
+
+-- name: run_delete_parts_of :exec
+DELETE FROM chat_stream_parts WHERE chat_id = ANY($1::uuid[]);
+
+-- name: parts_flush :one
+-- One window of live parts of ALL the chats a replica runs, in ONE autocommit statement: one
+-- trigger firing, one NOTIFY commit, one round trip, and no transaction left open between
+-- round trips (a replica paused mid-window holds no lock). Fenced like every write of a run: a
+-- part is written only while its chat is still running under the part's run token (worker_id,
+-- generation). FOR SHARE makes the fence hold until commit: a transition that takes the chat
+-- away (requeue, edit, archive) either waits for this statement and then deletes what it
+-- wrote, or this statement waits for it and writes nothing for that chat. Rows are locked in
+-- id order, so two flushes never deadlock. Returns the number of parts written.
+WITH parts AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[])
+         WITH ORDINALITY AS p(chat_id, worker_id, generation, message_role, part, n)
+), owned AS (
+    SELECT c.id, c.worker_id, c.generation
+    FROM chats c
+    WHERE c.id IN (SELECT chat_id FROM parts) AND c.status = 'running'
+    ORDER BY c.id
+    FOR SHARE
+), inserted AS (
+    INSERT INTO chat_stream_parts (chat_id, generation, message_role, part)
+    SELECT p.chat_id, p.generation, p.message_role, p.part::jsonb
+    FROM parts p
+    JOIN owned o ON o.id = p.chat_id AND o.worker_id = p.worker_id AND o.generation = p.generation
+    ORDER BY p.n
+    RETURNING 1
+)
+SELECT count(*) FROM inserted;
+
+-- name: parts_delete_orphans :one
+-- The janitor: live parts whose chat is not running that generation any more. A run that lost
+-- its chat (archive, edit, requeue) writes nothing, so the parts it flushed before may linger;
+-- this removes them. Only rows committed before the statement are seen, and a part a running
+-- owner just committed always matches its chat, so nothing live is ever removed.
+WITH deleted AS (
+    DELETE FROM chat_stream_parts p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM chats c
+        WHERE c.id = p.chat_id AND c.status = 'running' AND c.generation = p.generation
+    )
+    RETURNING 1
+)
+SELECT count(*) FROM deleted;

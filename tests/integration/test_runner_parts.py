@@ -1,0 +1,229 @@
+"""The coalesced part flusher (app/parts.py): one transaction per window for all chats, fenced,
+ordered against the persisting of a step, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+
+from app.parts import PartFlusher
+from app.runs import RunToken
+from tests import factories
+from tests.conditions import wait_for
+from tests.engine import eventually
+from tests.notifications import NotificationRecorder
+
+WORKER = uuid.uuid4()
+
+
+async def _running(conn: asyncpg.Connection, count: int) -> list[RunToken]:
+    tokens = []
+    for _ in range(count):
+        chat = await factories.create_chat(conn, status="running", worker_id=WORKER)
+        await conn.execute("UPDATE chats SET generation = 1 WHERE id = $1", chat["id"])
+        tokens.append(RunToken(chat["id"], WORKER, 1))
+    return tokens
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+async def test_one_transaction_carries_the_parts_of_every_chat(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    tokens = await _running(conn, 5)
+    recorder = NotificationRecorder(conn)
+    await recorder.listen(*(f"chat:{t.chat_id}" for t in tokens))
+    flusher = PartFlusher(pool)
+    for token in tokens:
+        await flusher.add(token, "assistant", _text("a"))
+        await flusher.add(
+            token, "assistant", {"type": "tool_call", "id": "c", "name": "add", "args": {}}
+        )
+        await flusher.add(
+            token,
+            "tool",
+            {
+                "type": "tool_result",
+                "tool_call_id": "c",
+                "name": "add",
+                "result": 1,
+                "is_error": False,
+            },
+        )
+
+    assert await flusher.flush()
+
+    assert flusher.stats.transactions == 1
+    assert flusher.stats.parts_written == 15
+    assert flusher.stats.max_chats_per_flush == 5
+    notes = await recorder.drain_after_barrier(conn)
+    # One parts notification per chat for the whole window.
+    assert sorted(n.channel for n in notes) == sorted(f"chat:{t.chat_id}" for t in tokens)
+    rows = await conn.fetch(
+        "SELECT message_role, part FROM chat_stream_parts WHERE chat_id = $1 ORDER BY id",
+        tokens[0].chat_id,
+    )
+    assert [(r["message_role"], json.loads(r["part"])["type"]) for r in rows] == [
+        ("assistant", "text"),
+        ("assistant", "tool_call"),
+        ("tool", "tool_result"),
+    ]
+
+
+async def test_nothing_is_written_while_the_buffer_is_empty(pool: asyncpg.Pool) -> None:
+    flusher = PartFlusher(pool)
+    assert await flusher.flush()
+    assert flusher.stats.transactions == 0
+
+
+async def test_consecutive_deltas_of_a_chat_are_merged_within_a_window(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    first, second = await _running(conn, 2)
+    flusher = PartFlusher(pool)
+    for text in ("echo:", " hello", " there"):
+        await flusher.add(first, "assistant", _text(text))
+    await flusher.add(second, "assistant", _text("x"))
+    await flusher.add(first, "assistant", _text(" again"))
+    await flusher.flush()
+    rows = await conn.fetch(
+        "SELECT part FROM chat_stream_parts WHERE chat_id = $1 ORDER BY id", first.chat_id
+    )
+    assert [json.loads(r["part"]) for r in rows] == [_text("echo: hello there"), _text(" again")]
+
+
+async def test_parts_of_a_run_that_lost_its_chat_are_not_written(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    owned, requeued, reacquired = await _running(conn, 3)
+    await conn.execute(
+        "UPDATE chats SET status = 'pending', worker_id = NULL WHERE id = $1", requeued.chat_id
+    )
+    await conn.execute(
+        "UPDATE chats SET generation = 2, worker_id = $2 WHERE id = $1",
+        reacquired.chat_id,
+        uuid.uuid4(),
+    )
+    flusher = PartFlusher(pool)
+    for token in (owned, requeued, reacquired):
+        await flusher.add(token, "assistant", _text("x"))
+    await flusher.flush()
+    assert flusher.stats.transactions == 1
+    assert flusher.stats.parts_fenced == 2
+    rows = await conn.fetch("SELECT chat_id FROM chat_stream_parts")
+    assert [r["chat_id"] for r in rows] == [owned.chat_id]
+
+
+async def test_discard_waits_for_the_flush_in_flight_and_drops_the_rest(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    (token,) = await _running(conn, 1)
+    flusher = PartFlusher(pool)
+    await flusher.add(token, "assistant", _text("in flight"))
+    blocker = await asyncpg.connect(database_url)
+    try:
+        blocking = blocker.transaction()
+        await blocking.start()
+        # A transition of the chat in progress: the flush's FOR SHARE must wait for it.
+        await blocker.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", token.chat_id)
+        flush = asyncio.create_task(flusher.flush())
+
+        async def flush_waits_on_the_row() -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+
+        await eventually(flush_waits_on_the_row, message="the flush blocked on the chat row")
+        await flusher.add(
+            token, "assistant", {"type": "tool_call", "id": "c", "name": "n", "args": {}}
+        )
+        discard = asyncio.create_task(flusher.discard(token.chat_id))
+        await asyncio.sleep(0)  # one scheduling step: discard runs until it blocks on the lock
+        assert not discard.done()  # it waits for the flush transaction
+        await blocking.commit()
+        await discard
+        assert flush.done()
+    finally:
+        await blocker.close()
+    # The in-flight flush committed before discard returned; the later part was dropped.
+    rows = await conn.fetch("SELECT part FROM chat_stream_parts")
+    assert [json.loads(r["part"]) for r in rows] == [_text("in flight")]
+    assert flusher.buffered == 0
+    await flusher.flush()
+    assert await conn.fetchval("SELECT count(*) FROM chat_stream_parts") == 1
+
+
+async def test_a_full_buffer_makes_runs_wait_for_the_next_flush(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    tokens = await _running(conn, 4)
+    flusher = PartFlusher(pool, max_buffered_parts=3)
+    for token in tokens[:3]:
+        await flusher.add(token, "assistant", _text("x"))
+    blocked = asyncio.create_task(flusher.add(tokens[3], "assistant", _text("y")))
+    await wait_for(lambda: flusher.full, message="the buffer to be full")
+    assert not blocked.done()
+    assert flusher.buffered == 3
+    await flusher.flush()
+    await blocked
+    assert flusher.buffered == 1
+
+
+async def test_the_flusher_task_writes_each_window_once(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    tokens = await _running(conn, 3)
+    flusher = PartFlusher(pool, interval_ms=50)
+    task = asyncio.create_task(flusher.run())
+    try:
+        for token in tokens:
+            await flusher.add(token, "assistant", _text("x"))
+        await wait_for(lambda: flusher.stats.parts_written == 3, message="the window's flush")
+        assert flusher.stats.transactions == 1
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_settle_waits_for_the_windowed_flush_of_the_chats_parts(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    first, second = await _running(conn, 2)
+    flusher = PartFlusher(pool, interval_ms=30)
+    task = asyncio.create_task(flusher.run())
+    try:
+        await flusher.add(first, "assistant", _text("all of "))
+        await flusher.add(second, "assistant", _text("other"))
+        await flusher.add(first, "assistant", _text("it"))
+        await flusher.settle(first.chat_id)
+        assert not flusher.holds(first.chat_id)
+        rows = await conn.fetch(
+            "SELECT part FROM chat_stream_parts WHERE chat_id = $1", first.chat_id
+        )
+        assert [json.loads(r["part"]) for r in rows] == [_text("all of "), _text("it")]
+        # The other chat's part went in the same window: one statement for both chats.
+        assert flusher.stats.transactions == 1
+        assert flusher.stats.parts_written == 3
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_settle_drops_the_parts_when_they_cannot_be_written_in_time(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    (token,) = await _running(conn, 1)
+    flusher = PartFlusher(pool)  # no flusher task: nothing will write them
+    await flusher.add(token, "assistant", _text("lost"))
+    await flusher.settle(token.chat_id, timeout_s=0.05)
+    assert flusher.buffered == 0
+    assert flusher.stats.parts_discarded == 1
+    assert await conn.fetchval("SELECT count(*) FROM chat_stream_parts") == 0
