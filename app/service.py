@@ -89,9 +89,11 @@ async def serve(settings: Settings, dsn: str) -> None:
             )
             await runner.setup()
             try:
+                # The engine first, then HTTP: once /readyz answers, this replica also works,
+                # and nothing awaits between the site starting and the lines a user reads.
+                await replica.start()
                 site = web.TCPSite(runner, settings.host, settings.port)
                 await site.start()
-                await replica.start()
                 log.info("service.listening", url=f"http://{settings.host}:{settings.port}")
                 print(f"chatd: serving on http://{settings.host}:{settings.port}", flush=True)
                 if local_token is not None:

@@ -20,6 +20,7 @@ import pytest
 
 from app.auth import create_token, local_token_path
 from app.paths import PROJECT_ROOT
+from tests.conditions import wait_for
 from tests.e2e.replicas import ReplicaProcess
 
 pytestmark = pytest.mark.e2e
@@ -168,7 +169,8 @@ async def test_serve_on_the_embedded_database_makes_chat_work_without_flags(
         if not token_file.exists():
             pytest.skip("app/service.py does not call app.auth.ensure_local_token yet")
         token = token_file.read_text().strip()
-        assert token in serve.logs()  # `make run` prints a usable token
+        # `make run` prints a usable token.
+        await wait_for(lambda: token in serve.logs(), message="the token in the serve output")
         chat = await ChatProcess.start(
             "hello local",
             env={"CHATD_DATA_DIR": str(data_dir), "CHATD_PORT": str(serve.port)},
