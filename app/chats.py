@@ -136,7 +136,9 @@ class Message:
             "content": self.content,
             "created_at": self.created_at.isoformat(),
         }
-        if self.role == "assistant":
+        # Usage and cost of a model call: on assistant messages, and on compaction records
+        # (role system), whose summary the model wrote.
+        if self.role == "assistant" or self.cost_micros or self.input_tokens or self.output_tokens:
             body["usage"] = {
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
@@ -294,6 +296,8 @@ async def create_chat(
             parent = await _lock_chat(conn, owner, parent_chat_id)
             root_chat_id = parent["root_chat_id"] or parent["id"]
             client_type = parent["client_type"]  # children inherit their parent's
+            if model_config_id is None:  # and its model, unless told otherwise
+                model_config_id = parent["model_config_id"]
         config_id = await _resolve_model_config(conn, model_config_id)
         chat_row = await conn.fetchrow(
             Q.sql("insert_chat"),
@@ -390,6 +394,7 @@ async def edit_message(
             conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
         )
         await conn.execute(Q.sql("soft_delete_messages_from"), chat_id, message_id)
+        await conn.execute(Q.sql("uncompress_for_deleted_summaries"), chat_id, message_id)
         await conn.execute(Q.sql("clear_queue"), chat_id)
         await conn.execute(Q.sql("clear_stream_parts"), chat_id)
         new_row = await conn.fetchrow(Q.sql("insert_message"), chat_id, "user", json.dumps(parts))

@@ -188,6 +188,11 @@ class Renderer:
     color: bool = False
     _step_printed: bool = False
     _at_line_start: bool = True
+    # What the live parts of the step in progress printed: when the step's message arrives,
+    # whatever the stream never showed as a part (it was persisted, and its parts deleted,
+    # before the stream read them) is printed from the message.
+    _step_text: str = ""
+    _step_calls: set[str] = field(default_factory=set)
 
     def _write(self, text: str) -> None:
         if text:
@@ -207,7 +212,9 @@ class Renderer:
     def part(self, part: dict[str, Any]) -> None:
         kind = part.get("type")
         if kind == "text":
-            self._write(str(part.get("text", "")))
+            text = str(part.get("text", ""))
+            self._write(text)
+            self._step_text += text
             self._step_printed = True
         elif kind == "reasoning" and self.color:
             self._write(f"\x1b[2m{part.get('text', '')}\x1b[0m")
@@ -215,25 +222,48 @@ class Renderer:
         elif kind == "tool_call":
             self._end_line()
             self._write(f"→ {part.get('name')}({json.dumps(part.get('args'))[:200]})\n")
+            self._step_calls.add(str(part.get("id")))
             self._step_printed = True
 
     def message(self, message: dict[str, Any]) -> None:
         role = message.get("role")
         if role == "assistant":
+            content = message.get("content", [])
             if not self._step_printed:  # joined after the step was streamed: print it whole
-                for part in message.get("content", []):
+                for part in content:
                     self.part(part)
+            else:
+                self._print_unseen(content)
             self._end_line()
         elif role == "tool":
             for part in message.get("content", []):
                 result = json.dumps(part.get("result"))[:200]
                 flag = " (error)" if part.get("is_error") else ""
                 self._write(f"  ↳ {part.get('name')}{flag}: {result}\n")
+        elif role == "system" and any(
+            part.get("type") == "compaction" for part in message.get("content", [])
+        ):
+            self.note("[earlier messages were summarized to save context]")
+        self._forget_step()
+
+    def _print_unseen(self, content: list[dict[str, Any]]) -> None:
+        """The end of a step whose last live parts the stream skipped: the rest of its text and
+        the tool calls not shown yet."""
+        text = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+        if text.startswith(self._step_text):
+            self._write(text[len(self._step_text) :])
+        for part in content:
+            if part.get("type") == "tool_call" and str(part.get("id")) not in self._step_calls:
+                self.part(part)
+
+    def _forget_step(self) -> None:
         self._step_printed = False
+        self._step_text = ""
+        self._step_calls = set()
 
     def void_step(self) -> None:
         self._end_line()
-        self._step_printed = False
+        self._forget_step()
 
     def finish(self) -> None:
         self._end_line()

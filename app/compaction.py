@@ -59,12 +59,28 @@ def needs_compaction(config: ModelConfig, messages: list[HistoryMessage]) -> boo
 
 
 def messages_to_compact(messages: list[HistoryMessage]) -> list[HistoryMessage]:
-    """Everything before the current turn's user message (summaries of earlier compactions
-    included: a new summary folds the old one in)."""
+    """Everything before the current turn's user message, `messages` being in id order.
+
+    The summary of an earlier compaction is included (a new summary folds the old one in) and
+    comes first: it was inserted during the turn it was made in, so by id it sits after that
+    turn's user message, while what it summarizes came before everything else."""
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
     if last_user is None:
         return []
-    return messages[:last_user]
+    before = messages[:last_user]
+    return [m for m in before if is_summary(m)] + [m for m in before if not is_summary(m)]
+
+
+def summary_text(content: list[dict[str, Any]]) -> str | None:
+    """The summary a message's content carries, or None when it is not a compaction record."""
+    for part in content:
+        if part.get("type") == "compaction":
+            return str(part.get("summary", ""))
+    return None
+
+
+def is_summary(message: HistoryMessage) -> bool:
+    return message.role == "system" and summary_text(message.content) is not None
 
 
 def summary_request(config: ModelConfig, to_compact: list[HistoryMessage]) -> ModelRequest:
@@ -78,10 +94,14 @@ def summary_request(config: ModelConfig, to_compact: list[HistoryMessage]) -> Mo
 
 
 def summary_part(summary: str, compacted: list[HistoryMessage]) -> dict[str, Any]:
+    """The content part of the summary message. `compressed_message_ids` is the id range
+    [first, last] it covers: every visible message in it was compressed by this summary (an edit
+    that deletes the summary un-compresses that range again, see chats.edit_message)."""
+    ids = [m.id for m in compacted]
     return {
         "type": "compaction",
         "summary": summary,
-        "compressed_message_ids": [compacted[0].id, compacted[-1].id],
+        "compressed_message_ids": [min(ids), max(ids)],
         "compressed_count": len(compacted),
     }
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 
-from app.db import Conn, is_connection_error
+from app.db import is_connection_error
 from app.log import get_logger
 
 log = get_logger(__name__)
@@ -83,10 +83,51 @@ class ListenerStats:
     connects: int = 0
     notifications: int = 0
     connection_losses: int = 0
+    listens: int = 0  # channels LISTENed (a channel's first subscriber)
+    unlistens: int = 0  # channels UNLISTENed (its last subscriber left)
+    commands: int = 0  # round trips that carried them (several channels each under load)
+
+
+# Channels per LISTEN/UNLISTEN round trip (a simple query of `LISTEN "…";` statements, ~50
+# bytes each).
+MAX_CHANNELS_PER_COMMAND = 500
+
+
+def quote_channel(channel: str) -> str:
+    """A channel name as an SQL identifier."""
+    return '"' + channel.replace('"', '""') + '"'
+
+
+class _ListenConnection(asyncpg.Connection):
+    """The listener's connection hands every notification straight to the listener.
+
+    asyncpg's `add_listener` costs one prepared statement and up to two round trips per channel,
+    and the statement cache then churns through one-off `LISTEN "chat:<id>"` statements. The
+    listener instead sends plain `LISTEN`/`UNLISTEN` commands, many channels per round trip,
+    and takes the notifications from asyncpg's dispatch hook (`_process_notification`, called
+    by the protocol for every NotificationResponse), filtering by channel itself."""
+
+    __slots__ = ("_chatd_dispatch",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._chatd_dispatch: Callable[[str, str], None] | None = None
+
+    def _process_notification(self, pid: int, channel: str, payload: Any) -> None:
+        dispatch = self._chatd_dispatch
+        if dispatch is not None:
+            dispatch(channel, str(payload))
 
 
 class Listener:
-    """Run `run()` as a long-lived task; `subscribe()` from anywhere in the same event loop."""
+    """Run `run()` as a long-lived task; `subscribe()` from anywhere in the same event loop.
+
+    Only the `run()` task talks to the connection: it connects, applies the channel set (LISTEN
+    what has subscribers, UNLISTEN what has none any more) in batched commands whenever asked,
+    and sends the keepalive. `subscribe()` asks for the channel and waits until a command has
+    armed it; leaving waits until the channel is disarmed. Subscribers that arrive while a
+    command is in flight share the next one, so a burst of runs or stream hubs costs a few
+    round trips, not one per channel."""
 
     def __init__(
         self,
@@ -105,11 +146,12 @@ class Listener:
         self._backoff_max_s = reconnect_backoff_max_s
         self._max_queued = max_queued_per_subscriber
         self._subscribers: dict[str, set[Subscription]] = {}
-        self._conn: asyncpg.Connection | None = None
+        self._conn: _ListenConnection | None = None
         self._listening: set[str] = set()  # channels LISTENed on the current connection
-        self._conn_lock = asyncio.Lock()  # asyncpg runs one command at a time per connection
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
+        self._attention = asyncio.Event()  # the run task: connection lost or channels to apply
+        self._next_apply: asyncio.Future[None] | None = None  # resolved by the next apply
         self.stats = ListenerStats()
 
     @property
@@ -128,7 +170,7 @@ class Listener:
         subscription = Subscription(channel, self._max_queued)
         self._subscribers.setdefault(channel, set()).add(subscription)
         try:
-            await self._listen(channel)
+            await self._applied(channel)
             yield subscription
         finally:
             subscribers = self._subscribers.get(channel)
@@ -136,7 +178,22 @@ class Listener:
                 subscribers.discard(subscription)
                 if not subscribers:
                     del self._subscribers[channel]
-                    await asyncio.shield(self._unlisten(channel))
+                    await self._applied(channel)
+
+    async def _applied(self, channel: str) -> None:
+        """Wait until the connection LISTENs on `channel` exactly while it has subscribers.
+        Returns at once when disconnected: the connect that follows LISTENs on every channel
+        with subscribers and resyncs them."""
+        while self._conn is not None and (channel in self._subscribers) != (
+            channel in self._listening
+        ):
+            if self._next_apply is None or self._next_apply.done():
+                self._next_apply = asyncio.get_running_loop().create_future()
+            applied = self._next_apply
+            self._attention.set()
+            # Shielded: a subscriber that is cancelled meanwhile must not cancel the command
+            # the others share (the run task owns it).
+            await asyncio.shield(applied)
 
     async def run(self) -> None:
         """Connect, LISTEN, deliver; on any loss reconnect with capped, jittered backoff."""
@@ -145,7 +202,7 @@ class Listener:
             try:
                 await self._connect()
                 backoff_s = self._backoff_initial_s
-                await self._watch_connection()
+                await self._serve_connection()
             except (Exception, asyncio.CancelledError) as exc:
                 await self._drop_connection()
                 if isinstance(exc, asyncio.CancelledError):
@@ -162,15 +219,13 @@ class Listener:
             backoff_s = min(backoff_s * 2, self._backoff_max_s)
 
     async def _connect(self) -> None:
-        conn = await asyncpg.connect(self._dsn)
+        conn = await asyncpg.connect(self._dsn, connection_class=_ListenConnection)
         self._lost.clear()
-        conn.add_termination_listener(lambda _conn: self._lost.set())
-        async with self._conn_lock:
-            self._conn = conn
-            self._listening = set()
-            for channel in list(self._subscribers):
-                await conn.add_listener(channel, self._on_notification)
-                self._listening.add(channel)
+        conn.add_termination_listener(self._on_terminated)
+        conn._chatd_dispatch = self._on_notification
+        self._conn = conn
+        self._listening = set()
+        await self._apply(conn)
         self._connected.set()
         self.stats.connects += 1
         log.info(
@@ -181,55 +236,67 @@ class Listener:
             for subscription in list(subscribers):
                 subscription.deliver(Resync("connected"))
 
-    async def _watch_connection(self) -> None:
-        """Return when the connection is gone; a keepalive catches half-open connections that
-        the termination callback never reports."""
+    def _on_terminated(self, _conn: object) -> None:
+        self._lost.set()
+        self._attention.set()
+
+    async def _serve_connection(self) -> None:
+        """Apply channel changes as they are asked for; return when the connection is gone. A
+        keepalive catches half-open connections that the termination callback never reports."""
+        conn = self._conn
+        assert conn is not None
+        loop = asyncio.get_running_loop()
+        next_keepalive = loop.time() + self._keepalive_interval_s
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._keepalive_interval_s):
-                    await self._lost.wait()
-                    return
-            async with self._conn_lock:
-                conn = self._conn
-                assert conn is not None
+                async with asyncio.timeout(max(next_keepalive - loop.time(), 0.0)):
+                    await self._attention.wait()
+            self._attention.clear()
+            if self._lost.is_set():
+                return
+            if self._next_apply is not None:
+                await self._apply(conn)
+            elif loop.time() >= next_keepalive:
                 await conn.fetchval("SELECT 1", timeout=self._keepalive_timeout_s)
+                next_keepalive = loop.time() + self._keepalive_interval_s
+
+    async def _apply(self, conn: _ListenConnection) -> None:
+        """LISTEN on every channel with subscribers, UNLISTEN the others: batched commands
+        (simple queries, several statements each). Resolves the subscribers waiting for it."""
+        waiting, self._next_apply = self._next_apply, None
+        try:
+            while True:
+                wanted = self._subscribers.keys()
+                to_listen = [c for c in wanted if c not in self._listening]
+                to_unlisten = [c for c in self._listening if c not in wanted]
+                if not to_listen and not to_unlisten:
+                    return
+                to_listen = to_listen[:MAX_CHANNELS_PER_COMMAND]
+                to_unlisten = to_unlisten[: MAX_CHANNELS_PER_COMMAND - len(to_listen)]
+                command = [f"LISTEN {quote_channel(c)};" for c in to_listen]
+                command += [f"UNLISTEN {quote_channel(c)};" for c in to_unlisten]
+                await conn.execute("\n".join(command), timeout=self._keepalive_timeout_s)
+                self.stats.commands += 1
+                self.stats.listens += len(to_listen)
+                self.stats.unlistens += len(to_unlisten)
+                self._listening.update(to_listen)
+                self._listening.difference_update(to_unlisten)
+        finally:
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
 
     async def _drop_connection(self) -> None:
         self._connected.clear()
         conn, self._conn = self._conn, None
         self._listening = set()
+        waiting, self._next_apply = self._next_apply, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)  # they return: the next connect arms them and resyncs
         if conn is not None:
+            conn._chatd_dispatch = None
             conn.terminate()
 
-    async def _listen(self, channel: str) -> None:
-        async with self._conn_lock:
-            conn = self._conn
-            if conn is None or channel in self._listening:
-                return
-            try:
-                await conn.add_listener(channel, self._on_notification)
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
-                # The run loop will reconnect, LISTEN again and resync this subscriber.
-                self._lost.set()
-                return
-            self._listening.add(channel)
-
-    async def _unlisten(self, channel: str) -> None:
-        async with self._conn_lock:
-            conn = self._conn
-            if conn is None or channel not in self._listening or channel in self._subscribers:
-                return
-            self._listening.discard(channel)
-            try:
-                await conn.remove_listener(channel, self._on_notification)
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
-                self._lost.set()
-
-    def _on_notification(self, _conn: Conn, _pid: int, channel: str, payload: object) -> None:
+    def _on_notification(self, channel: str, payload: str) -> None:
         self.stats.notifications += 1
         for subscription in list(self._subscribers.get(channel, ())):
-            subscription.deliver(Notice(channel, str(payload)))
+            subscription.deliver(Notice(channel, payload))

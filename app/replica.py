@@ -110,6 +110,7 @@ class Replica:
             tools=tools if tools is not None else default_registry(),
             max_steps_per_turn=settings.max_steps_per_turn,
             stream_step=stream_step,
+            queue_limit=settings.queue_limit,
         )
         self.runs: dict[uuid.UUID, tuple[Run, asyncio.Task[None]]] = {}
         self.stats = ReplicaStats()

@@ -23,7 +23,14 @@ swallows the CancelledError.
 
 The provider stream is called in exactly one place, `stream_step()`: the retry loop plugs in
 there. When it retries, it calls `on_retry` first; the run voids the step's live parts and writes
-one `{"type": "retry", ...}` control part (role "system") so streams emit a `retry` event."""
+one `{"type": "retry", ...}` control part (role "system") so streams emit a `retry` event.
+
+Two more model calls go through the same seam. Compaction (app/compaction.py): before a step,
+when the context reached the model's threshold, the run has the older messages summarized and,
+in one fenced write, marks them compressed and inserts the summary; the prompt then starts with
+the summary (in the system prompt) followed by the messages it did not cover. Title
+(app/titles.py): after the first turn, a best-effort request for a short title replaces the
+fallback title if nobody changed it meanwhile; it never fails or delays the turn."""
 
 from __future__ import annotations
 
@@ -37,8 +44,8 @@ from typing import Any, Literal, Protocol
 
 import asyncpg
 
-from app import runs
-from app.chats import Chat, Message, Owner
+from app import compaction, runs, titles
+from app.chats import Chat, Message, Owner, default_title
 from app.errors import FencedOut
 from app.listener import Listener, Notice, Resync, Subscription
 from app.log import get_logger
@@ -62,7 +69,7 @@ from app.providers.pricing import cost_micros
 from app.providers.registry import provider_for
 from app.providers.retry import RetryInfo
 from app.runs import RunToken, StepRecord
-from app.tools.registry import ToolContext, ToolRegistry
+from app.tools.registry import DEFAULT_QUEUE_LIMIT, ToolContext, ToolRegistry
 
 log = get_logger(__name__)
 
@@ -70,6 +77,13 @@ log = get_logger(__name__)
 INTERRUPTED_RESULT = "interrupted"
 # Bound of the shielded give-back write of a stopping run.
 GIVE_BACK_TIMEOUT_S = 5.0
+# Bound of the best-effort title request (one attempt, never retried).
+TITLE_TIMEOUT_S = 30.0
+# How the compaction summary opens the system prompt's last section.
+SUMMARY_PREAMBLE = (
+    "Summary of the earlier part of this conversation (its messages were compacted to save "
+    "context; continue from it):"
+)
 
 
 class StopCause(enum.IntEnum):
@@ -208,20 +222,94 @@ def tool_result_part(call: ToolCall, result: Any, *, is_error: bool) -> dict[str
     }
 
 
-def build_request(config: ModelConfig, history: list[Message], tools: ToolRegistry) -> ModelRequest:
-    """The prompt: system messages (summaries) become the system text, the rest goes in order."""
+def build_request(
+    config: ModelConfig,
+    history: list[Message],
+    tools: ToolRegistry,
+    *,
+    for_child: bool = False,
+) -> ModelRequest:
+    """The prompt of a step. `history` is the visible, uncompressed history in id order.
+
+    - The latest compaction summary comes first: it is the last section of the system text, so
+      every adapter (Anthropic `system`, OpenAI's system message; the echo model ignores it)
+      reads it before all messages. By id it sits after the user message of the turn it was
+      made in, which is why it is taken out of the message order.
+    - Other `system` messages' text parts are the rest of the system text.
+    - user / assistant / tool messages follow in id order.
+    - A child chat is offered only the tools meant for children."""
     system: list[str] = []
+    summary: str | None = None
     messages: list[PromptMessage] = []
     for message in history:
         if message.role == "system":
+            carried = compaction.summary_text(message.content)
+            if carried is not None:
+                summary = carried  # the latest one wins
+                continue
             system.extend(
                 str(p.get("text", "")) for p in message.content if p.get("type") == "text"
             )
         elif message.role in ("user", "assistant", "tool"):
             messages.append(PromptMessage(message.role, message.content))  # type: ignore[arg-type]
+    if summary is not None:
+        system.append(f"{SUMMARY_PREAMBLE}\n\n{summary}")
     return ModelRequest(
-        config=config, messages=messages, system="\n\n".join(system), tools=tools.specs()
+        config=config,
+        messages=messages,
+        system="\n\n".join(system),
+        tools=tools.specs(for_child=for_child),
     )
+
+
+def history_view(history: list[Message]) -> list[compaction.HistoryMessage]:
+    """Messages as compaction sees them. Its "input tokens" of a step are the whole prompt the
+    provider read: our `input_tokens` exclude cached tokens, which a cached prompt has most of."""
+    return [
+        compaction.HistoryMessage(
+            id=m.id,
+            role=m.role,
+            content=m.content,
+            input_tokens=m.input_tokens + m.cache_read_tokens + m.cache_write_tokens,
+            output_tokens=m.output_tokens,
+        )
+        for m in history
+    ]
+
+
+def first_question(history: list[Message]) -> list[dict[str, Any]] | None:
+    """The chat's first user message, when the turn about to run is the one that answers it
+    (nothing but system text before it, no later user message, nothing compacted); else None."""
+    users = [m for m in history if m.role == "user"]
+    if len(users) != 1:
+        return None
+    if any(m.role == "system" and compaction.summary_text(m.content) is not None for m in history):
+        return None
+    if any(m.id < users[0].id and m.role != "system" for m in history):
+        return None
+    return users[0].content
+
+
+def text_of(content: list[dict[str, Any]]) -> str:
+    return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+
+
+async def collect_text(events: AsyncIterator[StreamEvent]) -> tuple[str, Usage]:
+    """The text and usage of a step that is read whole, not streamed to users (a summary, a
+    title). Tool calls, if a model made any, are ignored."""
+    chunks: list[str] = []
+    usage = Usage()
+    try:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                chunks.append(event.text)
+            elif isinstance(event, StepFinished):
+                usage = event.usage
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return "".join(chunks), usage
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -238,6 +326,7 @@ class RunDeps:
     max_steps_per_turn: int
     stream_step: StepStreamer = stream_step
     provider_for: Callable[[ModelConfig], Provider] = provider_for
+    queue_limit: int = DEFAULT_QUEUE_LIMIT  # of a child chat, for message_agent
 
 
 class Run:
@@ -248,8 +337,23 @@ class Run:
         self.chat_id = chat.id
         self._model_config_id = chat.model_config_id
         self._owner = Owner(user_id=chat.owner_id, organization_id=chat.organization_id)
-        self._parent_chat_id = chat.parent_chat_id
+        self._is_child = chat.parent_chat_id is not None
+        self._title = chat.title  # as acquired; the title update is guarded anyway
         self._deps = deps
+        self._tool_context = ToolContext(
+            chat_id=chat.id,
+            generation=self.token.generation,
+            owner=self._owner,
+            parent_chat_id=chat.parent_chat_id,
+            pool=deps.pool,
+            listener=deps.listener,
+            queue_limit=deps.queue_limit,
+        )
+        # The first user message, while the turn that answers it runs (then: a title is due).
+        self._title_question: list[dict[str, Any]] | None = None
+        self._title_task: asyncio.Task[None] | None = None
+        self._config: ModelConfig | None = None  # known once the run has loaded it
+        self._provider: Provider | None = None
         self.cause: StopCause | None = None
         self._step_task: asyncio.Task[None] | None = None
         self._version = chat.version  # the newest row version this run has seen
@@ -272,6 +376,10 @@ class Run:
             self.cause = cause
         if self._step_task is not None and not self._step_task.done():
             self._step_task.cancel()
+        # A title in flight is metadata: it survives an interrupt and the loss of the chat (the
+        # notification of the run's own release says "not owned" too), not a stopping replica.
+        if cause in (StopCause.SHUTDOWN, StopCause.LIVENESS_LOST) and self._title_task is not None:
+            self._title_task.cancel()
 
     @property
     def interrupt_pending(self) -> bool:
@@ -341,6 +449,29 @@ class Run:
     # --- the loop --------------------------------------------------------------------------
 
     async def execute(self) -> RunEnd:
+        try:
+            end = await self._execute()
+        except BaseException:
+            if self._title_task is not None:
+                self._title_task.cancel()
+            raise
+        finally:
+            await self._join_title()
+        log.info("run.ended", end=end.value, steps=self.steps_persisted, **self._log)
+        return end
+
+    async def _join_title(self) -> None:
+        """The run ends when its title request has (bounded by TITLE_TIMEOUT_S)."""
+        task = self._title_task
+        if task is None:
+            return
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    async def _execute(self) -> RunEnd:
         deps = self._deps
         log.info("run.started", **self._log)
         try:
@@ -364,7 +495,6 @@ class Run:
             # Whatever is still buffered belongs to a run that is over; a flush in flight is
             # fenced in SQL.
             deps.flusher.drop(self.chat_id)
-        log.info("run.ended", end=end.value, steps=self.steps_persisted, **self._log)
         return end
 
     async def _drive(self) -> RunEnd:
@@ -377,6 +507,7 @@ class Run:
         except ProviderError as exc:
             return await self._fail(exc.error)
         model_config_id = uuid.UUID(config.id)
+        self._config, self._provider = config, provider
         while True:
             end = await self._turn(config, provider, model_config_id)
             if end is not None:
@@ -395,10 +526,11 @@ class Run:
             if self._interrupt_pending():
                 return await self._end_turn(None, model_config_id, interrupted=True)
             history = await runs.prompt_messages(deps.pool, self.chat_id)
-            request = build_request(config, history, deps.tools)
+            if step_number == 1:
+                self._title_question = first_question(history)
             output = StepOutput()
             step = asyncio.create_task(
-                self._step(provider, request, output),
+                self._step(config, provider, history, output),
                 name=f"run-step:{self.chat_id}:{self.token.generation}:{step_number}",
             )
             self._step_task = step
@@ -441,8 +573,11 @@ class Run:
         # good a hand-over as a requeue (and a run that lost its chat is fenced out here).
         return await self._end_turn(final, model_config_id, interrupted=self._interrupt_pending())
 
-    async def _step(self, provider: Provider, request: ModelRequest, output: StepOutput) -> None:
-        """Stream one model step, then run its tool calls; live parts go to the flusher."""
+    async def _step(
+        self, config: ModelConfig, provider: Provider, history: list[Message], output: StepOutput
+    ) -> None:
+        """Compact the history if it is due, stream one model step, then run its tool calls;
+        live parts go to the flusher."""
         flusher = self._deps.flusher
 
         async def on_retry(notice: RetryInfo) -> None:
@@ -454,6 +589,8 @@ class Run:
             await runs.void_step(self._deps.pool, self.token, {"type": "retry", **notice.as_json()})
             log.info("run.retrying", attempt=notice.attempt, kind=notice.error.kind, **self._log)
 
+        history = await self._compact(config, provider, history, on_retry)
+        request = build_request(config, history, self._deps.tools, for_child=self._is_child)
         async for event in self._deps.stream_step(provider, request, on_retry=on_retry):
             if isinstance(event, TextDelta):
                 output.add_delta("text", event.text)
@@ -469,19 +606,88 @@ class Run:
             elif isinstance(event, StepFinished):
                 output.finished = event
 
-        context = ToolContext(
-            chat_id=self.chat_id,
-            generation=self.token.generation,
-            owner=self._owner,
-            parent_chat_id=self._parent_chat_id,
-            pool=self._deps.pool,
-            listener=self._deps.listener,
-        )
         for call in output.tool_calls:
-            outcome = await self._deps.tools.call(call.name, call.args, context)
+            outcome = await self._deps.tools.call(call.name, call.args, self._tool_context)
             part = tool_result_part(call, outcome.result, is_error=outcome.is_error)
             output.tool_results.append(part)
             await flusher.add(self.token, "tool", part)
+
+    async def _compact(
+        self,
+        config: ModelConfig,
+        provider: Provider,
+        history: list[Message],
+        on_retry: Callable[[RetryInfo], Awaitable[None]],
+    ) -> list[Message]:
+        """When the context reached the model's threshold: summarize everything before the
+        current turn with the chat's model, then in ONE fenced transaction mark it compressed and
+        insert the summary. Returns the history the step's prompt is built from. A provider
+        error here ends the step like any other (the chat goes to `error`)."""
+        view = history_view(history)
+        if not compaction.needs_compaction(config, view):
+            return history
+        compacted = compaction.messages_to_compact(view)
+        request = compaction.summary_request(config, compacted)
+        summary, usage = await collect_text(
+            self._deps.stream_step(provider, request, on_retry=on_retry)
+        )
+        if not summary.strip():
+            log.warning("run.compaction_empty", **self._log)
+            return history
+        await runs.compact(
+            self._deps.pool,
+            self.token,
+            compressed_ids=[m.id for m in compacted],
+            summary_content=[compaction.summary_part(summary.strip(), compacted)],
+            usage=usage,
+            cost_micros=step_cost_micros(config, usage),
+            model_config_id=uuid.UUID(config.id),
+        )
+        log.info("run.compacted", messages=len(compacted), **self._log)
+        return await runs.prompt_messages(self._deps.pool, self.chat_id)
+
+    def _start_title(self, question: list[dict[str, Any]], step: StepRecord | None) -> None:
+        """After the first turn: a generated title, if the model has a notion of one and the
+        title is still the fallback. Runs next to the rest of the run (a queued message goes on
+        at once); the run ends when it has."""
+        config, provider = self._config, self._provider
+        assert config is not None and provider is not None, "a turn ended before the run began"
+        if self.stop_cause() in (StopCause.SHUTDOWN, StopCause.LIVENESS_LOST):
+            return  # the replica is going away; the fallback stays
+        fallback = default_title(question)
+        if not titles.wants_generated_title(config) or self._title != fallback:
+            return
+        answer = text_of(step.assistant_content) if step is not None else ""
+        self._title_task = asyncio.create_task(
+            self._generate_title(config, provider, text_of(question), answer, fallback),
+            name=f"run-title:{self.chat_id}",
+        )
+
+    async def _generate_title(
+        self, config: ModelConfig, provider: Provider, question: str, answer: str, fallback: str
+    ) -> None:
+        """Best effort: one attempt, bounded; any failure keeps the fallback title."""
+        request = titles.title_request(config, question, answer)
+
+        async def give_up(notice: RetryInfo) -> None:
+            raise ProviderError(notice.error)  # a title is not worth a retry loop
+
+        try:
+            async with asyncio.timeout(TITLE_TIMEOUT_S):
+                raw, _usage = await collect_text(
+                    self._deps.stream_step(provider, request, on_retry=give_up)
+                )
+                title = titles.clean_title(raw)
+                if not title:
+                    log.info("run.title_failed", reason="empty", **self._log)
+                    return
+                updated = await runs.set_generated_title(
+                    self._deps.pool, self.chat_id, fallback=fallback, title=title
+                )
+        except Exception as exc:  # a provider error, the timeout, database trouble
+            log.info("run.title_failed", error=repr(exc), **self._log)
+            return
+        log.info("run.title_generated", kept_user_title=updated is None, **self._log)
 
     async def _end_turn(
         self, step: StepRecord | None, model_config_id: uuid.UUID, *, interrupted: bool
@@ -501,6 +707,9 @@ class Run:
         if step is not None and not step.is_empty:
             self.steps_persisted += 1
         self._releasing = outcome.next_message is None
+        question, self._title_question = self._title_question, None
+        if question is not None:
+            self._start_title(question, step)
         if outcome.next_message is None:
             log.info("run.turn_ended", interrupted=interrupted, **self._log)
             return RunEnd.WAITING

@@ -179,6 +179,46 @@ async def persist_step(
         return messages
 
 
+async def compact(
+    pool: asyncpg.Pool,
+    token: RunToken,
+    *,
+    compressed_ids: Sequence[int],
+    summary_content: list[dict[str, Any]],
+    usage: Usage,
+    cost_micros: int,
+    model_config_id: uuid.UUID | None,
+) -> Message:
+    """Compaction, in one fenced transaction: the summarized messages are marked compressed
+    (left out of later prompts, kept in the history users see) and the summary is inserted as
+    a `system` message carrying the summarizing call's usage and cost."""
+    async with transaction(pool) as conn:
+        await _lock_owned(conn, token)
+        await conn.execute(Q.sql("run_compress_messages"), token.chat_id, list(compressed_ids))
+        rows = await conn.fetch(
+            Q.sql("run_insert_messages"),
+            token.chat_id,
+            model_config_id,
+            ["system"],
+            [json.dumps(summary_content)],
+            [usage.input_tokens],
+            [usage.output_tokens],
+            [usage.cache_read_tokens],
+            [usage.cache_write_tokens],
+            [cost_micros],
+        )
+        return Message.from_record(rows[0])
+
+
+async def set_generated_title(
+    pool: asyncpg.Pool, chat_id: uuid.UUID, *, fallback: str, title: str
+) -> Chat | None:
+    """Replace the fallback title by a generated one, unless the title changed meanwhile (then
+    None). Not fenced: metadata, written after the turn it describes has ended."""
+    row = await pool.fetchrow(Q.sql("run_set_generated_title"), chat_id, fallback, title)
+    return Chat.from_record(row) if row is not None else None
+
+
 async def void_step(
     pool: asyncpg.Pool, token: RunToken, control_part: dict[str, Any], *, role: PartRole = "system"
 ) -> int:

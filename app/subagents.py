@@ -55,6 +55,11 @@ async def _child(pool: asyncpg.Pool, parent: Parent, child_id: uuid.UUID) -> asy
     return row
 
 
+async def child(pool: asyncpg.Pool, parent: Parent, child_id: uuid.UUID) -> Chat:
+    """The child chat, or SubagentError when it is not a child of `parent`."""
+    return Chat.from_record(await _child(pool, parent, child_id))
+
+
 async def result(pool: asyncpg.Pool, child: asyncpg.Record) -> dict[str, Any]:
     answer = await pool.fetchval(Q.sql("last_assistant_text"), child["id"])
     body: dict[str, Any] = {"chat_id": str(child["id"]), "status": child["status"]}

@@ -4,6 +4,12 @@ bench/results/.
 
     python -m bench                       # everything, 3 runs each
     python -m bench --runs 5 physical peer
+    python -m bench --large fanout        # the issue's scale: 1,000 streaming chats
+    python -m bench --baseline DIR throughput peer
+                                          # before/after: every scenario that starts replicas
+                                          # also runs them from source tree DIR (e.g.
+                                          # `git archive <commit> | tar -x -C DIR`), interleaved
+                                          # run by run, reported as `<scenario>@baseline`
 """
 
 from __future__ import annotations
@@ -16,44 +22,62 @@ import platform
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import chatd_engine, peer_pgqueuer, physical
+from bench import chatd_engine, fanout, peer_pgqueuer, physical, roundtrips
 from bench.harness import BenchServer, ScenarioResult
 
-Scenario = Callable[[BenchServer, ScenarioResult], Awaitable[None]]
+
+@dataclass(frozen=True)
+class Options:
+    large: bool = False
 
 
-async def _physical(server: BenchServer, result: ScenarioResult) -> None:
+Scenario = Callable[[BenchServer, ScenarioResult, Options], Awaitable[None]]
+
+
+async def _physical(server: BenchServer, result: ScenarioResult, _options: Options) -> None:
     async with server.fresh_database(migrated=False) as dsn:
         await physical.notify_latency(dsn, result)
         await physical.commit_rates(dsn, result)
 
 
-async def _peer(server: BenchServer, result: ScenarioResult) -> None:
+async def _peer(server: BenchServer, result: ScenarioResult, _options: Options) -> None:
     async with server.fresh_database(migrated=False) as dsn:
         await peer_pgqueuer.run(dsn, result)
 
 
-async def _pickup(server: BenchServer, result: ScenarioResult) -> None:
+async def _pickup(server: BenchServer, result: ScenarioResult, _options: Options) -> None:
     async with server.fresh_database() as dsn:
         await chatd_engine.pickup(dsn, result, listen=True)
     async with server.fresh_database() as dsn:
         await chatd_engine.pickup(dsn, result, listen=False)
 
 
-async def _throughput(server: BenchServer, result: ScenarioResult) -> None:
+async def _throughput(server: BenchServer, result: ScenarioResult, _options: Options) -> None:
     async with server.fresh_database() as dsn:
         await chatd_engine.throughput(dsn, result)
 
 
-async def _interrupt(server: BenchServer, result: ScenarioResult) -> None:
+async def _roundtrips(server: BenchServer, result: ScenarioResult, _options: Options) -> None:
+    async with server.fresh_database() as dsn:
+        await roundtrips.run(dsn, result)
+
+
+async def _fanout(server: BenchServer, result: ScenarioResult, options: Options) -> None:
+    scale = fanout.LARGE_SCALE if options.large else fanout.DEFAULT_SCALE
+    async with server.fresh_database() as dsn:
+        await fanout.run(dsn, result, scale)
+
+
+async def _interrupt(server: BenchServer, result: ScenarioResult, _options: Options) -> None:
     async with server.fresh_database() as dsn:
         await chatd_engine.interrupt(dsn, result)
 
 
-async def _failover(server: BenchServer, result: ScenarioResult) -> None:
+async def _failover(server: BenchServer, result: ScenarioResult, _options: Options) -> None:
     async with server.fresh_database() as dsn:
         await chatd_engine.failover(dsn, result)
 
@@ -63,9 +87,13 @@ SCENARIOS: dict[str, Scenario] = {
     "peer": _peer,
     "pickup": _pickup,
     "throughput": _throughput,
+    "roundtrips": _roundtrips,
+    "fanout": _fanout,
     "interrupt": _interrupt,
     "failover": _failover,
 }
+# Scenarios that run real replica processes (and so can run a baseline tree's code too).
+WITH_REPLICAS = frozenset({"pickup", "throughput", "fanout", "interrupt", "failover"})
 
 # (label, numerator, denominator): ratios printed under the table when both sides were run.
 RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
@@ -96,6 +124,33 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     ),
 ]
 
+# The targets of issue 6 on this machine: (label, scenario, metric, bound, reference). The bound
+# is "<= value" or ">= value"; with a reference (scenario, metric, factor), the value is the
+# factor times that median of the same run.
+Reference = tuple[str, str, float]
+TARGETS: list[tuple[str, str, str, str, float | Reference]] = [
+    ("pickup p50 <= 1.5 ms", "pickup", "pickup_p50_ms", "<=", 1.5),
+    ("pickup p99 <= PGQueuer p99", "pickup", "pickup_p99_ms", "<=", ("peer", "pickup_p99_ms", 1)),
+    (
+        "turns/s >= 1/2 PGQueuer jobs/s",
+        "throughput",
+        "turns_per_s",
+        ">=",
+        ("peer", "jobs_per_s", 0.5),
+    ),
+    ("token latency p50 <= 15 ms", "fanout", "token_latency_p50_ms", "<=", 15.0),
+    ("token latency p99 <= 50 ms", "fanout", "token_latency_p99_ms", "<=", 50.0),
+    (
+        "flush commits per window per replica <= 1.5",
+        "fanout",
+        "worker_flushes_per_window",
+        "<=",
+        1.5,
+    ),
+    ("failover p99 <= 1.5 s", "failover", "failover_p99_ms", "<=", 1500.0),
+    ("interrupt p99 <= 200 ms", "interrupt", "interrupt_p99_ms", "<=", 200.0),
+]
+
 
 def _machine() -> dict[str, object]:
     cpu = "unknown"
@@ -110,37 +165,88 @@ def _machine() -> dict[str, object]:
 
 
 def _print_table(results: list[ScenarioResult]) -> None:
-    print(f"\n{'scenario':<12} {'metric':<34} {'median':>12} {'min':>12} {'max':>12}  n")
+    print(f"\n{'scenario':<20} {'metric':<46} {'median':>11} {'min':>11} {'max':>11}  n")
     for result in results:
         for metric in result.metrics.values():
             low, high = metric.spread
             print(
-                f"{result.scenario:<12} {metric.name + ' [' + metric.unit + ']':<34}"
-                f" {metric.median:>12.3f} {low:>12.3f} {high:>12.3f}  {len(metric.samples)}"
+                f"{result.scenario:<20} {metric.name + ' [' + metric.unit + ']':<46}"
+                f" {metric.median:>11.3f} {low:>11.3f} {high:>11.3f}  {len(metric.samples)}"
             )
         for note in result.notes:
-            print(f"{'':<12} note: {note}")
+            print(f"{'':<20} note: {note}")
+
+
+def _median(by_name: dict[str, ScenarioResult], scenario: str, metric: str) -> float | None:
+    result = by_name.get(scenario)
+    if result is None or metric not in result.metrics:
+        return None
+    return result.median(metric)
 
 
 def _ratios(results: list[ScenarioResult]) -> dict[str, float]:
     by_name = {r.scenario: r for r in results}
     ratios: dict[str, float] = {}
     for label, (num_scenario, num_metric), (den_scenario, den_metric) in RATIOS:
-        num, den = by_name.get(num_scenario), by_name.get(den_scenario)
-        if num is None or den is None:
+        num = _median(by_name, num_scenario, num_metric)
+        den = _median(by_name, den_scenario, den_metric)
+        if num is not None and den is not None:
+            ratios[label] = num / den
+    # Before/after: every metric of a scenario against its baseline run.
+    for result in results:
+        base = by_name.get(f"{result.scenario}@baseline")
+        if base is None:
             continue
-        if num_metric not in num.metrics or den_metric not in den.metrics:
-            continue
-        ratios[label] = num.median(num_metric) / den.median(den_metric)
+        for name in result.metrics:
+            den = _median(by_name, base.scenario, name)
+            if den:
+                ratios[f"{result.scenario} {name}: now / baseline"] = result.median(name) / den
     return ratios
+
+
+def _targets(results: list[ScenarioResult]) -> list[tuple[str, float, float, bool]]:
+    """(label, measured, bound, met) of every target whose numbers were measured."""
+    by_name = {r.scenario: r for r in results}
+    checked = []
+    for label, scenario, metric, relation, bound in TARGETS:
+        measured = _median(by_name, scenario, metric)
+        if isinstance(bound, tuple):
+            reference = _median(by_name, bound[0], bound[1])
+            limit = None if reference is None else reference * bound[2]
+        else:
+            limit = bound
+        if measured is None or limit is None:
+            continue
+        met = measured <= limit if relation == "<=" else measured >= limit
+        checked.append((label, measured, limit, met))
+    return checked
 
 
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenarios", nargs="*", choices=list(SCENARIOS), default=[])
+    # No `choices=`: argparse would check the empty default against them and refuse it.
+    parser.add_argument("scenarios", nargs="*", metavar="scenario", help=", ".join(SCENARIOS))
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario (default 3)")
+    parser.add_argument(
+        "--large", action="store_true", help="fanout at 1,000 streaming chats (default 200)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the replica scenarios with the code of source tree DIR, interleaved",
+    )
     args = parser.parse_args(argv)
     names = args.scenarios or list(SCENARIOS)
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        parser.error(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
+        )
+    options = Options(large=args.large)
+    baseline: Path | None = args.baseline.resolve() if args.baseline else None
+    if baseline is not None and not (baseline / "app" / "cli.py").is_file():
+        parser.error(f"{baseline} is not a chatd source tree")
 
     server = BenchServer.start()
     try:
@@ -148,12 +254,22 @@ async def main(argv: list[str]) -> int:
         print(f"bench: PostgreSQL {version} ({server.description}), {args.runs} run(s) each")
         results: list[ScenarioResult] = []
         for name in names:
-            result = ScenarioResult(name)
+            variants: list[tuple[ScenarioResult, Path | None]] = [(ScenarioResult(name), None)]
+            if baseline is not None and name in WITH_REPLICAS:
+                variants.append((ScenarioResult(f"{name}@baseline"), baseline))
             for run in range(args.runs):
-                began = time.perf_counter()
-                await SCENARIOS[name](server, result)
-                print(f"bench: {name} run {run + 1}/{args.runs} {time.perf_counter() - began:.1f}s")
-            results.append(result)
+                for result, tree in variants:
+                    chatd_engine.SOURCE_TREE = tree
+                    began = time.perf_counter()
+                    try:
+                        await SCENARIOS[name](server, result, options)
+                    finally:
+                        chatd_engine.SOURCE_TREE = None
+                    print(
+                        f"bench: {result.scenario} run {run + 1}/{args.runs}"
+                        f" {time.perf_counter() - began:.1f}s"
+                    )
+            results.extend(result for result, _tree in variants)
     finally:
         server.stop()
 
@@ -162,7 +278,13 @@ async def main(argv: list[str]) -> int:
     if ratios:
         print("\nratios (medians of this run)")
         for label, value in ratios.items():
-            print(f"  {label:<60} {value:8.3f}")
+            print(f"  {label:<66} {value:8.3f}")
+    targets = _targets(results)
+    if targets:
+        print("\ntargets (medians of this run)")
+        for label, measured, limit, met in targets:
+            verdict = "met" if met else "MISSED"
+            print(f"  {label:<50} {measured:11.3f} vs {limit:11.3f}  {verdict}")
 
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
@@ -183,6 +305,10 @@ async def main(argv: list[str]) -> int:
                     for r in results
                 },
                 "ratios": ratios,
+                "targets": {
+                    label: {"measured": measured, "bound": limit, "met": met}
+                    for label, measured, limit, met in targets
+                },
             },
             indent=2,
         )

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -52,12 +55,45 @@ def replica_env(dsn: str, **extra: str) -> dict[str, str]:
     } | extra
 
 
+class BenchReplica(ReplicaProcess):
+    """A real `chatd serve` process, optionally running the code of another source tree (the
+    baseline of a before/after comparison: `python -m bench --baseline DIR`)."""
+
+    def __init__(self, *, log_dir: Path, env: dict[str, str], name: str, tree: Path | None):
+        super().__init__(log_dir=log_dir, env=env, name=name)
+        self.tree = tree
+
+    def start(self) -> None:
+        if self.tree is None:
+            super().start()
+            return
+        log_file = self.log_path.open("ab")
+        # `python -m` puts the working directory first on sys.path: the tree's `app` wins over
+        # the editable install of this one.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            cwd=self.tree,
+            env=self._env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+
+
+# The source tree replica processes run: None is this one; `--baseline DIR` sets another for the
+# scenarios' baseline runs.
+SOURCE_TREE: Path | None = None
+
+
 @asynccontextmanager
-async def replicas(dsn: str, count: int, **env: str) -> AsyncIterator[list[ReplicaProcess]]:
+async def replica_set(
+    dsn: str, specs: list[tuple[str, dict[str, str]]]
+) -> AsyncIterator[list[BenchReplica]]:
+    """Replica processes named and configured one by one: (name, extra environment)."""
     log_dir = Path(tempfile.mkdtemp(prefix="chatd-bench-logs-"))
     started = [
-        ReplicaProcess(log_dir=log_dir, env=replica_env(dsn, **env), name=f"r{i}")
-        for i in range(count)
+        BenchReplica(log_dir=log_dir, env=replica_env(dsn, **env), name=name, tree=SOURCE_TREE)
+        for name, env in specs
     ]
     try:
         for replica in started:
@@ -75,6 +111,12 @@ async def replicas(dsn: str, count: int, **env: str) -> AsyncIterator[list[Repli
                     await replica.wait_exit(timeout_s=15)
                 except TimeoutError:
                     replica.kill()
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def replicas(dsn: str, count: int, **env: str) -> AbstractAsyncContextManager[list[BenchReplica]]:
+    """`count` identical replica processes."""
+    return replica_set(dsn, [(f"r{i}", env) for i in range(count)])
 
 
 class ChatWatcher:
@@ -109,7 +151,7 @@ class ChatWatcher:
         await self._conn.remove_listener(channel, self._on)
 
 
-async def _owner(conn: Conn) -> Owner:
+async def new_owner(conn: Conn) -> Owner:
     row = await conn.fetchrow(
         "INSERT INTO users (name) VALUES ($1) RETURNING id, organization_id",
         f"bench-{uuid.uuid4().hex[:8]}",
@@ -185,7 +227,7 @@ async def pickup(dsn: str, result: ScenarioResult, *, listen: bool) -> None:
         conn = await asyncpg.connect(dsn)
         watch_conn = await asyncpg.connect(dsn)
         try:
-            owner = await _owner(conn)
+            owner = await new_owner(conn)
             watcher = ChatWatcher(watch_conn)
             pickups_ms: list[float] = []
             rounds = PICKUP_ROUNDS if listen else PICKUP_ROUNDS // 5
@@ -214,7 +256,7 @@ async def throughput(dsn: str, result: ScenarioResult) -> None:
         conn = await asyncpg.connect(dsn)
         watch_conn = await asyncpg.connect(dsn)
         try:
-            owner = await _owner(conn)
+            owner = await new_owner(conn)
             answered = 0
             all_done = asyncio.Event()
 
@@ -251,7 +293,7 @@ async def interrupt(dsn: str, result: ScenarioResult) -> None:
         assert pool is not None
         try:
             async with pool.acquire() as conn:
-                owner = await _owner(conn)
+                owner = await new_owner(conn)
                 slow = await _model(conn, token_delay_ms=20)
             watcher = ChatWatcher(watch_conn)
             latencies_ms: list[float] = []
@@ -279,7 +321,7 @@ async def failover(dsn: str, result: ScenarioResult) -> None:
         conn = await asyncpg.connect(dsn)
         watch_conn = await asyncpg.connect(dsn)
         try:
-            owner = await _owner(conn)
+            owner = await new_owner(conn)
             slow = await _model(conn, token_delay_ms=50)
             watcher = ChatWatcher(watch_conn)
             latencies_ms: list[float] = []

@@ -125,6 +125,33 @@ async def create_model_config(pool: asyncpg.Pool, **options: Any) -> uuid.UUID:
     return config_id
 
 
+async def create_fake_model_config(
+    pool: asyncpg.Pool,
+    base_url: str,
+    *,
+    provider: str = "anthropic",
+    model: str = "claude-fake",
+    context_limit: int = 200_000,
+    compression_threshold: int = 70,
+    **options: Any,
+) -> uuid.UUID:
+    """A model config of a real provider adapter pointed at a fake wire-format server (its key
+    and base URL in the options, so replica processes reach the same server)."""
+    config_id: uuid.UUID = await pool.fetchval(
+        """
+        INSERT INTO chat_model_configs (provider, model, display_name, context_limit,
+                                        compression_threshold, options)
+        VALUES ($1, $2, 'fake ' || $1, $3, $4, $5::jsonb) RETURNING id
+        """,
+        provider,
+        model,
+        context_limit,
+        compression_threshold,
+        json.dumps({"api_key": "test-key", "base_url": base_url} | options),
+    )
+    return config_id
+
+
 async def chat_row(pool: asyncpg.Pool, chat_id: uuid.UUID) -> Chat:
     row = await pool.fetchrow("SELECT * FROM chats WHERE id = $1", chat_id)
     assert row is not None

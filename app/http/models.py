@@ -174,7 +174,10 @@ class MessageOut(Described):
     content: list[dict[str, Any]] = Field(
         description='Parts: {"type":"text","text"}, {"type":"reasoning","text"},'
         ' {"type":"tool_call","id","name","args"},'
-        ' {"type":"tool_result","tool_call_id","name","result","is_error"}.'
+        ' {"type":"tool_result","tool_call_id","name","result","is_error"};'
+        " a compaction record (role system):"
+        ' {"type":"compaction","summary","compressed_message_ids":[first,last],'
+        '"compressed_count"}.'
     )
     created_at: datetime
     usage: Usage | None = None

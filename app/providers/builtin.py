@@ -6,12 +6,18 @@ exercise everything around it (streaming, usage, tool calls, persistence, fan-ou
 - A user message of the form `/tool NAME {json args}` makes it call tool NAME with those args;
   once the tool's result is in the prompt, it answers "echo: NAME returned <result>". This is
   how tests and demos drive the tool loop without a real model.
+- Benchmark instrumentation: with `options.emit_timestamps: true` every word is followed by
+  `@<wall-clock seconds>` (`time.time()` with 6 decimals) taken when the word is emitted, e.g.
+  `echo:@1732180000.123456 hello@1732180000.173512`, so a client that receives the live parts
+  can compute each word's latency from emit to receipt (`make bench` fanout scenario). Off by
+  default; never set it for a model users talk to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +51,7 @@ class EchoProvider:
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
         delay_s = float(request.config.options.get("token_delay_ms", 0)) / 1000.0
+        stamped = request.config.options.get("emit_timestamps") is True
         prompt_text = json.dumps([m.content for m in request.messages])
         input_tokens = _estimate_tokens(prompt_text)
 
@@ -71,7 +78,7 @@ class EchoProvider:
                 await asyncio.sleep(delay_s)
             chunk = word if index == 0 else " " + word
             output_tokens += _estimate_tokens(chunk)
-            yield TextDelta(chunk)
+            yield TextDelta(f"{chunk}@{time.time():.6f}" if stamped else chunk)
         yield StepFinished("end_turn", Usage(input_tokens, output_tokens))
 
 

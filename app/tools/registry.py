@@ -5,6 +5,8 @@ A tool is a name, a description, a JSON schema for its arguments and an async ha
 get the parsed arguments and a `ToolContext` (which chat, which run), and return any
 JSON-serializable value; raising `ToolError` (or anything else) becomes a tool result with
 `is_error: true`, so a broken tool never breaks a run. A call is bounded by its tool's timeout.
+A tool may be kept from sub-agents (`for_children=False`): it is not offered to a child chat,
+and a child that calls it anyway gets an error result.
 
 Plug-in point: a distribution may declare an entry point in the group `chatd.tools` whose object
 is a callable taking the registry (`def register(registry: ToolRegistry) -> None`);
@@ -31,6 +33,8 @@ log = get_logger(__name__)
 
 ENTRY_POINT_GROUP = "chatd.tools"
 DEFAULT_TOOL_TIMEOUT_S = 60.0
+# The bound of a chat's queue of user messages (Settings.queue_limit), as sub-agent tools see it.
+DEFAULT_QUEUE_LIMIT = 20
 MAX_RESULT_CHARS = 50_000
 
 
@@ -50,6 +54,11 @@ class ToolContext:
     parent_chat_id: uuid.UUID | None
     pool: asyncpg.Pool
     listener: Listener
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+
+    @property
+    def is_child(self) -> bool:
+        return self.parent_chat_id is not None
 
 
 ToolHandler = Callable[[dict[str, Any], ToolContext], Awaitable[Any]]
@@ -62,6 +71,9 @@ class Tool:
     input_schema: dict[str, Any]
     handler: ToolHandler
     timeout_s: float = DEFAULT_TOOL_TIMEOUT_S
+    # Offered to sub-agents (child chats) too. The sub-agent tools are not: children have no
+    # children of their own.
+    for_children: bool = True
 
     @property
     def spec(self) -> ToolSpec:
@@ -85,11 +97,16 @@ class ToolRegistry:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
         self._tools[tool.name] = tool
 
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
     def names(self) -> list[str]:
         return sorted(self._tools)
 
-    def specs(self) -> list[ToolSpec]:
-        return [self._tools[name].spec for name in self.names()]
+    def specs(self, *, for_child: bool = False) -> list[ToolSpec]:
+        """What the model of a chat is offered; a child chat (`for_child`) gets fewer tools."""
+        tools = (self._tools[name] for name in self.names())
+        return [tool.spec for tool in tools if tool.for_children or not for_child]
 
     async def call(self, name: str, args: dict[str, Any], context: ToolContext) -> ToolOutcome:
         """Run one tool call. Cancellation (an interrupt, a shutdown) propagates; every other
@@ -97,6 +114,8 @@ class ToolRegistry:
         tool = self._tools.get(name)
         if tool is None:
             return ToolOutcome(f"unknown tool {name!r}", is_error=True)
+        if context.is_child and not tool.for_children:
+            return ToolOutcome(f"tool {name!r} is not available to sub-agents", is_error=True)
         try:
             async with asyncio.timeout(tool.timeout_s):
                 result = await tool.handler(args, context)
@@ -121,10 +140,13 @@ class ToolRegistry:
 
 def default_registry() -> ToolRegistry:
     """The built-in tools plus every plug-in of the `chatd.tools` entry point group."""
-    from app.tools.builtin import register_builtin_tools  # noqa: PLC0415 (builtin imports us)
+    # Imported here: these modules import this one (hence the noqa).
+    from app.tools.builtin import register_builtin_tools  # noqa: PLC0415
+    from app.tools.subagents import register_subagent_tools  # noqa: PLC0415
 
     registry = ToolRegistry()
     register_builtin_tools(registry)
+    register_subagent_tools(registry)
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()(registry)
         log.info("tools.plugin_loaded", plugin=entry_point.name)

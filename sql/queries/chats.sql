@@ -94,6 +94,20 @@ WHERE id = $1 AND chat_id = $2 AND NOT deleted;
 -- An edit removes the edited message and everything after it from the visible history.
 UPDATE chat_messages SET deleted = true WHERE chat_id = $1 AND id >= $2 AND NOT deleted;
 
+-- name: uncompress_for_deleted_summaries :exec
+-- An edit soft-deleted every message from $2 on, compaction summaries included: the messages
+-- those summaries had compressed go back into the prompt, or the model would lose them. A
+-- summary's part records the id range [first, last] it compressed, and every visible message in
+-- that range was compressed by it (app/compaction.py). Served by chat_messages_chat_id_idx.
+UPDATE chat_messages m
+SET compressed = false
+FROM chat_messages s, jsonb_array_elements(s.content) AS part
+WHERE s.chat_id = $1 AND s.id >= $2 AND s.deleted AND s.role = 'system'
+  AND part ->> 'type' = 'compaction'
+  AND m.chat_id = $1 AND m.compressed AND NOT m.deleted
+  AND m.id BETWEEN (part -> 'compressed_message_ids' ->> 0)::bigint
+               AND (part -> 'compressed_message_ids' ->> 1)::bigint;
+
 -- name: clear_stream_parts :exec
 DELETE FROM chat_stream_parts WHERE chat_id = $1;
 

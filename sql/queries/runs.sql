@@ -185,3 +185,19 @@ WITH deleted AS (
     RETURNING 1
 )
 SELECT count(*) FROM deleted;
+
+-- name: run_compress_messages :exec
+-- Compaction, inside the fenced transaction that also inserts the summary: the summarized
+-- messages leave the prompt (run_prompt_messages skips them) but stay in the user's history.
+-- Only visible, not yet compressed rows of this chat; sends no notification (the update
+-- trigger speaks only of soft deletes), the summary's insert sends the "message" one.
+UPDATE chat_messages SET compressed = true
+WHERE chat_id = $1 AND id = ANY($2::bigint[]) AND NOT deleted AND NOT compressed;
+
+-- name: run_set_generated_title :one
+-- A generated title replaces the fallback only while the fallback is still there ($2): a title
+-- the user set meanwhile wins. Not fenced: a title is metadata, not state of the run, and may
+-- land after the run released the chat. Returns nothing when the title had changed.
+UPDATE chats SET title = $3
+WHERE id = $1 AND title = $2
+RETURNING *;

@@ -2,8 +2,11 @@
 official SDKs over real HTTP (DESIGN.md §10).
 
 Each server answers every request with the next behaviour of its plan (`script(...)`): a model
-step to stream, or a fault. A server records every request it got, so a test can assert what
-the SDK actually sent. The wire formats live in anthropic_server.py and openai_server.py; the
+step to stream, or a fault. When the plan is empty, a `responder` (if set) decides from the
+request itself: a "model" that reads what it was sent (tool results, the system prompt) and
+answers accordingly, for scenarios whose request order is not known in advance (sub-agents,
+several chats at once). A server records every request it got, so a test can assert what the
+SDK actually sent. The wire formats live in anthropic_server.py and openai_server.py; the
 plan, the recording and the fault mechanics are shared here.
 
 A fault that holds a response (`SlowStart`, `SilenceMidStream`) waits on an `asyncio.Event`,
@@ -16,7 +19,7 @@ import asyncio
 import json
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -133,12 +136,16 @@ class RecordedRequest:
     body: dict[str, Any]
 
 
+Responder = Callable[[RecordedRequest], Behaviour]
+
+
 class FakeProviderServer(ABC):
     """An aiohttp server on 127.0.0.1 and a random port. Use `running(server)`."""
 
     path: str
 
-    def __init__(self) -> None:
+    def __init__(self, responder: Responder | None = None) -> None:
+        self.responder = responder
         self.plan: deque[Behaviour] = deque()
         self.requests: list[RecordedRequest] = []
         self.origin = ""
@@ -185,8 +192,14 @@ class FakeProviderServer(ABC):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         headers = {name.lower(): value for name, value in request.headers.items()}
-        self.requests.append(RecordedRequest(request.path, headers, body))
-        behaviour = self.plan.popleft() if self.plan else HttpError(500, message="plan is empty")
+        recorded = RecordedRequest(request.path, headers, body)
+        self.requests.append(recorded)
+        if self.plan:
+            behaviour = self.plan.popleft()
+        elif self.responder is not None:
+            behaviour = self.responder(recorded)
+        else:
+            behaviour = HttpError(500, message="plan is empty")
         model = str(body.get("model", ""))
 
         if isinstance(behaviour, HttpError):

@@ -124,3 +124,46 @@ def _block(index: int, start: dict[str, Any], deltas: list[dict[str, Any]]) -> l
         ),
         sse({"type": "content_block_stop", "index": index}, event="content_block_stop"),
     ]
+
+
+# --- reading a recorded request (what a responder decides from) ---------------------------
+
+
+def system_text(body: dict[str, Any]) -> str:
+    """The request's system prompt: a string or a list of text blocks on the wire."""
+    system = body.get("system", "")
+    if isinstance(system, str):
+        return system
+    return "".join(block.get("text", "") for block in system)
+
+
+def blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message["content"]
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def texts(message: dict[str, Any]) -> str:
+    return "".join(b.get("text", "") for b in blocks(message) if b["type"] == "text")
+
+
+def first_user_text(body: dict[str, Any]) -> str:
+    return texts(next(m for m in body["messages"] if m["role"] == "user"))
+
+
+def tool_names(body: dict[str, Any]) -> list[str]:
+    return [tool["name"] for tool in body.get("tools", [])]
+
+
+def answered_tool_results(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The tool results of the request's last turn as (tool name, block), the name read from the
+    tool_use block each one answers: what a model reads after its tool calls ran."""
+    messages = body["messages"]
+    results = [b for b in blocks(messages[-1]) if b["type"] == "tool_result"]
+    names = {
+        b["id"]: b["name"]
+        for m in messages
+        if m["role"] == "assistant"
+        for b in blocks(m)
+        if b["type"] == "tool_use"
+    }
+    return [(names.get(r["tool_use_id"], "?"), r) for r in results]
