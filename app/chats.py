@@ -251,6 +251,20 @@ async def _lock_chat(conn: Conn, owner: Owner, chat_id: uuid.UUID) -> asyncpg.Re
     return row
 
 
+async def _lock_unarchived_chat(
+    conn: Conn, owner: Owner, chat_id: uuid.UUID, transition: str
+) -> asyncpg.Record:
+    """Lock the chat for a transition that starts a turn; archived chats refuse those."""
+    row = await _lock_chat(conn, owner, chat_id)
+    if row["archived"]:
+        raise InvalidTransition(
+            transition=transition,
+            from_status=row["status"],
+            reason="the chat is archived; unarchive it first",
+        )
+    return row
+
+
 async def _resolve_model_config(conn: Conn, model_config_id: uuid.UUID | None) -> uuid.UUID:
     if model_config_id is not None:
         row = await conn.fetchrow(Q.sql("enabled_model_config"), model_config_id)
@@ -323,13 +337,7 @@ async def send_message(
     """waiting/error -> pending with the new message; pending/running -> queued (bounded)."""
     parts = normalize_user_content(content)
     async with transaction(pool) as conn:
-        chat_row = await _lock_chat(conn, owner, chat_id)
-        if chat_row["archived"]:
-            raise InvalidTransition(
-                transition="send a message to",
-                from_status=chat_row["status"],
-                reason="the chat is archived; unarchive it first",
-            )
+        chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "send a message to")
         await check_spend_limit(
             conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
         )
@@ -374,13 +382,7 @@ async def edit_message(
     inserted, the queue is cleared, and the chat starts over (pending)."""
     parts = normalize_user_content(content)
     async with transaction(pool) as conn:
-        chat_row = await _lock_chat(conn, owner, chat_id)
-        if chat_row["archived"]:
-            raise InvalidTransition(
-                transition="edit a message of",
-                from_status=chat_row["status"],
-                reason="the chat is archived",
-            )
+        chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "edit a message of")
         message_row = await conn.fetchrow(Q.sql("get_user_message_for_edit"), message_id, chat_id)
         if message_row is None:
             raise NotFound("message not found")
