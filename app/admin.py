@@ -21,6 +21,30 @@ from app.errors import Conflict, NotFound
 Q = Queries.load()
 
 
+# Option names whose values are credentials: stored, used by the providers, never shown.
+SECRET_OPTION_NAMES = frozenset({"api_key"})
+REDACTED = "[redacted]"
+
+
+def redact_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    """The options as clients may see them: credentials replaced by a marker that says one is
+    set (any authenticated user can list model configs)."""
+    return {
+        name: REDACTED if name in SECRET_OPTION_NAMES and value else value
+        for name, value in options.items()
+    }
+
+
+def _keep_redacted_secrets(options: dict[str, Any], current: asyncpg.Record) -> dict[str, Any]:
+    """A client that read a config and sends its options back sends the redaction marker, not
+    the secret: the stored secret stays."""
+    stored = json.loads(current["options"])
+    return {
+        name: stored.get(name) if name in SECRET_OPTION_NAMES and value == REDACTED else value
+        for name, value in options.items()
+    }
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     id: uuid.UUID
@@ -61,7 +85,7 @@ class ModelConfig:
             "compression_threshold": self.compression_threshold,
             "is_default": self.is_default,
             "enabled": self.enabled,
-            "options": self.options,
+            "options": redact_secrets(self.options),
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -153,7 +177,9 @@ async def update_model_config(
                 changes.compression_threshold,
                 changes.is_default,
                 changes.enabled,
-                json.dumps(changes.options) if changes.options is not None else None,
+                json.dumps(_keep_redacted_secrets(changes.options, current))
+                if changes.options is not None
+                else None,
             )
     except asyncpg.UniqueViolationError:
         raise Conflict("another model config became the default at the same time") from None

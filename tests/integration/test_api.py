@@ -357,3 +357,37 @@ async def test_replicas_lists_heartbeat_ages(api: ApiInstance, alice: ApiUser) -
 async def test_the_openapi_document_is_served(api: ApiInstance, alice: ApiUser) -> None:
     status, body = await _call(api, alice, "GET", "/api/v1/openapi.json")
     assert status == 200 and body["openapi"].startswith("3.1")
+
+
+async def test_model_config_credentials_are_never_shown_and_survive_a_round_trip(
+    api: ApiInstance, alice: ApiUser, admin: ApiUser
+) -> None:
+    status, created = await _call(
+        api,
+        admin,
+        "POST",
+        "/api/v1/model-configs",
+        {"provider": "openai", "model": "gpt-x", "options": {"api_key": "sk-secret", "x": 1}},
+    )
+    assert status == 201
+    assert created["options"] == {"api_key": "[redacted]", "x": 1}
+    status, listed = await _call(api, alice, "GET", "/api/v1/model-configs")
+    assert status == 200
+    assert "sk-secret" not in str(listed)
+
+    # Sending back what was read keeps the stored key; a new key replaces it.
+    config_path = f"/api/v1/model-configs/{created['id']}"
+    status, _ = await _call(api, admin, "PATCH", config_path, {"options": created["options"]})
+    assert status == 200
+    stored = await api.pool.fetchval(
+        "SELECT options ->> 'api_key' FROM chat_model_configs WHERE id = $1",
+        uuid.UUID(created["id"]),
+    )
+    assert stored == "sk-secret"
+    status, _ = await _call(api, admin, "PATCH", config_path, {"options": {"api_key": "sk-new"}})
+    assert status == 200
+    stored = await api.pool.fetchval(
+        "SELECT options ->> 'api_key' FROM chat_model_configs WHERE id = $1",
+        uuid.UUID(created["id"]),
+    )
+    assert stored == "sk-new"
