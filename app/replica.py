@@ -118,6 +118,11 @@ class Replica:
         self._liveness_conn_lost = asyncio.Event()
         self._registered = asyncio.Event()
         self._poke = asyncio.Event()  # "try to acquire now"
+        # Pending chats may be waiting that this replica left for lack of capacity (it was
+        # full when woken, or took a full batch): a run that ends then tries again at once.
+        # Otherwise a run's end costs no acquire statement (the wake of a new pending chat and
+        # the fallback poll cover the rest).
+        self._backlog = False
         self._stop_requested = asyncio.Event()
         self._accepting = True
         self._task_group: asyncio.TaskGroup | None = None
@@ -409,11 +414,15 @@ class Replica:
     async def acquire(self) -> list[Chat]:
         """Acquire as many pending chats as there is capacity for and start their runs."""
         spare = self.spare_capacity
-        if spare <= 0 or not self._accepting or not self._registered.is_set():
+        if spare <= 0:
+            self._backlog = True
+            return []
+        if not self._accepting or not self._registered.is_set():
             return []
         worker_id = self.id
         self.stats.acquire_attempts += 1
         chats = await runs.acquire(self._pool, worker_id, spare)
+        self._backlog = len(chats) == spare
         for chat in chats:
             if worker_id != self.id or not self._registered.is_set() or not self._accepting:
                 # Liveness was lost (or shutdown began) while acquiring: a run here could not
@@ -461,7 +470,8 @@ class Replica:
             current = self.runs.get(run.chat_id)
             if current is not None and current[0] is run:
                 del self.runs[run.chat_id]
-            self._poke.set()
+            if self._backlog:
+                self._poke.set()
 
     async def _salvage(self, run: Run, *, transient: bool) -> RunEnd:
         """Release the chat of a crashed run. If even that cannot be written, this replica

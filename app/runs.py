@@ -126,12 +126,15 @@ async def check_owned(pool: asyncpg.Pool, token: RunToken) -> Chat:
         return Chat.from_record(await _lock_owned(conn, token))
 
 
-async def _insert_step(
-    conn: Conn, token: RunToken, step: StepRecord, model_config_id: uuid.UUID | None
-) -> list[Message]:
+def _step_arrays(step: StepRecord | None) -> list[list[Any]]:
+    """A step's messages as the array arguments of run_insert_messages (and of the statements
+    shaped like it): roles, contents, then the five usage columns. The assistant's message
+    carries the step's usage and cost; the tool results' message none."""
     roles: list[str] = []
     contents: list[str] = []
     usage_columns: list[list[int]] = [[], [], [], [], []]
+    if step is None:
+        return [roles, contents, *usage_columns]
     if step.assistant_content or step.tool_results:
         roles.append("assistant")
         contents.append(json.dumps(step.assistant_content))
@@ -152,17 +155,7 @@ async def _insert_step(
         contents.append(json.dumps(step.tool_results))
         for column in usage_columns:
             column.append(0)
-    if not roles:
-        return []
-    rows = await conn.fetch(
-        Q.sql("run_insert_messages"),
-        token.chat_id,
-        model_config_id,
-        roles,
-        contents,
-        *usage_columns,
-    )
-    return [Message.from_record(row) for row in rows]
+    return [roles, contents, *usage_columns]
 
 
 async def persist_step(
@@ -171,12 +164,13 @@ async def persist_step(
     """A finished step becomes durable: its assistant message (+ a tool message with the tool
     results) are inserted and the chat's live parts deleted, in one fenced transaction, so a
     reader sees either the parts or the messages. The caller must first make sure no flush of
-    this chat's parts can commit afterwards (PartFlusher.discard)."""
+    this chat's parts can commit afterwards (PartFlusher.settle / discard)."""
     async with transaction(pool) as conn:
         await _lock_owned(conn, token)
-        messages = await _insert_step(conn, token, step, model_config_id)
-        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
-        return messages
+        rows = await conn.fetch(
+            Q.sql("run_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
+        )
+        return [Message.from_record(row) for row in rows]
 
 
 async def compact(
@@ -256,7 +250,8 @@ async def end_turn(
     step: StepRecord | None = None,
     model_config_id: uuid.UUID | None = None,
 ) -> TurnOutcome:
-    """The end of a turn, in one fenced transaction.
+    """The end of a turn, in one fenced transaction of two statements (run_lock_owned, then
+    run_end_turn, which says why it must not be one):
 
     - `step` (the turn's last step, or an interrupted step's output so far) is persisted
       first, and the chat's live parts are deleted.
@@ -266,21 +261,21 @@ async def end_turn(
       continue the run: that is how "send this queued message now" works on a running chat.
     - With nothing to continue: -> waiting, the Stop mark cleared."""
     async with transaction(pool) as conn:
-        row = await _lock_owned(conn, token)
-        if step is not None and not step.is_empty:
-            await _insert_step(conn, token, step, model_config_id)
-        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
-        stop_requested = interrupted or row["interrupt_requested_at"] is not None
-        next_message = await _pop_next_message(conn, token.chat_id, promoted_only=stop_requested)
-        if next_message is not None:
-            if row["interrupt_requested_at"] is not None:
-                continued = await conn.fetchrow(Q.sql("run_continue"), token.chat_id)
-                assert continued is not None
-                row = continued
-            return TurnOutcome(Chat.from_record(row), next_message)
-        released = await conn.fetchrow(Q.sql("run_release"), token.chat_id, "waiting")
-        assert released is not None
-        return TurnOutcome(Chat.from_record(released), None)
+        locked = await _lock_owned(conn, token)
+        row = await conn.fetchrow(
+            Q.sql("run_end_turn"),
+            token.chat_id,
+            model_config_id,
+            *_step_arrays(step),
+            interrupted,
+        )
+        assert row is not None
+        chat = Chat.from_record(row["chat"] if row["chat"] is not None else locked)
+        next_message = row["next_message"]
+        if next_message is None:
+            assert chat.status == "waiting"
+            return TurnOutcome(chat, None)
+        return TurnOutcome(chat, Message.from_record(next_message))
 
 
 async def _give_back(conn: Conn, chat_id: uuid.UUID, *, stop_requested: bool) -> asyncpg.Record:

@@ -1,9 +1,11 @@
 """The stream room: per replica, ONE hub per chat that has local watchers (DESIGN.md §5).
 
 A hub subscribes to `chat:<id>` on the listener. Notifications only set "what to re-read" flags;
-the hub's loop then runs ONE statement (`stream_read`) for everything that accumulated, whatever
-the number of local clients, and fans the resulting frames out to every client's bounded queue.
-Frames are encoded once and shared by all clients.
+the hub's loop then makes ONE read for everything that accumulated, whatever the number of local
+clients, and fans the resulting frames out to every client's bounded queue. Frames are encoded
+once and shared by all clients. The reads of all the hubs that need one at the same moment share
+ONE statement (`StreamReader`, `stream_read`): a worker's flush notifies every chat it streams at
+once, and their hubs here then cost one statement, not one each.
 
 Joining is serialized with the live reads: a new client is handed to the hub's loop, whose next
 read (after the subscription is armed) also serves as the client's snapshot, read from the
@@ -148,7 +150,7 @@ class LivePart:
 
 @dataclass(frozen=True)
 class ChatRead:
-    """What one `stream_read` statement returned, with every payload prepared once."""
+    """What one read (a row of `stream_read`) returned, with every payload prepared once."""
 
     chat_id: uuid.UUID
     exists: bool
@@ -166,7 +168,7 @@ class ChatRead:
 
     @classmethod
     def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None) -> ChatRead:
-        if row is None:
+        if row is None or not row["found"]:
             return cls(chat_id=chat_id, exists=False)
         cid = str(chat_id)
         last_error = json.loads(row["last_error"]) if row["last_error"] is not None else None
@@ -502,9 +504,118 @@ class StreamClient:
         return frame
 
 
+@dataclass(frozen=True)
+class ReadRequest:
+    """What one hub asks of one read (see `stream_read`)."""
+
+    chat_id: uuid.UUID
+    history: bool
+    after_message_id: int
+    from_part_id: int
+    queue: bool
+    message_cursors: list[int]
+
+
+class StreamReader:
+    """Serves the reads of all the hubs of a replica: the requests made while no statement can
+    be sent (the same loop iteration, or while `max_in_flight` statements are in flight) share
+    the next one. A request is only ever served by a statement sent after it was made, so a hub
+    that was notified and then asked still reads everything the notification announced.
+
+    A hub cancelled while it waits simply drops its request (the statement, shared with others,
+    goes on)."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, max_in_flight: int = 2, max_per_statement: int = 500
+    ) -> None:
+        self._pool = pool
+        self._max_in_flight = max_in_flight
+        self._max_per_statement = max_per_statement
+        self._pending: list[tuple[ReadRequest, asyncio.Future[ChatRead]]] = []
+        self._scheduled = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.statements = 0
+
+    async def read(self, request: ReadRequest) -> ChatRead:
+        future: asyncio.Future[ChatRead] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if self._scheduled or not self._pending or len(self._in_flight) >= self._max_in_flight:
+            return
+        # Next loop iteration: the hubs woken by the same batch of notifications ask first.
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        while self._pending and len(self._in_flight) < self._max_in_flight:
+            batch = [(r, f) for r, f in self._pending[: self._max_per_statement] if not f.done()]
+            del self._pending[: self._max_per_statement]
+            if not batch:
+                continue
+            task = asyncio.create_task(self._serve(batch), name="stream-read")
+            self._in_flight.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._schedule()
+
+    async def _serve(self, batch: list[tuple[ReadRequest, asyncio.Future[ChatRead]]]) -> None:
+        requests = [request for request, _future in batch]
+        args = (
+            [r.chat_id for r in requests],
+            [r.history for r in requests],
+            [r.after_message_id for r in requests],
+            [r.from_part_id for r in requests],
+            [r.queue for r in requests],
+            sorted({cursor for r in requests for cursor in r.message_cursors}),
+        )
+        try:
+            self.statements += 1
+            try:
+                rows = await self._fetch(args, single=len(batch) == 1)
+            except asyncpg.exceptions.OutdatedSchemaCacheError:
+                # The rows are decoded as the tables' composite types; a migration that changed
+                # one (a rolling deploy) makes asyncpg drop its type cache and raise once.
+                self.statements += 1
+                rows = await self._fetch(args, single=len(batch) == 1)
+        except BaseException as exc:
+            for _request, future in batch:
+                if not future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (request, future), row in zip(batch, rows, strict=True):
+            if not future.done():
+                future.set_result(ChatRead.from_row(request.chat_id, row))
+
+    async def _fetch(self, args: tuple[list[Any], ...], *, single: bool) -> list[Any]:
+        # A lone request (the usual case at low load) reads its one row with fetchrow.
+        if single:
+            return [await self._pool.fetchrow(Q.sql("stream_read"), *args)]
+        return list(await self._pool.fetch(Q.sql("stream_read"), *args))
+
+    async def aclose(self) -> None:
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight))
+        for _request, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+
 @dataclass
 class HubCounters:
-    reads: int = 0  # stream_read statements
+    reads: int = 0  # reads of this hub (each one row of a `stream_read` statement)
     notifications: int = 0  # notices received on the chat's channel
     resyncs: int = 0  # listener resyncs (reconnect, subscription overflow)
     overflows: int = 0  # clients dropped because they fell behind
@@ -520,13 +631,14 @@ class ChatStreamHub:
         listener: Listener,
         *,
         on_failed: Callable[[ChatStreamHub], None],
+        reader: StreamReader | None = None,
     ) -> None:
         self.chat_id = chat_id
         self.channel = f"chat:{chat_id}"
         self.clients: set[StreamClient] = set()
         self.counters = HubCounters()
         self.finished = False
-        self._pool = pool
+        self._reader = reader if reader is not None else StreamReader(pool)
         self._listener = listener
         self._on_failed = on_failed
         self._joiners: list[StreamClient] = []
@@ -689,29 +801,28 @@ class ChatStreamHub:
                 return
 
     async def _read(self, positions: list[Position], *, history: bool, queue: bool) -> ChatRead:
-        after_message_id = min((p.message_id for p in positions), default=0)
-        from_part_id = min((p.part_id for p in positions), default=0)
-        message_cursors = sorted({p.message_id for p in positions if p.message_id > 0})
-        args = (self.chat_id, history, after_message_id, from_part_id, queue, message_cursors)
         self.counters.reads += 1
-        try:
-            row = await self._pool.fetchrow(Q.sql("stream_read"), *args)
-        except asyncpg.exceptions.OutdatedSchemaCacheError:
-            # The rows are decoded as the tables' composite types; a migration that changed one
-            # (a rolling deploy) makes asyncpg drop its type cache and raise once. Read again.
-            self.counters.reads += 1
-            row = await self._pool.fetchrow(Q.sql("stream_read"), *args)
-        return ChatRead.from_row(self.chat_id, row)
+        return await self._reader.read(
+            ReadRequest(
+                chat_id=self.chat_id,
+                history=history,
+                after_message_id=min((p.message_id for p in positions), default=0),
+                from_part_id=min((p.part_id for p in positions), default=0),
+                queue=queue,
+                message_cursors=sorted({p.message_id for p in positions if p.message_id > 0}),
+            )
+        )
 
 
 @dataclass(frozen=True)
 class StreamStats:
     hubs: int
     clients: int
-    reads: int
+    reads: int  # hub reads (one per batch of notifications of one chat)
     notifications: int
     resyncs: int
     overflows: int
+    statements: int = 0  # the `stream_read` statements that served them (shared by hubs)
 
 
 class StreamHubs:
@@ -725,6 +836,7 @@ class StreamHubs:
         self._listener = listener
         self._max_queued = max_queued_events_per_client
         self._hubs: dict[uuid.UUID, ChatStreamHub] = {}
+        self._reader = StreamReader(pool)
         self._retired = HubCounters()
         self._closing = False
 
@@ -741,6 +853,7 @@ class StreamHubs:
             + sum(hub.counters.notifications for hub in hubs),
             resyncs=self._retired.resyncs + sum(hub.counters.resyncs for hub in hubs),
             overflows=self._retired.overflows + sum(hub.counters.overflows for hub in hubs),
+            statements=self._reader.statements,
         )
 
     @contextlib.asynccontextmanager
@@ -755,7 +868,9 @@ class StreamHubs:
             return
         hub = self._hubs.get(chat_id)
         if hub is None or hub.finished:
-            hub = ChatStreamHub(chat_id, self._pool, self._listener, on_failed=self._forget)
+            hub = ChatStreamHub(
+                chat_id, self._pool, self._listener, on_failed=self._forget, reader=self._reader
+            )
             self._hubs[chat_id] = hub
             hub.start()
         hub.join(client)
@@ -788,6 +903,7 @@ class StreamHubs:
             self._forget(hub)
         for hub in hubs:
             await hub.stop()
+        await self._reader.aclose()
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,12 +20,19 @@ every subscriber has seen the turn end:
   transaction = one NOTIFY commit for all the chats of the replica), and the same per flush
   window (the design's target is about 1, whatever the number of chats);
 - streamer reads/s and reads per notification (`chatd_stream_hub_*`);
-- streamer CPU per subscriber (utime + stime of the processes) and memory per subscriber (VmRSS
-  growth while the idle subscribers connect)."""
+- streamer CPU per subscriber and per word delivered to a subscriber, worker CPU per word
+  (utime + stime of the processes from /proc/<pid>/stat), and memory per subscriber (VmRSS
+  growth of the streamers while the idle subscribers connect).
+
+A word reaches a subscriber in a live part, or in the step's message when the hub's read came
+after the step was persisted (the transaction that persists it deletes its parts): the first
+arrival counts, so every word gives one sample per subscriber. The chats start in groups spread
+over `START_SPREAD_S`."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -59,11 +66,17 @@ class Scale:
         return self.chats * self.subscribers_per_chat
 
 
-DEFAULT_SCALE = Scale(chats=200, subscribers_per_chat=3, words=30)
-LARGE_SCALE = Scale(chats=1000, subscribers_per_chat=2, words=30)
+DEFAULT_SCALE = Scale(chats=200, subscribers_per_chat=3, words=60)
+LARGE_SCALE = Scale(chats=1000, subscribers_per_chat=2, words=60)
+# The chats start in this many groups spread over this long (a steady stream of answers, as
+# traffic is, rather than every chat starting in the same millisecond; the groups still make
+# bursts of acquires and run starts).
+START_GROUPS = 10
+START_SPREAD_S = 1.5
 
 _STAMP = re.compile(rb"@(\d+\.\d{6})")
 CONNECT_TIMEOUT_S = 120.0
+CONNECTING_AT_ONCE = 64
 STREAM_TIMEOUT_S = 60.0
 
 
@@ -79,11 +92,13 @@ class Subscriber:
     done: bool = False
     error: str | None = None
 
-    async def run(self, session: aiohttp.ClientSession) -> None:
+    async def run(self, session: aiohttp.ClientSession, connecting: asyncio.Semaphore) -> None:
         try:
-            async with session.get(
-                self.url, headers={"Authorization": f"Bearer {self.token}"}
-            ) as response:
+            async with contextlib.AsyncExitStack() as stack:
+                async with connecting:  # until the response's headers are in
+                    response = await stack.enter_async_context(
+                        session.get(self.url, headers={"Authorization": f"Bearer {self.token}"})
+                    )
                 if response.status != 200:
                     self.error = f"HTTP {response.status}"
                     return
@@ -144,6 +159,41 @@ def sample_process(pid: int) -> ProcessSample:
 _CLOCK_TICKS = 100  # os.sysconf("SC_CLK_TCK") on Linux
 
 
+def _cpu_s(pid: int) -> float:
+    try:
+        return sample_process(pid).cpu_s
+    except (OSError, IndexError, ValueError):
+        return 0.0  # gone meanwhile
+
+
+def postgres_cpu_s(postmaster_pid: int | None) -> dict[int, float]:
+    """CPU seconds of the postmaster and each of its children (backends, background workers),
+    by pid; empty when the server is not a local process we can see."""
+    if postmaster_pid is None:
+        return {}
+    try:
+        children = Path(f"/proc/{postmaster_pid}/task/{postmaster_pid}/children").read_text()
+    except OSError:
+        return {}
+    pids = [postmaster_pid, *(int(pid) for pid in children.split())]
+    return {pid: _cpu_s(pid) for pid in pids}
+
+
+async def postmaster_pid(pool: asyncpg.Pool) -> int | None:
+    """The local postmaster: the parent of one of our backends."""
+    return parent_pid(await pool.fetchval("SELECT pg_backend_pid()"))
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _samples(replicas: list[BenchReplica]) -> list[ProcessSample]:
     samples = []
     for replica in replicas:
@@ -199,8 +249,8 @@ async def _setup(pool: asyncpg.Pool, scale: Scale) -> tuple[str, list[uuid.UUID]
 
 
 async def _send_all(pool: asyncpg.Pool, chat_ids: list[uuid.UUID], text: str) -> None:
-    """Every chat gets its user message and becomes pending, in one transaction (rows locked
-    first, as every message insert does)."""
+    """Every chat of a group gets its user message and becomes pending, in one transaction
+    (rows locked first, as every message insert does)."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "UPDATE chats SET status = 'pending' WHERE id = ANY($1::uuid[])", chat_ids
@@ -263,7 +313,11 @@ async def _measure(
         for c, chat_id in enumerate(chat_ids)
         for k in range(scale.subscribers_per_chat)
     ]
-    tasks = [asyncio.create_task(s.run(session)) for s in subscribers]
+    # Connections are opened at most CONNECTING_AT_ONCE at a time: the replicas' listen
+    # backlog (128) would drop a thousand SYNs arriving together, and the clients would then
+    # wait for the kernel's SYN retries.
+    connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
+    tasks = [asyncio.create_task(s.run(session, connecting)) for s in subscribers]
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             await asyncio.gather(*(s.connected.wait() for s in subscribers))
@@ -273,10 +327,17 @@ async def _measure(
         connected = _samples(streamers)
         before = await _scrape_all(session, [*workers, *streamers])
         busy = _samples([*workers, *streamers])
+        postmaster = await postmaster_pid(pool)
+        pg_before = postgres_cpu_s(postmaster)
+        client_before = time.process_time()
 
         text = " ".join(f"w{i}" for i in range(scale.words))
         began = time.perf_counter()
-        await _send_all(pool, chat_ids, text)
+        group_size = math.ceil(len(chat_ids) / START_GROUPS)
+        for group in range(START_GROUPS):
+            if group:
+                await asyncio.sleep(START_SPREAD_S / START_GROUPS)
+            await _send_all(pool, chat_ids[group * group_size : (group + 1) * group_size], text)
         try:
             async with asyncio.timeout(STREAM_TIMEOUT_S):
                 await asyncio.gather(*tasks)
@@ -293,6 +354,8 @@ async def _measure(
         elapsed_s = time.perf_counter() - began
         after = await _scrape_all(session, [*workers, *streamers])
         done = _samples([*workers, *streamers])
+        client_cpu_s = time.process_time() - client_before
+        pg_after = postgres_cpu_s(postmaster)
     finally:
         for task in tasks:
             task.cancel()
@@ -321,6 +384,9 @@ async def _measure(
     notices = sum(_delta(stream_after, stream_before, "chatd_stream_hub_notifications_total"))
     result.add("streamer_reads_per_s", reads / len(streamers) / elapsed_s, "1/s")
     result.add("streamer_reads_per_notification", reads / max(notices, 1.0), "1")
+    if "chatd_stream_read_statements_total" in stream_after[0]:  # when the replicas export it
+        statements = sum(_delta(stream_after, stream_before, "chatd_stream_read_statements_total"))
+        result.add("streamer_read_statements_per_s", statements / len(streamers) / elapsed_s, "1/s")
 
     stream_cpu_s = sum(
         d.cpu_s - b.cpu_s for d, b in zip(done[n_workers:], busy[n_workers:], strict=True)
@@ -328,15 +394,24 @@ async def _measure(
     worker_cpu_s = sum(
         d.cpu_s - b.cpu_s for d, b in zip(done[:n_workers], busy[:n_workers], strict=True)
     )
-    # CPU per subscriber: streamer CPU milliseconds per second of streaming, per subscriber.
+    # CPU per unit of work, which stays meaningful when the machine is saturated (CPU per
+    # second would only show the saturation): per subscriber (for one answer of `words` words),
+    # per word delivered to one subscriber, per word a worker streamed.
+    tokens = scale.words + 1
+    result.add("streamer_cpu_ms_per_subscriber", stream_cpu_s * 1000 / scale.subscribers, "ms")
     result.add(
-        "streamer_cpu_ms_per_s_per_subscriber",
-        stream_cpu_s * 1000 / elapsed_s / scale.subscribers,
-        "ms/s",
+        "streamer_cpu_us_per_delivered_token",
+        stream_cpu_s * 1e6 / (scale.subscribers * tokens),
+        "us",
     )
-    result.add(
-        "worker_cpu_ms_per_s_per_chat", worker_cpu_s * 1000 / elapsed_s / scale.chats, "ms/s"
-    )
+    result.add("worker_cpu_us_per_token", worker_cpu_s * 1e6 / (scale.chats * tokens), "us")
+    # How many cores the replicas, PostgreSQL and the bench's own SSE clients kept busy: their
+    # sum near the machine's core count means the latency is mostly queueing for the CPU.
+    result.add("replicas_busy_cores", (stream_cpu_s + worker_cpu_s) / elapsed_s, "1")
+    if pg_after:  # backends that started meanwhile count whole
+        pg_cpu_s = sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items())
+        result.add("postgres_busy_cores", pg_cpu_s / elapsed_s, "1")
+    result.add("clients_busy_cores", client_cpu_s / elapsed_s, "1")
     rss_kb = sum(c.rss_kb - i.rss_kb for c, i in zip(connected, idle, strict=True))
     result.add("streamer_rss_kb_per_subscriber", rss_kb / scale.subscribers, "KB")
     result.add("turn_s", elapsed_s, "s")

@@ -69,6 +69,87 @@ FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], 
 ORDER BY m.n
 RETURNING *;
 
+-- name: run_persist_step :many
+-- A finished step, in ONE statement after run_lock_owned in the same transaction: its messages
+-- (the assistant's, then the tool results', in array order, one "message" notification) and the
+-- deletion of the chat's live parts, so a reader sees either the parts or the messages. Same
+-- arguments as run_insert_messages.
+WITH deleted_parts AS (
+    DELETE FROM chat_stream_parts WHERE chat_id = $1
+)
+INSERT INTO chat_messages (chat_id, role, content, model_config_id, input_tokens, output_tokens,
+                           cache_read_tokens, cache_write_tokens, cost_micros)
+SELECT $1, m.role, m.content::jsonb, $2, m.input_tokens, m.output_tokens, m.cache_read_tokens,
+       m.cache_write_tokens, m.cost_micros
+FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::bigint[])
+     WITH ORDINALITY AS m(role, content, input_tokens, output_tokens, cache_read_tokens,
+                          cache_write_tokens, cost_micros, n)
+ORDER BY m.n
+RETURNING *;
+
+-- name: run_end_turn :one
+-- The end of a turn, in ONE statement after run_lock_owned in the same transaction (the lock
+-- is taken by an earlier statement on purpose: this statement's snapshot then includes every
+-- transaction that held the row before us, e.g. a message queued just before the lock was
+-- granted; one statement that locked and read at once would miss it). $1 chat, $2 model config
+-- of the step, $3..$9 the step's messages as in run_insert_messages (empty arrays: no step),
+-- $10 the run was interrupted.
+--   - the live parts of the chat are deleted;
+--   - the queue's head is popped (promoted first, then FIFO); after a Stop (the run was
+--     interrupted, or the mark is on the row) only a promoted message may continue the run;
+--   - the step's messages and the popped message become messages in ONE insert, in that order
+--     (ids follow ORDER BY; one "message" notification carries the highest id);
+--   - nothing popped: -> waiting, worker_id and the Stop mark cleared (run_release); popped
+--     after a Stop mark: the mark is cleared (run_continue); popped without one: the row is
+--     not touched (no version bump, no notification), the chat stays running.
+-- Returns the row as updated (NULL when untouched) and the popped message as inserted.
+WITH chat AS (
+    SELECT c.interrupt_requested_at IS NOT NULL AS marked
+    FROM chats c
+    WHERE c.id = $1
+), deleted_parts AS (
+    DELETE FROM chat_stream_parts WHERE chat_id = $1
+), popped AS (
+    DELETE FROM chat_queued_messages
+    WHERE id = (
+        SELECT q.id
+        FROM chat_queued_messages q, chat
+        WHERE q.chat_id = $1 AND (q.promoted OR NOT (chat.marked OR $10))
+        ORDER BY q.promoted DESC, q.id
+        LIMIT 1
+    )
+    RETURNING content
+), inserted AS (
+    INSERT INTO chat_messages (chat_id, role, content, model_config_id, input_tokens,
+                               output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
+    SELECT $1, m.role, m.content, m.model_config_id, m.input_tokens, m.output_tokens,
+           m.cache_read_tokens, m.cache_write_tokens, m.cost_micros
+    FROM (
+        SELECT s.role, s.content::jsonb AS content, $2::uuid AS model_config_id, s.input_tokens,
+               s.output_tokens, s.cache_read_tokens, s.cache_write_tokens, s.cost_micros, s.n
+        FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[],
+                    $9::bigint[])
+             WITH ORDINALITY AS s(role, content, input_tokens, output_tokens, cache_read_tokens,
+                                  cache_write_tokens, cost_micros, n)
+        UNION ALL
+        SELECT 'user', p.content, NULL, 0, 0, 0, 0, 0, 9223372036854775807
+        FROM popped p
+    ) m
+    ORDER BY m.n
+    RETURNING *
+), updated AS (
+    UPDATE chats c
+    SET status = CASE WHEN next.popped THEN c.status ELSE 'waiting' END,
+        worker_id = CASE WHEN next.popped THEN c.worker_id END,
+        interrupt_requested_at = NULL,
+        heartbeat_at = CASE WHEN next.popped THEN clock_timestamp() ELSE c.heartbeat_at END
+    FROM (SELECT EXISTS (SELECT 1 FROM popped) AS popped) next
+    WHERE c.id = $1 AND (NOT next.popped OR c.interrupt_requested_at IS NOT NULL)
+    RETURNING c.*
+)
+SELECT (SELECT u::chats FROM updated u) AS chat,
+       (SELECT i::chat_messages FROM inserted i WHERE i.role = 'user') AS next_message;
+
 -- name: run_delete_parts :exec
 -- All live parts of the chat: those of the step being persisted (or voided) and any orphan of an
 -- earlier generation. Sends no notification; the message notification of the same transaction
@@ -151,6 +232,12 @@ DELETE FROM chat_stream_parts WHERE chat_id = ANY($1::uuid[]);
 -- away (requeue, edit, archive) either waits for this statement and then deletes what it
 -- wrote, or this statement waits for it and writes nothing for that chat. Rows are locked in
 -- id order, so two flushes never deadlock. Returns the number of parts written.
+--
+-- The commit does not wait for the WAL flush (synchronous_commit off for this transaction
+-- only): nothing it writes outlives a server crash anyway (the parts table is UNLOGGED, the
+-- row locks end with the transaction), so waiting for the disk would only add the fsync to
+-- every token's latency and hold the NOTIFY commit lock, which every notifying commit of the
+-- cluster queues on, through it. Messages and state changes keep synchronous commits.
 WITH parts AS (
     SELECT *
     FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[])
@@ -169,7 +256,7 @@ WITH parts AS (
     ORDER BY p.n
     RETURNING 1
 )
-SELECT count(*) FROM inserted;
+SELECT count(*), set_config('synchronous_commit', 'off', true) FROM inserted;
 
 -- name: parts_delete_orphans :one
 -- The janitor: live parts whose chat is not running that generation any more. A run that lost
