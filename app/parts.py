@@ -1,6 +1,6 @@
 """The coalesced part flusher (DESIGN.md §5): one per replica. Runs hand it the live parts of
 the steps they stream; every `interval` window ONE transaction (one multi-row INSERT) carries
-the buffered parts of ALL the chats this replica runs, so the NOTIFY commit lock is taken about
+the buffered parts of ALL the chats this replica runs, so the notification commit lock is taken about
 once per window per replica, not once per token or per chat. Nothing is written while the
 buffer is empty.
 
@@ -44,7 +44,7 @@ class BufferedPart:
 
 @dataclass
 class FlushStats:
-    """Counters for benchmarks and /metrics: `transactions` is the number of NOTIFY commits."""
+    """Counters for benchmarks and /metrics: `transactions` is the number of notifying commits."""
 
     transactions: int = 0
     parts_buffered: int = 0
