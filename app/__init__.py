@@ -1,1 +1,1 @@
-"""chatd: durable AI-agent chats on a shared PostgreSQL, driven by LISTEN and trigger notifications."""
+"""chatd: durable AI-agent chats on a shared PostgreSQL, driven by LISTEN and triggers."""

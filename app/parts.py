@@ -1,6 +1,6 @@
 """The coalesced part flusher (DESIGN.md §5): one per replica. Runs hand it the live parts of
 the steps they stream; every `interval` window ONE transaction (one multi-row INSERT) carries
-the buffered parts of ALL the chats this replica runs, so the notification commit lock is taken about
+the buffered parts of ALL the chats this replica runs, so the notification commit lock is taken
 once per window per replica, not once per token or per chat. Nothing is written while the
 buffer is empty.
 
