@@ -230,7 +230,7 @@ async def test_sigterm_hands_every_running_chat_to_the_other_replica(
     owner = await engine.create_owner(pool)
     # Slow enough to be mid-stream whatever the other replica's start-up takes; sped up once
     # the chats have moved.
-    slow = await engine.create_model_config(pool, token_delay_ms=300)
+    slow = await engine.create_model_config(pool, token_delay_ms=1000)
     streaming = [
         (await chats.create_chat(pool, owner, LONG_TEXT, model_config_id=slow))[0] for _ in range(4)
     ]
@@ -297,7 +297,7 @@ async def test_a_replica_stopped_past_the_stale_threshold_loses_its_chats_and_is
     owner = await engine.create_owner(pool)
     # Slow enough to be mid-stream whatever the other replica's start-up takes; sped up once
     # the chats have moved.
-    slow = await engine.create_model_config(pool, token_delay_ms=300)
+    slow = await engine.create_model_config(pool, token_delay_ms=1000)
     created = [
         (await chats.create_chat(pool, owner, LONG_TEXT, model_config_id=slow))[0] for _ in range(2)
     ]
