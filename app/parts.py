@@ -1,8 +1,8 @@
 """The coalesced part flusher (DESIGN.md §5): one per replica. Runs hand it the live parts of
 the steps they stream; every `interval` window ONE transaction (one multi-row INSERT) carries
 the buffered parts of ALL the chats this replica runs, so the notification commit lock is taken
-once per window per replica, not once per token or per chat. Nothing is written while the
-buffer is empty.
+about once per window per replica, not once per token or per chat. Nothing is written while
+the buffer is empty.
 
 Ordering rule: no part of a step may commit after the step's message (it would show up as a
 live part of the next step). Before a run persists output it calls `settle(chat_id)`: that waits
