@@ -18,6 +18,7 @@ from app.config import Settings
 from app.listener import Listener
 from app.replica import Replica
 from tests import factories
+from tests.conditions import wait_for
 from tests.notifications import NotificationRecorder, Received
 
 FAST_SETTINGS = Settings(
@@ -52,16 +53,12 @@ async def eventually(
     interval_s: float = 0.02,
     message: str = "condition",
 ) -> T:
-    """`tests.conditions.wait_for` for an async condition whose truthy result is returned."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        result = await condition()
-        if result:
-            return result
-        if loop.time() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
-        await asyncio.sleep(interval_s)
+    """`tests.conditions.wait_for` with the engine tests' longer default deadline."""
+    result: T | None = await wait_for(
+        condition, timeout_s=timeout_s, interval_s=interval_s, message=message
+    )
+    assert result is not None
+    return result
 
 
 def settings(**overrides: Any) -> Settings:

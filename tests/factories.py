@@ -8,9 +8,9 @@ import uuid
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
-Conn = asyncpg.Connection | PoolConnectionProxy
+from app.db import Conn
+
 DEFAULT_ORGANIZATION_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
 ECHO_MODEL_CONFIG_ID = uuid.UUID("00000000-0000-0000-0000-0000000000e0")
 

@@ -14,20 +14,13 @@ from app import chats, subagents
 from app.chats import Owner
 from app.listener import Listener
 from app.subagents import Parent, SubagentError
-from tests import factories
+from tests import engine, factories
 
 
 @pytest.fixture
 async def listener(database_url: str) -> AsyncIterator[Listener]:
-    listener = Listener(database_url)
-    task = asyncio.create_task(listener.run(), name="listener")
-    try:
-        await listener.wait_connected()
-        yield listener
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    async with engine.running_listener(database_url) as running:
+        yield running
 
 
 async def _parent(pool: asyncpg.Pool) -> Parent:

@@ -8,11 +8,12 @@ import pytest
 
 from app import chats
 from app.chats import Owner
+from app.db import Conn
 from app.errors import SpendLimitReached
 from tests import factories
 
 
-async def _owner(conn: factories.Conn, organization_id: object = None) -> Owner:
+async def _owner(conn: Conn, organization_id: object = None) -> Owner:
     if organization_id is None:
         organization_id = factories.DEFAULT_ORGANIZATION_ID
     user = await factories.create_user(conn, organization_id=organization_id)
