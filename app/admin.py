@@ -15,10 +15,10 @@ from typing import Any
 
 import asyncpg
 
-from app.db import Queries, transaction
+from app.db import project_queries, transaction
 from app.errors import Conflict, NotFound
 
-Q = Queries.load()
+Q = project_queries()
 
 
 # Option names whose values are credentials: stored, used by the providers, never shown.

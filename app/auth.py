@@ -18,10 +18,10 @@ from pathlib import Path
 import asyncpg
 
 from app.chats import Owner
-from app.db import Queries
+from app.db import project_queries
 from app.errors import Unauthorized, ValidationFailed
 
-Q = Queries.load()
+Q = project_queries()
 
 TOKEN_PREFIX = "chatd_"
 # A real token is 49 characters; anything much longer is not worth hashing.

@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 import asyncpg
 
-from app.db import Conn, Queries, transaction
+from app.db import Conn, project_queries, transaction
 from app.errors import InvalidTransition, NotFound, QueueFull, ValidationFailed
 from app.usage import check_spend_limit
 
-Q = Queries.load()
+Q = project_queries()
 
 ChatStatus = Literal["waiting", "pending", "running", "error"]
 MAX_TEXT_CHARS = 100_000

@@ -6,6 +6,7 @@ else calls them."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -61,6 +62,12 @@ class Queries:
             return self._queries[name].sql
         except KeyError:
             raise KeyError(f"no query named {name!r} in sql/queries/") from None
+
+
+@functools.cache
+def project_queries() -> Queries:
+    """sql/queries/ parsed once per process and shared by every room that runs SQL."""
+    return Queries.load()
 
 
 def _parse(path: Path) -> list[Query]:

@@ -25,11 +25,11 @@ from typing import Any
 
 import asyncpg
 
-from app.db import Queries, is_connection_error
+from app.db import is_connection_error, project_queries
 from app.log import get_logger
 from app.runs import RunToken
 
-Q = Queries.load()
+Q = project_queries()
 log = get_logger(__name__)
 
 _MERGEABLE = frozenset({"text", "reasoning"})

@@ -31,7 +31,7 @@ import asyncpg
 from app import runs
 from app.chats import Chat
 from app.config import Settings
-from app.db import Queries, is_connection_error, transaction
+from app.db import is_connection_error, project_queries, transaction
 from app.errors import FencedOut
 from app.listener import Listener
 from app.log import get_logger
@@ -39,7 +39,7 @@ from app.parts import PartFlusher
 from app.runner import Run, RunDeps, RunEnd, StepStreamer, StopCause, stream_step
 from app.tools.registry import ToolRegistry, default_registry
 
-Q = Queries.load()
+Q = project_queries()
 log = get_logger(__name__)
 
 # Advisory lock namespace of replica liveness locks: "chat" in ASCII (sql/queries/replicas.sql).

@@ -18,11 +18,11 @@ from typing import Any, Literal
 import asyncpg
 
 from app.chats import Chat, Message
-from app.db import Conn, Queries, transaction
+from app.db import Conn, project_queries, transaction
 from app.errors import FencedOut
 from app.providers.base import ModelConfig, Usage
 
-Q = Queries.load()
+Q = project_queries()
 
 PartRole = Literal["assistant", "tool", "system"]
 

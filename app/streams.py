@@ -49,12 +49,12 @@ from typing import Any
 import asyncpg
 
 from app.chats import Message, QueuedMessage
-from app.db import Queries
+from app.db import project_queries
 from app.errors import ValidationFailed
 from app.listener import Listener, Notice, Resync, Subscription
 from app.log import get_logger
 
-Q = Queries.load()
+Q = project_queries()
 log = get_logger(__name__)
 
 MAX_ID = 2**63 - 1

@@ -18,11 +18,11 @@ import asyncpg
 
 from app import chats
 from app.chats import Chat, Owner
-from app.db import Queries
+from app.db import project_queries
 from app.errors import NotFound
 from app.listener import Listener
 
-Q = Queries.load()
+Q = project_queries()
 FINISHED = ("waiting", "error")
 
 

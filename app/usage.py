@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import uuid
 
-from app.db import Conn, Queries
+from app.db import Conn, project_queries
 from app.errors import SpendLimitReached
 
-Q = Queries.load()
+Q = project_queries()
 
 
 async def check_spend_limit(conn: Conn, *, organization_id: uuid.UUID, user_id: uuid.UUID) -> None:
