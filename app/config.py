@@ -44,6 +44,14 @@ class Settings:
     max_steps_per_turn: int = 25
     queue_limit: int = 20
 
+    # Per-user limits: no user can slow down or starve another (docs/reliability.md,
+    # "Fairness"). Reaching one answers 429 with a JSON body naming the limit.
+    max_chats_per_user: int = 10_000  # chats that are not archived
+    max_pending_chats_per_user: int = 20  # chats waiting for a replica (pending)
+    max_running_chats_per_user: int = 10  # chats running at once, over all replicas
+    max_streams_per_user: int = 50  # open stream connections per user, per replica
+    max_children_per_chat: int = 8  # sub-agents a chat may have at once (not closed)
+
     # HTTP.
     max_body_bytes: int = 1_000_000
     keepalive_interval_s: float = 15.0
@@ -83,6 +91,19 @@ class Settings:
             ),
             max_steps_per_turn=_env_int("CHATD_MAX_STEPS_PER_TURN", defaults.max_steps_per_turn),
             queue_limit=_env_int("CHATD_QUEUE_LIMIT", defaults.queue_limit),
+            max_chats_per_user=_env_int("CHATD_MAX_CHATS_PER_USER", defaults.max_chats_per_user),
+            max_pending_chats_per_user=_env_int(
+                "CHATD_MAX_PENDING_CHATS_PER_USER", defaults.max_pending_chats_per_user
+            ),
+            max_running_chats_per_user=_env_int(
+                "CHATD_MAX_RUNNING_CHATS_PER_USER", defaults.max_running_chats_per_user
+            ),
+            max_streams_per_user=_env_int(
+                "CHATD_MAX_STREAMS_PER_USER", defaults.max_streams_per_user
+            ),
+            max_children_per_chat=_env_int(
+                "CHATD_MAX_CHILDREN_PER_CHAT", defaults.max_children_per_chat
+            ),
             max_body_bytes=_env_int("CHATD_MAX_BODY_BYTES", defaults.max_body_bytes),
             max_queued_events_per_client=_env_int(
                 "CHATD_MAX_QUEUED_EVENTS_PER_CLIENT", defaults.max_queued_events_per_client

@@ -67,6 +67,25 @@ class QueueFull(ChatdError):
         self.limit = limit
 
 
+class LimitReached(ChatdError):
+    """A per-user (or per-parent) limit that keeps one user from slowing down or starving the
+    others (docs/reliability.md, "Fairness"). `limit` names the setting, e.g.
+    `pending_chats_per_user`; `maximum` is its value."""
+
+    def __init__(self, *, limit: str, maximum: int, message: str) -> None:
+        super().__init__(message, detail=f"limit {limit} is {maximum}")
+        self.limit = limit
+        self.maximum = maximum
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "detail": self.detail,
+            "limit": self.limit,
+            "maximum": self.maximum,
+        }
+
+
 class SpendLimitReached(ChatdError):
     """The organization's (or user's) spend over the current period reached its limit."""
 

@@ -12,6 +12,7 @@ with the status of the error's class. Handlers never choose an error status them
 | SpendLimitReached | 409, with its own body |
 | body over `max_body_bytes` | 413 |
 | QueueFull | 429 |
+| LimitReached (a per-user limit; the body names it) | 429 |
 | database unreachable or overloaded | 503 |
 
 Anything else is a bug: it is logged with its traceback and answered 500 with a generic body
@@ -29,6 +30,7 @@ from app.errors import (
     Conflict,
     Forbidden,
     InvalidTransition,
+    LimitReached,
     NotFound,
     QueueFull,
     SpendLimitReached,
@@ -50,6 +52,7 @@ _STATUS: list[tuple[type[ChatdError], int]] = [
     (Conflict, 409),
     (SpendLimitReached, 409),
     (QueueFull, 429),
+    (LimitReached, 429),
 ]
 
 _HTTP_MESSAGES = {
@@ -67,7 +70,7 @@ def status_of(error: ChatdError) -> int:
 
 
 def error_body(error: ChatdError) -> dict[str, object]:
-    if isinstance(error, SpendLimitReached):
+    if isinstance(error, SpendLimitReached | LimitReached):
         return error.body()
     body: dict[str, object] = {"message": error.message}
     if error.detail:
