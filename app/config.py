@@ -47,8 +47,8 @@ class Settings:
     # Per-user limits: no user can slow down or starve another (docs/reliability.md,
     # "Fairness"). Reaching one answers 429 with a JSON body naming the limit.
     max_chats_per_user: int = 10_000  # chats that are not archived
-    max_pending_chats_per_user: int = 20  # chats waiting for a replica (pending)
-    max_running_chats_per_user: int = 10  # chats running at once, over all replicas
+    max_pending_chats_per_user: int = 100  # chats waiting for a replica (pending)
+    max_running_chats_per_user: int = 25  # chats running at once, over all replicas
     max_streams_per_user: int = 50  # open stream connections per user, per replica
     max_children_per_chat: int = 8  # sub-agents a chat may have at once (not closed)
 
