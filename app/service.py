@@ -13,11 +13,11 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-import asyncpg
 from aiohttp import web
 
 from app.auth import ensure_local_token
 from app.config import Settings
+from app.db import create_pool
 from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
 from app.engine_metrics import engine_metrics
 from app.http.server import build_app
@@ -55,12 +55,11 @@ async def serve(settings: Settings, dsn: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
 
-    # Not db.create_pool: the engine needs a server-side bound on idle transactions (see
-    # ENGINE_SERVER_SETTINGS) and room for its runs next to the HTTP handlers.
-    pool = await asyncpg.create_pool(
+    # The engine needs a server-side bound on idle transactions (see ENGINE_SERVER_SETTINGS)
+    # and room for its runs next to the HTTP handlers.
+    pool = await create_pool(
         dsn, min_size=1, max_size=POOL_MAX_SIZE, server_settings=ENGINE_SERVER_SETTINGS
     )
-    assert pool is not None
     try:
         # `make run`: a local admin user and its token, written to the data directory where
         # `chatd chat` finds it. Only for the embedded database.
