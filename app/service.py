@@ -17,7 +17,7 @@ from aiohttp import web
 
 from app.auth import ensure_local_token
 from app.config import Settings
-from app.db import create_pool
+from app.db import create_pool, is_outage
 from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
 from app.engine_metrics import engine_metrics
 from app.http.server import build_app
@@ -48,8 +48,28 @@ def database(settings: Settings) -> Iterator[str]:
         embedded.stop()
 
 
+# Backoff of the start-up wait for the database.
+STARTUP_BACKOFF_MAX_S = 5.0
+
+
+async def wait_for_database(dsn: str) -> None:
+    """Migrate, waiting with backoff while the database is unreachable (a replica started
+    before its database, or during a restart or failover, waits rather than exits)."""
+    backoff_s = 0.2
+    while True:
+        try:
+            await migrate_dsn(dsn)
+            return
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("service.database_unavailable", error=repr(exc), retry_in_s=backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, STARTUP_BACKOFF_MAX_S)
+
+
 async def serve(settings: Settings, dsn: str) -> None:
-    await migrate_dsn(dsn)
+    await wait_for_database(dsn)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
