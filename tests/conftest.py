@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
+from tests.faults.fixtures import pg_cluster, pg_cluster_module, pg_proxy  # noqa: F401
 from tests.pg import PgTestServer, start_pg_test_server
 
 
