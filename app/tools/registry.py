@@ -3,8 +3,13 @@
 
 A tool is a name, a description, a JSON schema for its arguments and an async handler. Handlers
 get the parsed arguments and a `ToolContext` (which chat, which run), and return any
-JSON-serializable value; raising `ToolError` (or anything else) becomes a tool result with
-`is_error: true`, so a broken tool never breaks a run. A call is bounded by its tool's timeout.
+JSON-serializable value. Raising `ToolError` is a deliberate, user-facing failure (a bad
+argument, a refusal): its message becomes the tool result, with `is_error: true`. Anything else
+a tool raises is a bug or an outage: the model reads only "the tool failed: internal error" and
+the exception goes to the log with the chat id, so no exception text (SQL, paths, hosts,
+secrets) ever reaches the model or the chat's history. A broken tool never breaks a run; a run
+that lost its chat (`FencedOut`) is the one exception that propagates, so the run stops. A
+call is bounded by its tool's timeout.
 A tool may be kept from sub-agents (`for_children=False`): it is not offered to a child chat,
 and a child that calls it anyway gets an error result.
 
@@ -25,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from app.chats import Owner
+from app.errors import FencedOut
 from app.listener import Listener
 from app.log import get_logger
 from app.providers.base import ToolSpec
@@ -36,6 +42,8 @@ DEFAULT_TOOL_TIMEOUT_S = 60.0
 # The bound of a chat's queue of user messages (Settings.queue_limit), as sub-agent tools see it.
 DEFAULT_QUEUE_LIMIT = 20
 MAX_RESULT_CHARS = 50_000
+# What the model reads when a tool failed in a way it did not mean to report.
+INTERNAL_ERROR = "internal error"
 
 
 class ToolError(Exception):
@@ -123,9 +131,14 @@ class ToolRegistry:
             return ToolOutcome(str(exc), is_error=True)
         except TimeoutError:
             return ToolOutcome(f"tool {name!r} timed out after {tool.timeout_s:g}s", is_error=True)
+        except FencedOut:
+            raise  # the run lost its chat: it must stop, not tell the model
         except Exception as exc:
-            log.warning("tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc))
-            return ToolOutcome(f"tool {name!r} failed: {exc}", is_error=True)
+            # The text of an unexpected exception is for the operator, never for the model.
+            log.error(
+                "tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc), exc_info=True
+            )
+            return ToolOutcome(f"tool {name!r} failed: {INTERNAL_ERROR}", is_error=True)
         try:
             encoded = json.dumps(result)
         except (TypeError, ValueError):
