@@ -34,6 +34,7 @@ from app.errors import FencedOut
 from app.listener import Listener
 from app.log import get_logger
 from app.providers.base import ToolSpec
+from app.runs import RunToken
 
 log = get_logger(__name__)
 
@@ -41,6 +42,8 @@ ENTRY_POINT_GROUP = "chatd.tools"
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 # The bound of a chat's queue of user messages (Settings.queue_limit), as sub-agent tools see it.
 DEFAULT_QUEUE_LIMIT = 20
+# The open sub-agents a chat may have at once (Settings.max_children_per_chat).
+DEFAULT_MAX_CHILDREN = 8
 MAX_RESULT_CHARS = 50_000
 # What the model reads when a tool failed in a way it did not mean to report.
 INTERNAL_ERROR = "internal error"
@@ -52,21 +55,28 @@ class ToolError(Exception):
 
 @dataclass(frozen=True)
 class ToolContext:
-    """Who calls: the chat (and its run's generation), on behalf of which user, and the
-    replica's database pool and listener for tools that need them (sub-agent tools create child
-    chats and wait on their notifications)."""
+    """Who calls: the chat and its run (`worker_id`, `generation`: the run's fencing token, which
+    every write a tool makes for the run must check), on behalf of which user, and the replica's
+    database pool and listener for tools that need them (sub-agent tools create child chats and
+    wait on their notifications)."""
 
     chat_id: uuid.UUID
+    worker_id: uuid.UUID
     generation: int
     owner: Owner
     parent_chat_id: uuid.UUID | None
     pool: asyncpg.Pool
     listener: Listener
     queue_limit: int = DEFAULT_QUEUE_LIMIT
+    max_children: int = DEFAULT_MAX_CHILDREN
 
     @property
     def is_child(self) -> bool:
         return self.parent_chat_id is not None
+
+    @property
+    def run_token(self) -> RunToken:
+        return RunToken(self.chat_id, self.worker_id, self.generation)
 
 
 ToolHandler = Callable[[dict[str, Any], ToolContext], Awaitable[Any]]

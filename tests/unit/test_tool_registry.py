@@ -23,6 +23,7 @@ def context() -> ToolContext:
     # These tools touch neither the database nor the listener.
     return ToolContext(
         chat_id=uuid.uuid4(),
+        worker_id=uuid.uuid4(),
         generation=1,
         owner=Owner(user_id=uuid.uuid4(), organization_id=uuid.uuid4()),
         parent_chat_id=None,
