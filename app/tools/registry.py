@@ -8,8 +8,10 @@ argument, a refusal): its message becomes the tool result, with `is_error: true`
 a tool raises is a bug or an outage: the model reads only "the tool failed: internal error" and
 the exception goes to the log with the chat id, so no exception text (SQL, paths, hosts,
 secrets) ever reaches the model or the chat's history. A broken tool never breaks a run; a run
-that lost its chat (`FencedOut`) is the one exception that propagates, so the run stops. A
-call is bounded by its tool's timeout.
+that lost its chat (`FencedOut`) is the one exception that propagates, so the run stops.
+Cancellation of the run (interrupt, shutdown) propagates too; a CancelledError raised inside
+the tool while nobody cancelled the run is a failure of the tool like any other. A call is
+bounded by its tool's timeout.
 A tool may be kept from sub-agents (`for_children=False`): it is not offered to a child chat,
 and a child that calls it anyway gets an error result.
 
@@ -143,6 +145,16 @@ class ToolRegistry:
             return ToolOutcome(f"tool {name!r} timed out after {tool.timeout_s:g}s", is_error=True)
         except FencedOut:
             raise  # the run lost its chat: it must stop, not tell the model
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise  # an interrupt or a shutdown: the run decides what it means
+            # Raised inside the tool (a cancelled scope of a library it uses) while nobody
+            # cancelled the run: the tool failed. Propagating it would end the step "cancelled
+            # without a cause", which fails the whole chat.
+            log.error(
+                "tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc), exc_info=True
+            )
+            return ToolOutcome(f"tool {name!r} failed: {INTERNAL_ERROR}", is_error=True)
         except Exception as exc:
             # The text of an unexpected exception is for the operator, never for the model.
             log.error(
@@ -159,6 +171,12 @@ class ToolRegistry:
                 is_error=True,
             )
         return ToolOutcome(result, is_error=False)
+
+
+def _being_cancelled() -> bool:
+    """Whether someone asked to cancel the task we run in (the cause of a CancelledError)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def default_registry() -> ToolRegistry:

@@ -4,6 +4,7 @@ id), and a run that lost its chat is not turned into a tool result."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any, cast
@@ -71,3 +72,26 @@ async def test_a_run_that_lost_its_chat_is_not_a_tool_result() -> None:
 
     with pytest.raises(FencedOut):
         await registry_with(fenced).call("probe", {}, context())
+
+
+async def test_a_cancellation_inside_a_tool_while_nobody_cancelled_the_run_is_a_failure() -> None:
+    async def reset(_args: dict[str, Any], _context: ToolContext) -> None:
+        raise asyncio.CancelledError("a library's cancel scope")
+
+    outcome = await registry_with(reset).call("probe", {}, context())
+    assert outcome.is_error
+    assert outcome.result == "tool 'probe' failed: internal error"
+
+
+async def test_cancelling_the_run_during_a_tool_still_cancels() -> None:
+    started = asyncio.Event()
+
+    async def forever(_args: dict[str, Any], _context: ToolContext) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    call = asyncio.create_task(registry_with(forever).call("probe", {}, context()))
+    await started.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
