@@ -69,12 +69,7 @@ from app.providers.pricing import cost_micros
 from app.providers.registry import provider_for
 from app.providers.retry import RetryInfo
 from app.runs import RunToken, StepRecord
-from app.tools.registry import (
-    DEFAULT_MAX_CHILDREN,
-    DEFAULT_QUEUE_LIMIT,
-    ToolContext,
-    ToolRegistry,
-)
+from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolContext, ToolRegistry
 
 log = get_logger(__name__)
 
