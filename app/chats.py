@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -19,6 +20,11 @@ import asyncpg
 from app.db import Conn, project_queries, transaction
 from app.errors import InvalidTransition, NotFound, QueueFull, ValidationFailed
 from app.usage import check_spend_limit
+
+# A check that runs first in the transaction of a write, on its connection; raising aborts the
+# write. Sub-agent tools pass the parent run's fence (app/subagents.py), so that a run which
+# lost its chat writes nothing for it.
+Fence = Callable[[Conn], Awaitable[None]]
 
 Q = project_queries()
 
@@ -290,6 +296,7 @@ async def create_chat(
     model_config_id: uuid.UUID | None = None,
     client_type: str = "api",
     parent_chat_id: uuid.UUID | None = None,
+    fence: Fence | None = None,
 ) -> tuple[Chat, Message]:
     """Insert a pending chat and its first user message in one transaction."""
     parts = normalize_user_content(content)
@@ -304,6 +311,8 @@ async def create_chat(
             validations=[{"field": "client_type", "detail": "expected ui or api"}],
         )
     async with transaction(pool) as conn:
+        if fence is not None:
+            await fence(conn)
         await check_spend_limit(conn, organization_id=owner.organization_id, user_id=owner.user_id)
         root_chat_id: uuid.UUID | None = None
         if parent_chat_id is not None:
@@ -332,11 +341,19 @@ async def create_chat(
 
 
 async def send_message(
-    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, content: object, *, queue_limit: int
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    content: object,
+    *,
+    queue_limit: int,
+    fence: Fence | None = None,
 ) -> SendResult:
     """waiting/error -> pending with the new message; pending/running -> queued (bounded)."""
     parts = normalize_user_content(content)
     async with transaction(pool) as conn:
+        if fence is not None:
+            await fence(conn)
         chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "send a message to")
         await check_spend_limit(
             conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
@@ -448,6 +465,7 @@ async def update_chat(
     *,
     title: str | None = None,
     archived: bool | None = None,
+    fence: Fence | None = None,
 ) -> Chat:
     """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting)."""
     if title is not None and len(title) > MAX_TITLE_CHARS:
@@ -456,6 +474,8 @@ async def update_chat(
             validations=[{"field": "title", "detail": "too long"}],
         )
     async with transaction(pool) as conn:
+        if fence is not None:
+            await fence(conn)
         await _lock_chat(conn, owner, chat_id)
         row = await conn.fetchrow(Q.sql("update_chat_fields"), chat_id, title, archived)
         if archived:

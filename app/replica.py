@@ -123,6 +123,7 @@ class Replica:
             max_steps_per_turn=settings.max_steps_per_turn,
             stream_step=stream_step,
             queue_limit=settings.queue_limit,
+            max_children_per_chat=settings.max_children_per_chat,
         )
         self.runs: dict[uuid.UUID, tuple[Run, asyncio.Task[None]]] = {}
         self.stats = ReplicaStats()

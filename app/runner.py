@@ -69,7 +69,7 @@ from app.providers.pricing import cost_micros
 from app.providers.registry import provider_for
 from app.providers.retry import RetryInfo
 from app.runs import RunToken, StepRecord
-from app.tools.registry import DEFAULT_QUEUE_LIMIT, ToolContext, ToolRegistry
+from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolContext, ToolRegistry
 
 log = get_logger(__name__)
 
@@ -327,6 +327,7 @@ class RunDeps:
     stream_step: StepStreamer = stream_step
     provider_for: Callable[[ModelConfig], Provider] = provider_for
     queue_limit: int = DEFAULT_QUEUE_LIMIT  # of a child chat, for message_agent
+    max_children_per_chat: int = DEFAULT_MAX_CHILDREN  # open sub-agents, for spawn_agent
 
 
 class Run:
@@ -342,12 +343,14 @@ class Run:
         self._deps = deps
         self._tool_context = ToolContext(
             chat_id=chat.id,
+            worker_id=self.token.worker_id,
             generation=self.token.generation,
             owner=self._owner,
             parent_chat_id=chat.parent_chat_id,
             pool=deps.pool,
             listener=deps.listener,
             queue_limit=deps.queue_limit,
+            max_children=deps.max_children_per_chat,
         )
         # The first user message, while the turn that answers it runs (then: a title is due).
         self._title_question: list[dict[str, Any]] | None = None

@@ -2,9 +2,16 @@
 their answers, message them and close them. Children run like any chat, on any replica.
 
 Rules: children cannot spawn children (one level keeps the tree and its costs bounded); a chat
-reaches only its own children (others answer "not found"); Stop and archive of a parent reach
-its children (app/chats.py). `wait` listens on the child's notifications with a deadline; it
-never polls in a sleep loop."""
+reaches only its own children (others answer "not found"); a chat has at most `max_children`
+open (not closed) children at once; Stop and archive of a parent reach its children
+(app/chats.py). `wait` listens on the child's notifications with a deadline; it never polls in
+a sleep loop.
+
+Fencing: the tools act for the parent's run, so every write (spawn, message, close) first takes
+the run's fence, in the same transaction as the write: the parent row must still say
+"running, worker_id = the run's replica, generation = the run's" (`run_lock_owned`, locked FOR
+UPDATE). A run that lost its chat (edited, archived, requeued, re-acquired) gets `FencedOut`
+with nothing written, and stops like on any other fenced write."""
 
 from __future__ import annotations
 
@@ -17,10 +24,11 @@ from typing import Any
 import asyncpg
 
 from app import chats
-from app.chats import Chat, Owner
-from app.db import project_queries
-from app.errors import NotFound
+from app.chats import Chat, Fence, Owner
+from app.db import Conn, project_queries
+from app.errors import FencedOut, NotFound
 from app.listener import Listener
+from app.runs import RunToken
 
 Q = project_queries()
 FINISHED = ("waiting", "error")
@@ -32,18 +40,62 @@ class SubagentError(Exception):
 
 @dataclass(frozen=True)
 class Parent:
-    """The chat whose tool is running."""
+    """The chat whose tool is running, and the token of the run it runs in."""
 
     chat_id: uuid.UUID
     owner: Owner
     is_child: bool
+    run: RunToken
 
 
-async def spawn(pool: asyncpg.Pool, parent: Parent, prompt: str, title: str | None = None) -> Chat:
+async def _lock_parent_run(conn: Conn, parent: Parent) -> None:
+    """The run's fence, first in the transaction of every sub-agent write."""
+    run = parent.run
+    row = await conn.fetchrow(Q.sql("run_lock_owned"), run.chat_id, run.worker_id, run.generation)
+    if row is None:
+        raise FencedOut(
+            "the run no longer owns its chat",
+            detail=f"chat {run.chat_id} generation {run.generation}: no sub-agent write",
+        )
+
+
+def _fence(parent: Parent) -> Fence:
+    async def fence(conn: Conn) -> None:
+        await _lock_parent_run(conn, parent)
+
+    return fence
+
+
+def _spawn_fence(parent: Parent, max_children: int) -> Fence:
+    async def fence(conn: Conn) -> None:
+        await _lock_parent_run(conn, parent)
+        open_children = await conn.fetchval(Q.sql("count_open_children"), parent.chat_id)
+        if open_children >= max_children:
+            raise SubagentError(
+                f"this chat already has {open_children} open sub-agents, the most it may have "
+                f"(max_children_per_chat = {max_children}); close one with close_agent first"
+            )
+
+    return fence
+
+
+async def spawn(
+    pool: asyncpg.Pool,
+    parent: Parent,
+    prompt: str,
+    title: str | None = None,
+    *,
+    max_children: int,
+) -> Chat:
     if parent.is_child:
         raise SubagentError("sub-agents cannot spawn sub-agents")
     child, _message = await chats.create_chat(
-        pool, parent.owner, prompt, title=title, parent_chat_id=parent.chat_id
+        pool,
+        parent.owner,
+        prompt,
+        title=title,
+        parent_chat_id=parent.chat_id,
+        fence=_spawn_fence(parent, max_children),
     )
     return child
 
@@ -102,7 +154,9 @@ async def message(
 ) -> dict[str, Any]:
     await _child(pool, parent, child_id)
     try:
-        sent = await chats.send_message(pool, parent.owner, child_id, text, queue_limit=queue_limit)
+        sent = await chats.send_message(
+            pool, parent.owner, child_id, text, queue_limit=queue_limit, fence=_fence(parent)
+        )
     except NotFound as exc:
         raise SubagentError(str(exc)) from exc
     return {"chat_id": str(child_id), "queued": sent.queued is not None}
@@ -110,5 +164,7 @@ async def message(
 
 async def close(pool: asyncpg.Pool, parent: Parent, child_id: uuid.UUID) -> dict[str, Any]:
     await _child(pool, parent, child_id)
-    closed = await chats.update_chat(pool, parent.owner, child_id, archived=True)
+    closed = await chats.update_chat(
+        pool, parent.owner, child_id, archived=True, fence=_fence(parent)
+    )
     return {"chat_id": str(child_id), "status": closed.status, "archived": closed.archived}

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Literal, cast
 
 import anthropic
+import httpx2
 from anthropic.types import (
     CacheControlEphemeralParam,
     MessageParam,
@@ -75,8 +76,12 @@ class AnthropicProvider:
         api_key: str,
         base_url: str | None = None,
         now: Callable[[], datetime] = utc_now,
+        http_client: httpx2.AsyncClient | None = None,
     ) -> None:
-        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
+        """`http_client`: the SDK's own by default; tests pass one with a faulty transport."""
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, max_retries=0, http_client=http_client
+        )
         self._now = now
 
     async def aclose(self) -> None:

@@ -8,8 +8,10 @@ Order of evidence, strongest first:
 3. text heuristics on the message, last, for errors that carry no structure, and to recognise
    billing problems that providers report as plain 400/403s.
 
-`asyncio.CancelledError` is not an `Exception`, so it can never be passed here: a caller's
-cancel propagates untouched and is never turned into a provider error.
+`asyncio.CancelledError` is not an `Exception`, so it can never be passed to `classify`: a
+caller's cancel propagates untouched. Only the retry loop, which can tell a CancelledError that
+arose inside the provider from its caller's cancel (by `Task.cancelling()`), turns the former
+into an error, with `provider_cancellation`.
 """
 
 from __future__ import annotations
@@ -139,6 +141,22 @@ def classify(
         # Anthropic's stream iterator lets raw httpx2 errors through on a reset mid-body.
         return _from_transport(provider, exc, fallback=exc)
     return _from_text(provider, exc)
+
+
+def provider_cancellation(provider: str, exc: BaseException) -> ClassifiedError:
+    """A CancelledError that arose inside the SDK or its transport while nobody cancelled the
+    step (an HTTP/2 RST_STREAM, a cancelled anyio scope in httpx): the stream was reset under
+    us, which is a retryable transport failure like a connection lost mid-stream."""
+    text = str(exc)
+    return ClassifiedError(
+        kind="timeout",
+        provider=provider,
+        retryable=True,
+        message="the provider's stream was cancelled by its transport mid-stream",
+        detail=_truncate(
+            f"{type(exc).__name__} inside the provider" + (f": {text}" if text else "")
+        ),
+    )
 
 
 def parse_retry_after(headers: Mapping[str, str], now: datetime) -> float | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+import httpx2
 import openai
 from openai.types.chat import (
     ChatCompletionAssistantMessageParam,
@@ -68,8 +69,12 @@ class OpenAIProvider:
         api_key: str,
         base_url: str | None = None,
         now: Callable[[], datetime] = utc_now,
+        http_client: httpx2.AsyncClient | None = None,
     ) -> None:
-        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
+        """`http_client`: the SDK's own by default; tests pass one with a faulty transport."""
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, max_retries=0, http_client=http_client
+        )
         self._now = now
 
     async def aclose(self) -> None:

@@ -9,6 +9,17 @@ Guards, both retryable:
 - silence: no sign of life for `silence_timeout_s` once the stream has started → `timeout`.
 Each guard covers only the wait for the provider's next event, never the time our caller
 spends handling the event we gave it.
+
+Cancellation is told apart by its cause, never by its type. A `CancelledError` while our own
+task is being cancelled (`Task.cancelling()` > 0: Stop, shutdown, the caller's deadline) is
+the caller's and always propagates. One that arises inside the provider while nobody cancelled
+us (an HTTP/2 RST_STREAM, a cancelled anyio scope inside the transport) is the provider's
+failure: a retryable transport reset (`errors.provider_cancellation`), like a dropped stream.
+
+Bounds: a Retry-After above `max_retry_after_s` is not waited out (a provider, or a wrong base
+URL, could otherwise park a run slot for hours) and never retried sooner either: the step ends
+with that error. The whole loop gives up once its next retry would start later than
+`max_retry_total_s` after its first attempt began.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,7 +44,7 @@ from app.providers.base import (
     StreamEvent,
     StreamProgress,
 )
-from app.providers.errors import classify, utc_now
+from app.providers.errors import classify, provider_cancellation, utc_now
 
 T = TypeVar("T")
 
@@ -41,6 +53,13 @@ DEFAULT_SILENCE_TIMEOUT_S = 90.0
 DEFAULT_MAX_ATTEMPTS = 25
 DEFAULT_INITIAL_DELAY_S = 1.0
 DEFAULT_MAX_DELAY_S = 60.0
+# The longest Retry-After we wait out: twice the longest backoff. Rate limits ask for seconds;
+# a provider asking for more than this is down for longer than a chat should hold a run slot.
+DEFAULT_MAX_RETRY_AFTER_S = 120.0
+# The retry loop's bound in wall time, attempts included. The default schedule sleeps about
+# 19 minutes in 25 attempts; this leaves room for the attempts themselves and stops a loop whose
+# attempts each run into a guard (up to a minute or more each) from holding a slot for an hour.
+DEFAULT_MAX_RETRY_TOTAL_S = 30 * 60.0
 
 
 @dataclass(frozen=True)
@@ -91,8 +110,9 @@ def backoff_delay_s(attempt: int, *, initial_delay_s: float, max_delay_s: float)
 def retry_delay_s(
     attempt: int, error: ClassifiedError, *, initial_delay_s: float, max_delay_s: float
 ) -> float:
-    """The backoff, but never sooner than the provider's Retry-After (which is not capped:
-    retrying earlier than the provider asked only earns another 429)."""
+    """The backoff, but never sooner than the provider's Retry-After (retrying earlier than the
+    provider asked only earns another 429; `stream_step` refuses a Retry-After above its cap
+    instead of shortening it)."""
     delay_s = backoff_delay_s(attempt, initial_delay_s=initial_delay_s, max_delay_s=max_delay_s)
     if error.retry_after_s is not None:
         delay_s = max(delay_s, error.retry_after_s)
@@ -112,6 +132,9 @@ async def stream_step(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     initial_delay_s: float = DEFAULT_INITIAL_DELAY_S,
     max_delay_s: float = DEFAULT_MAX_DELAY_S,
+    max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S,
+    max_retry_total_s: float = DEFAULT_MAX_RETRY_TOTAL_S,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[StreamEvent]:
     """Yield the events of one model step, retrying retryable failures; the last event is the
     step's `StepFinished`. Raises `ProviderError` for a non-retryable error or when
@@ -125,15 +148,20 @@ async def stream_step(
     for callers that prefer to reset their buffer there.
 
     `startup_timeout_s`/`silence_timeout_s` are defaults; a model's `config.options` of the
-    same names override them. `sleep` and `now` are injectable so tests need not wait out the
-    backoff. Cancellation (interrupt, shutdown) propagates from wherever it lands, including
-    the backoff sleep; it is never retried or converted."""
+    same names override them. `sleep`, `now` and `monotonic` are injectable so tests need not
+    wait out the backoff. A Retry-After above `max_retry_after_s`, or a retry that would start
+    more than `max_retry_total_s` after the first attempt, ends the step with the attempt's
+    error (its kind kept, the message or detail saying why). Cancellation of our task
+    (interrupt, shutdown, a caller's deadline) propagates from wherever it lands, including the
+    backoff sleep; it is never retried or converted. A CancelledError raised inside the
+    provider while our task is not being cancelled is retried as a transport reset."""
     guards = StreamGuards.for_model(
         request.config.options,
         startup_timeout_s=startup_timeout_s,
         silence_timeout_s=silence_timeout_s,
     )
     failed = 0
+    started_at = monotonic()
     while True:
         if on_attempt_start is not None:
             await on_attempt_start(failed + 1)
@@ -142,20 +170,31 @@ async def stream_step(
                 async for event in step:
                     yield event
             return
-        except Exception as exc:  # CancelledError is a BaseException: never caught here
+        except asyncio.CancelledError as cancelled:
+            if _being_cancelled():
+                raise  # Stop, shutdown, a caller's deadline: never swallowed, never retried
+            error = provider_cancellation(provider.name, cancelled)
+        except Exception as exc:
             error = classify(exc, provider.name, now=now)
         failed += 1
         if not error.retryable:
             raise ProviderError(error)
         if failed >= max_attempts:
-            raise ProviderError(
-                dataclasses.replace(
-                    error, detail=f"gave up after {failed} attempts; last: {error.detail or '-'}"
-                )
-            )
+            raise ProviderError(_gave_up(error, f"gave up after {failed} attempts"))
+        if error.retry_after_s is not None and error.retry_after_s > max_retry_after_s:
+            raise ProviderError(_retry_after_too_long(error, max_retry_after_s))
         delay_s = retry_delay_s(
             failed, error, initial_delay_s=initial_delay_s, max_delay_s=max_delay_s
         )
+        elapsed_s = monotonic() - started_at
+        if elapsed_s + delay_s > max_retry_total_s:
+            raise ProviderError(
+                _gave_up(
+                    error,
+                    f"gave up after {failed} attempts in {elapsed_s:.0f}s: the next retry would "
+                    f"start after the {max_retry_total_s:g}s bound of the retry loop",
+                )
+            )
         await on_retry(
             RetryInfo(
                 attempt=failed,
@@ -206,6 +245,32 @@ async def _closing(events: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T]]
     finally:
         if isinstance(events, AsyncGenerator):
             await events.aclose()
+
+
+def _being_cancelled() -> bool:
+    """Whether someone asked to cancel the task we run in (asyncio counts pending cancel
+    requests; `asyncio.timeout` and TaskGroup undo theirs once handled)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _gave_up(error: ClassifiedError, why: str) -> ClassifiedError:
+    return dataclasses.replace(error, detail=f"{why}; last: {error.detail or '-'}")
+
+
+def _retry_after_too_long(error: ClassifiedError, max_retry_after_s: float) -> ClassifiedError:
+    """The attempt's error, terminal: its kind and status kept, the message saying why it was
+    not retried (the provider's own message moves to the detail)."""
+    asked_s = error.retry_after_s
+    assert asked_s is not None
+    return dataclasses.replace(
+        error,
+        message=(
+            f"the provider asked to wait {asked_s:g}s before retrying, more than the "
+            f"{max_retry_after_s:g}s chatd waits; try again later"
+        ),
+        detail=f"{error.message}; {error.detail or '-'}",
+    )
 
 
 def _guard_error(kind: ErrorKind, provider: str, timeout_s: float) -> ClassifiedError:

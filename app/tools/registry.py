@@ -3,8 +3,15 @@
 
 A tool is a name, a description, a JSON schema for its arguments and an async handler. Handlers
 get the parsed arguments and a `ToolContext` (which chat, which run), and return any
-JSON-serializable value; raising `ToolError` (or anything else) becomes a tool result with
-`is_error: true`, so a broken tool never breaks a run. A call is bounded by its tool's timeout.
+JSON-serializable value. Raising `ToolError` is a deliberate, user-facing failure (a bad
+argument, a refusal): its message becomes the tool result, with `is_error: true`. Anything else
+a tool raises is a bug or an outage: the model reads only "the tool failed: internal error" and
+the exception goes to the log with the chat id, so no exception text (SQL, paths, hosts,
+secrets) ever reaches the model or the chat's history. A broken tool never breaks a run; a run
+that lost its chat (`FencedOut`) is the one exception that propagates, so the run stops.
+Cancellation of the run (interrupt, shutdown) propagates too; a CancelledError raised inside
+the tool while nobody cancelled the run is a failure of the tool like any other. A call is
+bounded by its tool's timeout.
 A tool may be kept from sub-agents (`for_children=False`): it is not offered to a child chat,
 and a child that calls it anyway gets an error result.
 
@@ -25,9 +32,11 @@ from typing import Any
 import asyncpg
 
 from app.chats import Owner
+from app.errors import FencedOut
 from app.listener import Listener
 from app.log import get_logger
 from app.providers.base import ToolSpec
+from app.runs import RunToken
 
 log = get_logger(__name__)
 
@@ -35,7 +44,11 @@ ENTRY_POINT_GROUP = "chatd.tools"
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 # The bound of a chat's queue of user messages (Settings.queue_limit), as sub-agent tools see it.
 DEFAULT_QUEUE_LIMIT = 20
+# The open sub-agents a chat may have at once (Settings.max_children_per_chat).
+DEFAULT_MAX_CHILDREN = 8
 MAX_RESULT_CHARS = 50_000
+# What the model reads when a tool failed in a way it did not mean to report.
+INTERNAL_ERROR = "internal error"
 
 
 class ToolError(Exception):
@@ -44,21 +57,28 @@ class ToolError(Exception):
 
 @dataclass(frozen=True)
 class ToolContext:
-    """Who calls: the chat (and its run's generation), on behalf of which user, and the
-    replica's database pool and listener for tools that need them (sub-agent tools create child
-    chats and wait on their notifications)."""
+    """Who calls: the chat and its run (`worker_id`, `generation`: the run's fencing token, which
+    every write a tool makes for the run must check), on behalf of which user, and the replica's
+    database pool and listener for tools that need them (sub-agent tools create child chats and
+    wait on their notifications)."""
 
     chat_id: uuid.UUID
+    worker_id: uuid.UUID
     generation: int
     owner: Owner
     parent_chat_id: uuid.UUID | None
     pool: asyncpg.Pool
     listener: Listener
     queue_limit: int = DEFAULT_QUEUE_LIMIT
+    max_children: int = DEFAULT_MAX_CHILDREN
 
     @property
     def is_child(self) -> bool:
         return self.parent_chat_id is not None
+
+    @property
+    def run_token(self) -> RunToken:
+        return RunToken(self.chat_id, self.worker_id, self.generation)
 
 
 ToolHandler = Callable[[dict[str, Any], ToolContext], Awaitable[Any]]
@@ -123,9 +143,24 @@ class ToolRegistry:
             return ToolOutcome(str(exc), is_error=True)
         except TimeoutError:
             return ToolOutcome(f"tool {name!r} timed out after {tool.timeout_s:g}s", is_error=True)
+        except FencedOut:
+            raise  # the run lost its chat: it must stop, not tell the model
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise  # an interrupt or a shutdown: the run decides what it means
+            # Raised inside the tool (a cancelled scope of a library it uses) while nobody
+            # cancelled the run: the tool failed. Propagating it would end the step "cancelled
+            # without a cause", which fails the whole chat.
+            log.error(
+                "tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc), exc_info=True
+            )
+            return ToolOutcome(f"tool {name!r} failed: {INTERNAL_ERROR}", is_error=True)
         except Exception as exc:
-            log.warning("tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc))
-            return ToolOutcome(f"tool {name!r} failed: {exc}", is_error=True)
+            # The text of an unexpected exception is for the operator, never for the model.
+            log.error(
+                "tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc), exc_info=True
+            )
+            return ToolOutcome(f"tool {name!r} failed: {INTERNAL_ERROR}", is_error=True)
         try:
             encoded = json.dumps(result)
         except (TypeError, ValueError):
@@ -136,6 +171,12 @@ class ToolRegistry:
                 is_error=True,
             )
         return ToolOutcome(result, is_error=False)
+
+
+def _being_cancelled() -> bool:
+    """Whether someone asked to cancel the task we run in (the cause of a CancelledError)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def default_registry() -> ToolRegistry:

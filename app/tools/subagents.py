@@ -7,8 +7,10 @@ model config. Sub-agents are one level deep: these tools are not offered to chil
 own children; anything else is "no sub-agent" to the model.
 
 Every expected failure (a bad argument, a chat that is not a child, a full queue, a spend
-limit) is a `ToolError`, which the model reads as a `tool_result` with `is_error: true`; the run
-goes on.
+limit, too many open sub-agents) is a `ToolError`, which the model reads as a `tool_result`
+with `is_error: true`; the run goes on. The writes are fenced by the parent's run token
+(app/subagents.py): a run that lost its chat gets `FencedOut`, which is not a tool result but
+stops the run.
 
 `wait_agent` holds the parent's run (and its replica's run slot) while it waits on the
 children's notifications; `timeout_s` is bounded by `MAX_WAIT_S` so that a parent cannot park a
@@ -25,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from app import subagents
-from app.errors import ChatdError
+from app.errors import ChatdError, FencedOut
 from app.subagents import Parent, SubagentError
 from app.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
 
@@ -41,7 +43,12 @@ _CHAT_ID_SCHEMA = {"type": "string", "description": "The sub-agent's chat id (fr
 
 
 def _parent(context: ToolContext) -> Parent:
-    return Parent(chat_id=context.chat_id, owner=context.owner, is_child=context.is_child)
+    return Parent(
+        chat_id=context.chat_id,
+        owner=context.owner,
+        is_child=context.is_child,
+        run=context.run_token,
+    )
 
 
 @contextlib.contextmanager
@@ -50,6 +57,8 @@ def _as_tool_errors() -> Iterator[None]:
     content) is the model's to read and act on, not a failure of the run."""
     try:
         yield
+    except FencedOut:
+        raise  # the run lost its chat: it stops, the model is not told
     except SubagentError as exc:
         raise ToolError(str(exc)) from exc
     except ChatdError as exc:
@@ -99,7 +108,13 @@ async def spawn_agent(args: dict[str, Any], context: ToolContext) -> dict[str, A
     if title is not None and (not isinstance(title, str) or len(title) > MAX_TITLE_CHARS):
         raise ToolError(f"argument 'title' must be a string of at most {MAX_TITLE_CHARS} chars")
     with _as_tool_errors():
-        child = await subagents.spawn(context.pool, _parent(context), prompt, title=title or None)
+        child = await subagents.spawn(
+            context.pool,
+            _parent(context),
+            prompt,
+            title=title or None,
+            max_children=context.max_children,
+        )
     return {"chat_id": str(child.id), "title": child.title, "status": child.status}
 
 

@@ -7,6 +7,12 @@ SELECT * FROM chats WHERE id = $1 AND parent_chat_id = $2;
 -- name: list_child_chats :many
 SELECT * FROM chats WHERE parent_chat_id = $1 ORDER BY created_at, id;
 
+-- name: count_open_children :one
+-- The sub-agents a chat has open (not closed: close_agent archives), which
+-- max_children_per_chat bounds. Run under the parent run's fence (its row locked FOR UPDATE),
+-- so two spawns of one parent cannot both pass the check.
+SELECT count(*) FROM chats WHERE parent_chat_id = $1 AND NOT archived;
+
 -- name: last_assistant_text :one
 -- The child's answer: the text parts of its newest visible assistant message.
 SELECT coalesce(string_agg(part ->> 'text', '' ORDER BY ordinality), '') AS text

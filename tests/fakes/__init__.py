@@ -30,6 +30,8 @@ from aiohttp import web
 from app.providers.base import ModelRequest, Provider, ProviderError, StreamEvent
 from app.providers.retry import (
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_RETRY_AFTER_S,
+    DEFAULT_MAX_RETRY_TOTAL_S,
     DEFAULT_SILENCE_TIMEOUT_S,
     DEFAULT_STARTUP_TIMEOUT_S,
     RetryInfo,
@@ -354,9 +356,12 @@ async def run_step(
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     silence_timeout_s: float = DEFAULT_SILENCE_TIMEOUT_S,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S,
+    max_retry_total_s: float = DEFAULT_MAX_RETRY_TOTAL_S,
 ) -> StepRun:
-    """Run `stream_step` to the end with a clock that never moves and a sleep that returns at
-    once (recording the delay), so tests see the backoff without waiting it out."""
+    """Run `stream_step` to the end with a wall clock that never moves, a sleep that returns at
+    once (recording the delay) and a monotonic clock that only the sleeps advance, so tests see
+    the backoff and its bounds without waiting them out."""
     run = StepRun()
 
     async def on_retry(info: RetryInfo) -> None:
@@ -364,6 +369,9 @@ async def run_step(
 
     async def no_sleep(delay_s: float) -> None:
         run.sleeps_s.append(delay_s)
+
+    def slept_s() -> float:
+        return float(sum(run.sleeps_s))
 
     try:
         async for event in stream_step(
@@ -375,6 +383,9 @@ async def run_step(
             startup_timeout_s=startup_timeout_s,
             silence_timeout_s=silence_timeout_s,
             max_attempts=max_attempts,
+            max_retry_after_s=max_retry_after_s,
+            max_retry_total_s=max_retry_total_s,
+            monotonic=slept_s,
         ):
             run.log.append(event)
     except ProviderError as exc:

@@ -43,6 +43,7 @@ from tests.fakes import (
     running,
 )
 from tests.fakes.anthropic_server import FakeAnthropicServer
+from tests.fakes.transport import CancelMidStream
 
 API_KEY = "sk-ant-test-key"
 CONFIG = ModelConfig(id="claude", provider="anthropic", model="claude-test-model")
@@ -554,3 +555,42 @@ async def test_registry_options_override_environment(fake: FakeAnthropicServer) 
         await close_providers()
     assert run.text == "hi"
     assert api_key_sent(fake.requests[0].headers) == "sk-from-options"
+
+
+async def test_a_cancellation_inside_the_sdk_transport_is_retried(
+    fake: FakeAnthropicServer,
+) -> None:
+    """A CancelledError raised by the SDK's transport mid-body (HTTP/2 RST_STREAM, a cancelled
+    anyio scope) while nobody cancelled the step: retried as a transport reset."""
+    transport = CancelMidStream(faults=1)
+    adapter = AnthropicProvider(
+        api_key=API_KEY, base_url=fake.base_url, now=fixed_now, http_client=transport.client()
+    )
+    fake.script(Step(text="the first try is cut"), Step(text="recovered in full"))
+    try:
+        run = await run_step(adapter, question())
+    finally:
+        await adapter.aclose()
+
+    assert transport.cancelled == 1
+    assert run.error is None
+    assert [(r.error.kind, r.error.retryable) for r in run.retries] == [("timeout", True)]
+    assert run.text == "recovered in full"
+    assert len(fake.requests) == 2
+
+
+async def test_a_retry_after_above_the_cap_fails_the_step_at_once(
+    fake: FakeAnthropicServer, provider: AnthropicProvider
+) -> None:
+    fake.script(
+        HttpError(429, "rate_limit_error", headers={"retry-after": "7200"}), Step(text="never")
+    )
+
+    run = await run_step(provider, question(), max_retry_after_s=120)
+
+    assert run.retries == [] and run.sleeps_s == []
+    assert run.error is not None
+    error = run.error.error
+    assert (error.kind, error.status_code, error.retry_after_s) == ("rate_limit", 429, 7200)
+    assert "asked to wait 7200s" in error.message
+    assert len(fake.requests) == 1

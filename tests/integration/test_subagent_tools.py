@@ -15,9 +15,10 @@ import pytest
 
 from app import chats
 from app.chats import Owner
+from app.errors import FencedOut
 from app.listener import Listener
 from app.providers.registry import close_providers
-from app.tools.registry import ToolContext, ToolOutcome, default_registry
+from app.tools.registry import DEFAULT_MAX_CHILDREN, ToolContext, ToolOutcome, default_registry
 from app.tools.subagents import MAX_WAIT_S
 from tests import engine
 from tests.fakes import running
@@ -179,16 +180,37 @@ async def _title_is(pool: asyncpg.Pool, chat_id: uuid.UUID, title: str) -> bool:
 
 
 async def _context(
-    pool: asyncpg.Pool, listener: Listener, owner: Owner, chat_id: uuid.UUID
+    pool: asyncpg.Pool,
+    listener: Listener,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    *,
+    max_children: int = DEFAULT_MAX_CHILDREN,
+    acquire: bool = True,
 ) -> ToolContext:
-    chat = await engine.chat_row(pool, chat_id)
+    """The context of a run of the chat. `acquire`: the row is made running for a new worker
+    and generation, as an acquire does (nobody else runs it here); else the chat is left as
+    it is, for calls that are refused before anything is written."""
+    worker_id = uuid.uuid4()
+    if acquire:
+        row = await pool.fetchrow(
+            "UPDATE chats SET status = 'running', worker_id = $2, generation = generation + 1"
+            " WHERE id = $1 RETURNING *",
+            chat_id,
+            worker_id,
+        )
+    else:
+        row = await pool.fetchrow("SELECT * FROM chats WHERE id = $1", chat_id)
+    assert row is not None
     return ToolContext(
-        chat_id=chat.id,
-        generation=chat.generation,
+        chat_id=row["id"],
+        worker_id=worker_id,
+        generation=row["generation"],
         owner=owner,
-        parent_chat_id=chat.parent_chat_id,
+        parent_chat_id=row["parent_chat_id"],
         pool=pool,
         listener=listener,
+        max_children=max_children,
     )
 
 
@@ -207,8 +229,8 @@ async def test_sub_agent_tools_report_misuse_as_error_results(
         child_id = spawned.result["chat_id"]
         child = await engine.chat_row(pool, uuid.UUID(child_id))
         assert (child.parent_chat_id, child.model_config_id) == (parent.id, parent.model_config_id)
-        as_child = await _context(pool, listener, owner, child.id)
-        as_other = await _context(pool, listener, owner, other.id)
+        as_child = await _context(pool, listener, owner, child.id, acquire=False)
+        as_other = await _context(pool, listener, owner, other.id, acquire=False)
 
         async def error_of(name: str, args: dict[str, Any], context: ToolContext) -> str:
             outcome: ToolOutcome = await registry.call(name, args, context)
@@ -262,3 +284,56 @@ def test_the_wait_bound_is_within_the_tool_timeout() -> None:
     assert wait is not None
     assert wait.timeout_s > MAX_WAIT_S
     assert json.loads(json.dumps(wait.input_schema)) == wait.input_schema  # plain JSON
+
+
+async def test_spawning_over_the_children_limit_is_an_error_result_naming_it(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    registry = default_registry()
+    owner = await engine.create_owner(pool)
+    async with engine.running_listener(database_url) as listener:
+        parent, _ = await chats.create_chat(pool, owner, "parent")
+        as_parent = await _context(pool, listener, owner, parent.id, max_children=1)
+
+        first = await registry.call("spawn_agent", {"prompt": "one"}, as_parent)
+        assert not first.is_error, first.result
+        refused = await registry.call("spawn_agent", {"prompt": "two"}, as_parent)
+        assert refused.is_error
+        assert "max_children_per_chat = 1" in str(refused.result)
+        assert len(await _children(pool, parent.id)) == 1
+
+        # Closing a sub-agent makes room for another.
+        closed = await registry.call("close_agent", {"chat_id": first.result["chat_id"]}, as_parent)
+        assert not closed.is_error, closed.result
+        again = await registry.call("spawn_agent", {"prompt": "two"}, as_parent)
+        assert not again.is_error, again.result
+
+
+async def test_a_stale_run_cannot_use_the_sub_agent_tools(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """A run whose chat was re-acquired meanwhile: its tools write nothing, and the run is
+    fenced out (FencedOut stops it) instead of telling the model."""
+    registry = default_registry()
+    owner = await engine.create_owner(pool)
+    async with engine.running_listener(database_url) as listener:
+        parent, _ = await chats.create_chat(pool, owner, "parent")
+        stale = await _context(pool, listener, owner, parent.id)
+        spawned = await registry.call("spawn_agent", {"prompt": "one"}, stale)
+        child_id = spawned.result["chat_id"]
+        await _context(pool, listener, owner, parent.id)  # re-acquired: generation + 1
+        before = [dict(row) for row in await _children(pool, parent.id)]
+
+        for name, args in [
+            ("spawn_agent", {"prompt": "two"}),
+            ("message_agent", {"chat_id": child_id, "text": "more"}),
+            ("close_agent", {"chat_id": child_id}),
+        ]:
+            with pytest.raises(FencedOut):
+                await registry.call(name, args, stale)
+
+        assert [dict(row) for row in await _children(pool, parent.id)] == before
+        queued = await pool.fetchval(
+            "SELECT count(*) FROM chat_queued_messages WHERE chat_id = $1", uuid.UUID(child_id)
+        )
+        assert queued == 0

@@ -1,20 +1,25 @@
 """Sub-agents at the data level: spawning, reaching only one's own children, waiting on a
-child's notifications, and Stop/archive of a parent reaching its children."""
+child's notifications, Stop/archive of a parent reaching its children, the bound on open
+children, and the fence: a run that lost its chat writes nothing for it."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 
 from app import chats, subagents
 from app.chats import Owner
+from app.errors import FencedOut
 from app.listener import Listener
+from app.runs import RunToken
 from app.subagents import Parent, SubagentError
 from tests import engine, factories
+
+MAX_CHILDREN = 8
 
 
 @pytest.fixture
@@ -23,12 +28,33 @@ async def listener(database_url: str) -> AsyncIterator[Listener]:
         yield running
 
 
-async def _parent(pool: asyncpg.Pool) -> Parent:
-    async with pool.acquire() as conn:
-        user = await factories.create_user(conn)
-    owner = Owner(user_id=user["id"], organization_id=user["organization_id"])
+async def _acquire(pool: asyncpg.Pool, chat_id: uuid.UUID) -> RunToken:
+    """What a replica's acquire does to the row (running, a worker, a new generation): the
+    sub-agent tools act for that run."""
+    worker_id = uuid.uuid4()
+    generation = await pool.fetchval(
+        "UPDATE chats SET status = 'running', worker_id = $2, generation = generation + 1"
+        " WHERE id = $1 RETURNING generation",
+        chat_id,
+        worker_id,
+    )
+    return RunToken(chat_id, worker_id, generation)
+
+
+async def _parent(pool: asyncpg.Pool, owner: Owner | None = None) -> Parent:
+    if owner is None:
+        async with pool.acquire() as conn:
+            user = await factories.create_user(conn)
+        owner = Owner(user_id=user["id"], organization_id=user["organization_id"])
     chat, _ = await chats.create_chat(pool, owner, "parent task")
-    return Parent(chat_id=chat.id, owner=owner, is_child=False)
+    run = await _acquire(pool, chat.id)
+    return Parent(chat_id=chat.id, owner=owner, is_child=False, run=run)
+
+
+async def spawn(
+    pool: asyncpg.Pool, parent: Parent, prompt: str, title: str | None = None
+) -> chats.Chat:
+    return await subagents.spawn(pool, parent, prompt, title, max_children=MAX_CHILDREN)
 
 
 async def _finish(pool: asyncpg.Pool, chat_id: uuid.UUID, answer: str) -> None:
@@ -42,7 +68,7 @@ async def test_spawn_creates_a_pending_child_that_inherits_owner_and_client_type
     pool: asyncpg.Pool,
 ) -> None:
     parent = await _parent(pool)
-    child = await subagents.spawn(pool, parent, "research this", title="researcher")
+    child = await spawn(pool, parent, "research this", title="researcher")
     assert child.parent_chat_id == parent.chat_id
     assert child.root_chat_id == parent.chat_id
     assert child.owner_id == parent.owner.user_id
@@ -52,20 +78,18 @@ async def test_spawn_creates_a_pending_child_that_inherits_owner_and_client_type
 
 async def test_children_cannot_spawn(pool: asyncpg.Pool) -> None:
     parent = await _parent(pool)
-    child = await subagents.spawn(pool, parent, "child")
-    as_child = Parent(chat_id=child.id, owner=parent.owner, is_child=True)
+    child = await spawn(pool, parent, "child")
+    as_child = Parent(
+        chat_id=child.id, owner=parent.owner, is_child=True, run=await _acquire(pool, child.id)
+    )
     with pytest.raises(SubagentError, match="cannot spawn"):
-        await subagents.spawn(pool, as_child, "grandchild")
+        await spawn(pool, as_child, "grandchild")
 
 
 async def test_a_chat_reaches_only_its_own_children(pool: asyncpg.Pool, listener: Listener) -> None:
     first = await _parent(pool)
-    second = Parent(
-        chat_id=(await chats.create_chat(pool, first.owner, "other"))[0].id,
-        owner=first.owner,
-        is_child=False,
-    )
-    child = await subagents.spawn(pool, first, "mine")
+    second = await _parent(pool, first.owner)
+    child = await spawn(pool, first, "mine")
     for operation in (
         subagents.wait(pool, listener, second, child.id, timeout_s=1),
         subagents.message(pool, second, child.id, "hi", queue_limit=20),
@@ -79,7 +103,7 @@ async def test_wait_returns_the_answer_when_the_child_finishes(
     pool: asyncpg.Pool, listener: Listener
 ) -> None:
     parent = await _parent(pool)
-    child = await subagents.spawn(pool, parent, "compute")
+    child = await spawn(pool, parent, "compute")
     waiter = asyncio.create_task(subagents.wait(pool, listener, parent, child.id, timeout_s=30))
     await _finish(pool, child.id, "42")
     assert await waiter == {"chat_id": str(child.id), "status": "waiting", "answer": "42"}
@@ -89,15 +113,15 @@ async def test_wait_times_out_with_the_child_still_busy(
     pool: asyncpg.Pool, listener: Listener
 ) -> None:
     parent = await _parent(pool)
-    child = await subagents.spawn(pool, parent, "slow")
+    child = await spawn(pool, parent, "slow")
     outcome = await subagents.wait(pool, listener, parent, child.id, timeout_s=0.2)
     assert outcome == {"chat_id": str(child.id), "status": "pending", "timed_out": True}
 
 
 async def test_stop_and_archive_of_the_parent_reach_its_children(pool: asyncpg.Pool) -> None:
     parent = await _parent(pool)
-    pending_child = await subagents.spawn(pool, parent, "a")
-    running_child = await subagents.spawn(pool, parent, "b")
+    pending_child = await spawn(pool, parent, "a")
+    running_child = await spawn(pool, parent, "b")
     async with pool.acquire() as conn:
         await conn.execute(
             "UPDATE chats SET status = 'running', worker_id = $2 WHERE id = $1",
@@ -121,7 +145,7 @@ async def test_stop_and_archive_of_the_parent_reach_its_children(pool: asyncpg.P
 
 async def test_message_and_close_drive_the_child(pool: asyncpg.Pool) -> None:
     parent = await _parent(pool)
-    child = await subagents.spawn(pool, parent, "first")
+    child = await spawn(pool, parent, "first")
     assert await subagents.message(pool, parent, child.id, "more", queue_limit=20) == {
         "chat_id": str(child.id),
         "queued": True,  # the child is still pending with its first message
@@ -131,3 +155,64 @@ async def test_message_and_close_drive_the_child(pool: asyncpg.Pool) -> None:
         "status": "waiting",
         "archived": True,
     }
+
+
+# --- the fence: a run that lost its chat writes nothing for it -----------------------------
+
+
+async def _child_state(pool: asyncpg.Pool, parent_id: uuid.UUID) -> list[tuple[object, ...]]:
+    """Every child of the parent with what sub-agent writes change: archived, status, and the
+    number of its messages and queued messages."""
+    rows = await pool.fetch(
+        """
+        SELECT c.id, c.archived, c.status,
+               (SELECT count(*) FROM chat_messages m WHERE m.chat_id = c.id) AS messages,
+               (SELECT count(*) FROM chat_queued_messages q WHERE q.chat_id = c.id) AS queued
+        FROM chats c WHERE c.parent_chat_id = $1 ORDER BY c.id
+        """,
+        parent_id,
+    )
+    return [tuple(row.values()) for row in rows]
+
+
+async def _reacquire(pool: asyncpg.Pool, parent: Parent) -> None:
+    """Another run took the chat (a requeue then a new acquire): the generation moved on."""
+    await _acquire(pool, parent.chat_id)
+
+
+async def _archive(pool: asyncpg.Pool, parent: Parent) -> None:
+    """The user archived the chat mid-run: it stops (worker_id cleared), its children too."""
+    await chats.update_chat(pool, parent.owner, parent.chat_id, archived=True)
+
+
+@pytest.mark.parametrize("lose_chat", [_reacquire, _archive], ids=["reacquired", "archived"])
+async def test_a_run_that_lost_its_chat_cannot_spawn_message_or_close(
+    pool: asyncpg.Pool, lose_chat: Callable[[asyncpg.Pool, Parent], Awaitable[None]]
+) -> None:
+    parent = await _parent(pool)
+    child = await spawn(pool, parent, "working for the old run")
+    await lose_chat(pool, parent)
+    before = await _child_state(pool, parent.chat_id)
+
+    with pytest.raises(FencedOut):
+        await spawn(pool, parent, "spawned by a run that lost its chat")
+    with pytest.raises(FencedOut):
+        await subagents.message(pool, parent, child.id, "from a stale run", queue_limit=20)
+    with pytest.raises(FencedOut):
+        await subagents.close(pool, parent, child.id)
+
+    assert await _child_state(pool, parent.chat_id) == before
+
+
+async def test_open_children_are_bounded_and_closing_one_makes_room(pool: asyncpg.Pool) -> None:
+    parent = await _parent(pool)
+    first = await subagents.spawn(pool, parent, "one", max_children=2)
+    await subagents.spawn(pool, parent, "two", max_children=2)
+
+    with pytest.raises(SubagentError, match=r"max_children_per_chat = 2"):
+        await subagents.spawn(pool, parent, "three", max_children=2)
+    assert len(await _child_state(pool, parent.chat_id)) == 2  # nothing written
+
+    await subagents.close(pool, parent, first.id)
+    third = await subagents.spawn(pool, parent, "three", max_children=2)
+    assert third.parent_chat_id == parent.chat_id

@@ -3,6 +3,7 @@ way the SDKs build them from a response. The integration tests cover the same ov
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,7 @@ import openai
 import pytest
 
 from app.providers.base import ClassifiedError, ProviderError
-from app.providers.errors import classify, parse_retry_after
+from app.providers.errors import classify, parse_retry_after, provider_cancellation
 from tests.fakes import FIXED_NOW, fixed_now
 
 ANTHROPIC_URL = "https://api.anthropic.com/v1/messages"
@@ -274,3 +275,11 @@ def test_text_does_not_overrule_structure_except_for_billing_and_overload() -> N
     # ...and a rejected request that mentions a timeout is still a rejected request.
     exc = anthropic_error(400, "invalid_request_error", "timeout must be positive")
     assert kind_of(classify(exc, "anthropic")) == ("config", False, 400)
+
+
+def test_a_cancellation_inside_the_provider_is_a_retryable_transport_reset() -> None:
+    error = provider_cancellation("openai", asyncio.CancelledError("RST_STREAM"))
+    assert (error.kind, error.retryable, error.status_code) == ("timeout", True, None)
+    assert error.detail == "CancelledError inside the provider: RST_STREAM"
+    bare = provider_cancellation("openai", asyncio.CancelledError())
+    assert bare.detail == "CancelledError inside the provider"

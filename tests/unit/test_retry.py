@@ -26,6 +26,10 @@ from app.providers.base import (
     Usage,
 )
 from app.providers.retry import (
+    DEFAULT_INITIAL_DELAY_S,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DELAY_S,
+    DEFAULT_MAX_RETRY_TOTAL_S,
     RetryInfo,
     StreamGuards,
     backoff_delay_s,
@@ -123,7 +127,7 @@ def test_backoff_stays_finite_for_absurd_attempt_numbers() -> None:
     assert backoff_delay_s(10_000, initial_delay_s=1, max_delay_s=60) == 60
 
 
-def test_retry_after_is_a_floor_not_a_cap() -> None:
+def test_retry_after_is_a_floor_of_the_delay() -> None:
     error = failure(retry_after_s=7.5).error
     assert retry_delay_s(1, error, initial_delay_s=1, max_delay_s=60) == 7.5
     assert retry_delay_s(5, error, initial_delay_s=1, max_delay_s=60) == 16  # backoff is longer
@@ -280,6 +284,52 @@ async def test_unexpected_exception_from_a_provider_is_not_retried() -> None:
     assert provider.started == 1
 
 
+async def test_a_retry_after_above_the_cap_ends_the_step_without_waiting() -> None:
+    provider = ScriptedProvider([fails(failure("rate_limit", retry_after_s=3600)), succeeds("x")])
+    run = await run_step(provider, request(), max_retry_after_s=120)
+
+    # Neither slept for an hour nor retried sooner than the provider asked.
+    assert run.retries == [] and run.sleeps_s == []
+    assert provider.started == 1
+    assert run.error is not None
+    error = run.error.error
+    assert error.kind == "rate_limit"  # the kind is kept
+    assert error.retry_after_s == 3600
+    assert "asked to wait 3600s" in error.message and "120s" in error.message
+    assert error.detail is not None and "scripted rate_limit" in error.detail
+
+
+async def test_a_retry_after_within_the_cap_is_waited_out() -> None:
+    provider = ScriptedProvider([fails(failure("rate_limit", retry_after_s=120)), succeeds("ok")])
+    run = await run_step(provider, request(), max_retry_after_s=120)
+    assert run.sleeps_s == [120]
+    assert run.events == [TextDelta("ok"), DONE]
+
+
+async def test_the_retry_loop_is_bounded_in_time() -> None:
+    provider = ScriptedProvider([fails(failure())])
+    # Sleeps of 1, 2 and 4 s fit in 10 s; the fourth retry (8 s more) would not.
+    run = await run_step(provider, request(), max_retry_total_s=10)
+
+    assert run.sleeps_s == [1, 2, 4]
+    assert provider.started == 4
+    assert run.error is not None
+    error = run.error.error
+    assert (error.kind, error.retryable) == ("overloaded", True)
+    assert error.detail is not None
+    assert error.detail.startswith("gave up after 4 attempts in 7s")
+
+
+def test_the_default_schedule_fits_in_the_default_time_bound() -> None:
+    """25 attempts of the default backoff sleep about 19 minutes: the time bound only stops
+    loops whose attempts themselves take long (guards firing, slow errors)."""
+    total_s = sum(
+        backoff_delay_s(n, initial_delay_s=DEFAULT_INITIAL_DELAY_S, max_delay_s=DEFAULT_MAX_DELAY_S)
+        for n in range(1, DEFAULT_MAX_ATTEMPTS)
+    )
+    assert total_s < DEFAULT_MAX_RETRY_TOTAL_S
+
+
 # --- guards -----------------------------------------------------------------------------------
 # The guard timeouts below are tiny because the provider never answers: the test waits for the
 # guard to fire, it never races it against a provider that answers "quickly enough".
@@ -366,4 +416,83 @@ async def test_cancelling_during_backoff_propagates() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert provider.started == 1
+
+
+# --- cancellations that are the provider's, not ours ----------------------------------------
+
+
+def cancelled_inside(*texts: str) -> Attempt:
+    """Yields `texts`, then raises CancelledError from inside the provider while nobody
+    cancelled the caller: an HTTP/2 RST_STREAM, a cancelled anyio scope in the transport."""
+
+    async def attempt() -> AsyncIterator[ProviderEvent]:
+        for text in texts:
+            yield TextDelta(text)
+        raise asyncio.CancelledError("stream reset by the transport")
+
+    return attempt
+
+
+async def test_a_cancellation_inside_the_provider_is_a_retried_transport_reset() -> None:
+    provider = ScriptedProvider([cancelled_inside("half an"), succeeds("whole answer")])
+    run = await run_step(provider, request())
+
+    assert run.error is None
+    assert run.log[0] == TextDelta("half an")  # dropped by the caller on the retry
+    assert [(r.error.kind, r.error.retryable) for r in run.retries] == [("timeout", True)]
+    assert "cancelled by its transport" in run.retries[0].error.message
+    assert run.events == [TextDelta("whole answer"), DONE]
+    assert provider.started == provider.closed == 2
+
+
+async def test_provider_cancellations_are_bounded_like_any_retryable_failure() -> None:
+    provider = ScriptedProvider([cancelled_inside()])
+    run = await run_step(provider, request(), max_attempts=3)
+    assert provider.started == 3
+    assert run.error is not None
+    assert run.error.error.kind == "timeout"
+    assert run.error.error.detail is not None
+    assert run.error.error.detail.startswith("gave up after 3 attempts")
+
+
+async def test_a_caller_cancel_that_lands_as_the_provider_fails_is_still_a_cancel() -> None:
+    """The caller's Stop arrives while the provider raises its own CancelledError: the cause
+    (our task is being cancelled) wins, nothing is retried."""
+    retries: list[RetryInfo] = []
+
+    async def stopped_then_reset() -> AsyncIterator[ProviderEvent]:
+        yield TextDelta("a")
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # the Stop, requested while the provider is running
+        raise asyncio.CancelledError("stream reset by the transport")
+
+    provider = ScriptedProvider([stopped_then_reset, succeeds("never")])
+
+    async def on_retry(info: RetryInfo) -> None:
+        retries.append(info)
+
+    async def consume() -> None:
+        async for _ in stream_step(provider, request(), on_retry=on_retry):
+            pass
+
+    task = asyncio.create_task(consume())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert retries == []
+    assert provider.started == 1
+
+
+async def test_a_callers_deadline_is_not_mistaken_for_a_provider_cancellation() -> None:
+    provider = ScriptedProvider([])
+    provider.attempts = [blocks(lambda: provider.release, "started")]
+
+    async def on_retry(_: RetryInfo) -> None:
+        raise AssertionError("the caller's deadline must not be retried")
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            async for _ in stream_step(provider, request(), on_retry=on_retry):
+                pass
     assert provider.started == 1
