@@ -6,13 +6,17 @@ else calls them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import functools
 import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -95,10 +99,85 @@ def _parse(path: Path) -> list[Query]:
     return queries
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+# Every connection of a replica is made with these bounds, so that no wait on the database
+# outlives them (docs/reliability.md, "Deadlines"):
+# - CONNECT_TIMEOUT_S bounds a connect, which a black-holed network never answers;
+# - COMMAND_TIMEOUT_S is asyncpg's default deadline of every statement that names none, and
+#   also bounds the cancel request asyncpg sends when a statement is cancelled (without it, a
+#   cancelled statement on a black-holed connection would hold its pooled connection forever:
+#   the pool's release waits for the cancel to finish).
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 15.0
+# Server-side keepalives: the server notices a replica whose host or network vanished (a
+# half-open connection) within about idle + interval x count seconds and ends its session,
+# which frees the replica's liveness lock so that other replicas requeue its chats. Without
+# them the kernel default (2 hours) applies. Ignored on Unix sockets.
+KEEPALIVE_SERVER_SETTINGS = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "3",
+    "tcp_keepalives_count": "3",
+}
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """A dedicated connection (the listener's, the liveness lock's) with the replica's bounds."""
+    settings = KEEPALIVE_SERVER_SETTINGS | kwargs.pop("server_settings", {})
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        conn: asyncpg.Connection = await asyncpg.connect(
+            dsn,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings=settings,
+            **kwargs,
+        )
+    _tune_socket(conn)
+    return conn
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    server_settings: dict[str, str] | None = None,
+) -> asyncpg.Pool:
+    """A pool whose connections carry the replica's bounds (see `connect`)."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=CONNECT_TIMEOUT_S,
+        command_timeout=COMMAND_TIMEOUT_S,
+        server_settings=KEEPALIVE_SERVER_SETTINGS | (server_settings or {}),
+        init=_init_pooled,
+    )
     assert pool is not None
     return pool
+
+
+async def _init_pooled(conn: asyncpg.Connection) -> None:
+    _tune_socket(conn)
+
+
+def _tune_socket(conn: asyncpg.Connection) -> None:
+    """Client-side keepalives and a TCP user timeout on TCP connections: a connection whose
+    peer vanished fails on its own instead of waiting for a deadline."""
+    transport = getattr(conn, "_transport", None)  # asyncpg exposes no socket options
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 10),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        # Unacknowledged data for this long fails the connection (Linux).
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), 20_000),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 @asynccontextmanager
@@ -126,6 +205,8 @@ class DbFailure(enum.Enum):
 
 # SQLSTATE classes and codes that mean "the server cannot serve this connection right now".
 _OUTAGE_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
+# Codes outside those classes after which the server closes the session.
+_OUTAGE_CODES = frozenset({"25P03"})  # idle_in_transaction_session_timeout (FATAL)
 # SQLSTATE codes that mean "try the same statement again".
 _CONTENTION_CODES = frozenset(
     {
@@ -149,7 +230,7 @@ def classify_db_error(exc: BaseException) -> DbFailure | None:
         sqlstate = str(getattr(exc, "sqlstate", "") or "")
         if sqlstate in _CONTENTION_CODES:
             return DbFailure.CONTENTION
-        if sqlstate[:2] in _OUTAGE_CLASSES:
+        if sqlstate[:2] in _OUTAGE_CLASSES or sqlstate in _OUTAGE_CODES:
             return DbFailure.OUTAGE
         return DbFailure.BUG
     if isinstance(

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from app.db import is_connection_error
+from app.db import connect, is_outage
 from app.log import get_logger
 
 log = get_logger(__name__)
@@ -207,7 +207,7 @@ class Listener:
                 await self._drop_connection()
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-                if not is_connection_error(exc) and not isinstance(exc, TimeoutError):
+                if not is_outage(exc):
                     raise
                 self.stats.connection_losses += 1
                 log.warning("listener.connection_lost", error=repr(exc), retry_in_s=backoff_s)
@@ -219,7 +219,8 @@ class Listener:
             backoff_s = min(backoff_s * 2, self._backoff_max_s)
 
     async def _connect(self) -> None:
-        conn = await asyncpg.connect(self._dsn, connection_class=_ListenConnection)
+        conn = await connect(self._dsn, connection_class=_ListenConnection)
+        assert isinstance(conn, _ListenConnection)
         self._lost.clear()
         conn.add_termination_listener(self._on_terminated)
         conn._chatd_dispatch = self._on_notification

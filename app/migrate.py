@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
+from app.db import CONNECT_TIMEOUT_S
 from app.log import get_logger
 from app.paths import MIGRATIONS_DIR, PROJECT_ROOT, SQL_DIR
 
@@ -121,7 +122,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
 
 
 async def migrate_dsn(dsn: str) -> list[str]:
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
     try:
         return await migrate(conn)
     finally:

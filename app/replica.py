@@ -31,7 +31,7 @@ import asyncpg
 from app import runs
 from app.chats import Chat
 from app.config import Settings
-from app.db import is_connection_error, project_queries, transaction
+from app.db import connect, is_transient, project_queries, transaction
 from app.errors import FencedOut
 from app.listener import Listener
 from app.log import get_logger
@@ -50,6 +50,18 @@ REGISTER_ATTEMPTS = 8
 REGISTER_BACKOFF_MAX_S = 2.0
 # Bound of the liveness connection's setup and of the final unregister.
 CONNECT_TIMEOUT_S = 10.0
+# Bound of the graceful unregister after liveness was lost: the connection is most likely dead
+# (the server restarted, the network is cut), so it is not worth waiting for.
+LOST_UNREGISTER_TIMEOUT_S = 2.0
+# Bound of one liveness query (heartbeat or keepalive): a black-holed connection never answers,
+# and the replica must notice that it can no longer prove ownership (it is also capped at half
+# the stale threshold, so a replica notices before the others may declare it dead).
+LIVENESS_QUERY_TIMEOUT_S = 5.0
+# Bounds of one acquire attempt and one sweep; a stalled database must not wedge either loop.
+ACQUIRE_TIMEOUT_S = 10.0
+SWEEP_TIMEOUT_S = 10.0
+# Backoff of the acquire and sweeper loops while the database is unreachable.
+LOOP_BACKOFF_MAX_S = 2.0
 # After the shutdown grace, runs still going are cancelled and get this long to unwind.
 HARD_CANCEL_WAIT_S = 1.0
 # How long a sweep waits for a chat row lock before it gives up until the next check.
@@ -123,6 +135,8 @@ class Replica:
         # Otherwise a run's end costs no acquire statement (the wake of a new pending chat and
         # the fallback poll cover the rest).
         self._backlog = False
+        # An acquire failed: its UPDATE may have committed with the answer lost (reconcile).
+        self._reconcile_due = False
         self._stop_requested = asyncio.Event()
         self._accepting = True
         self._task_group: asyncio.TaskGroup | None = None
@@ -215,9 +229,9 @@ class Replica:
     async def _register(self, *, first_id: uuid.UUID | None = None) -> None:
         """Open the liveness connection, take the lock of a fresh id, then insert the row (in
         that order: a row others can see always has its lock held while its session lives)."""
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            conn = await asyncpg.connect(self._dsn)
+        conn = await connect(self._dsn)
         try:
+            await conn.execute(Q.sql("replica_advance_part_ids"))
             candidate = await _lock_free_id(conn, first_id or uuid.uuid4())
             await conn.execute(
                 Q.sql("replica_insert"), candidate, self._hostname, os.getpid(), self._address
@@ -234,20 +248,31 @@ class Replica:
         self._poke.set()
         log.info("replica.registered", backend_pid=conn.get_server_pid(), **self._fields())
 
-    async def _unregister(self) -> None:
+    async def _unregister(self, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Give back every chat still running under this replica's id, delete its row and end
+        the liveness session, in that order. A run that outlived the shutdown grace (cancelled)
+        or could not release its chat leaves it running; without this, it would stay running
+        until the orphan threshold, since the row the sweepers look for is gone."""
         self._registered.clear()
         conn, self._liveness_conn = self._liveness_conn, None
         if conn is None:
             return
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await conn.execute(Q.sql("replica_delete"), self.id)
+            async with asyncio.timeout(timeout_s):
+                async with conn.transaction():
+                    released = await runs.requeue_unrun(conn, self.id, [])
+                    await conn.execute(Q.sql("replica_delete"), self.id)
                 await conn.close()  # ends the session: the advisory lock is released
         except (Exception, asyncio.CancelledError) as exc:
             conn.terminate()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.warning("replica.unregister_failed", error=repr(exc), **self._fields())
+            return
+        for chat in released:
+            log.warning(
+                "run.released_at_unregister", chat_id=chat.id, status=chat.status, **self._fields()
+            )
 
     async def _liveness_loop(self) -> None:
         backoff_s = 0.05
@@ -266,7 +291,7 @@ class Replica:
                 "replica.liveness_lost", reason=reason, running=len(self.runs), **self._fields()
             )
             await self._stop_runs(StopCause.LIVENESS_LOST)
-            await self._unregister()
+            await self._unregister(timeout_s=LOST_UNREGISTER_TIMEOUT_S)
             while True:
                 try:
                     await self._register()
@@ -286,7 +311,7 @@ class Replica:
             raise LivenessLost("no liveness connection")
         settings = self.settings
         loop = asyncio.get_running_loop()
-        query_timeout_s = max(settings.stale_threshold_s, 1.0)
+        query_timeout_s = min(LIVENESS_QUERY_TIMEOUT_S, max(settings.stale_threshold_s / 2, 0.5))
         next_heartbeat = loop.time() + settings.heartbeat_interval_s
         while True:
             wait_s = min(settings.liveness_check_interval_s, next_heartbeat - loop.time())
@@ -310,20 +335,24 @@ class Replica:
         # Orphans (running chats of no replica) and orphan parts only exist after rare races
         # and become eligible after the stale threshold: looking once per threshold is enough.
         next_orphan_check = loop.time()
+        backoff = _Backoff()
         while True:
-            await asyncio.sleep(self.settings.liveness_check_interval_s)
+            await asyncio.sleep(self.settings.liveness_check_interval_s + backoff.delay_s)
             if not self._registered.is_set():
                 continue
             try:
                 check_orphans = loop.time() >= next_orphan_check
-                await self.sweep(orphans=check_orphans)
-                if check_orphans:
-                    next_orphan_check = loop.time() + self.settings.stale_threshold_s
-                    if removed := await runs.delete_orphan_parts(self._pool):
-                        log.info("parts.orphans_deleted", parts=removed, **self._fields())
+                async with asyncio.timeout(SWEEP_TIMEOUT_S):
+                    await self.sweep(orphans=check_orphans)
+                    if check_orphans:
+                        next_orphan_check = loop.time() + self.settings.stale_threshold_s
+                        if removed := await runs.delete_orphan_parts(self._pool):
+                            log.info("parts.orphans_deleted", parts=removed, **self._fields())
+                backoff.reset()
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
+                backoff.grow()
                 log.warning("replica.sweep_failed", error=repr(exc), **self._fields())
 
     async def sweep(self, *, orphans: bool = True) -> list[Chat]:
@@ -393,23 +422,50 @@ class Replica:
                 self._poke.set()
 
     async def _acquire_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = _Backoff()
+        next_reconcile = loop.time() + self.settings.stale_threshold_s
         while True:
             await self._registered.wait()
             if not self._accepting:
                 return
             self._poke.clear()
             try:
+                # An acquire whose answer was lost, or a run that could not release its chat,
+                # leaves chats running under this id with no run: give them back, after every
+                # failure and as a slow backstop.
+                if self._reconcile_due or loop.time() >= next_reconcile:
+                    await self.reconcile()
+                    next_reconcile = loop.time() + self.settings.stale_threshold_s
                 await self.acquire()
+                backoff.reset()
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
+                self._reconcile_due = True
+                backoff.grow()
                 log.warning("replica.acquire_failed", error=repr(exc), **self._fields())
             if not self.accepting():
                 return
-            # The slow fallback poll covers lost notifications.
+            # The slow fallback poll covers lost notifications; while the database fails, the
+            # backoff keeps this loop from spinning.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.acquire_poll_interval_s):
+                    if backoff.delay_s:
+                        await asyncio.sleep(backoff.delay_s)
                     await self._poke.wait()
+
+    async def reconcile(self) -> list[Chat]:
+        """Give back the chats the table says this replica runs but none of its runs drives
+        (called from the acquire loop, so no acquire is in flight meanwhile)."""
+        worker_id = self.id
+        live = [run.token for run, _task in self.runs.values() if run.token.worker_id == worker_id]
+        async with asyncio.timeout(ACQUIRE_TIMEOUT_S), transaction(self._pool) as conn:
+            released = await runs.requeue_unrun(conn, worker_id, live)
+        self._reconcile_due = False
+        for chat in released:
+            log.warning("run.released_unrun", chat_id=chat.id, status=chat.status, **self._fields())
+        return released
 
     async def acquire(self) -> list[Chat]:
         """Acquire as many pending chats as there is capacity for and start their runs."""
@@ -421,7 +477,8 @@ class Replica:
             return []
         worker_id = self.id
         self.stats.acquire_attempts += 1
-        chats = await runs.acquire(self._pool, worker_id, spare)
+        async with asyncio.timeout(ACQUIRE_TIMEOUT_S):
+            chats = await runs.acquire(self._pool, worker_id, spare)
         self._backlog = len(chats) == spare
         for chat in chats:
             if worker_id != self.id or not self._registered.is_set() or not self._accepting:
@@ -514,8 +571,23 @@ SALVAGE_ATTEMPTS = 4
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """Database trouble that may pass (as opposed to a bug)."""
-    return is_connection_error(exc) or isinstance(exc, TimeoutError | asyncpg.PostgresError)
+    """Database trouble that may pass: an outage or contention (app/db.py), as opposed to a bug."""
+    return is_transient(exc)
+
+
+class _Backoff:
+    """The extra wait of a loop while the database fails: 0, then 0.1 s doubling to a cap."""
+
+    def __init__(self, *, initial_s: float = 0.1, max_s: float = LOOP_BACKOFF_MAX_S) -> None:
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self.delay_s = 0.0
+
+    def grow(self) -> None:
+        self.delay_s = min(max(self.delay_s * 2, self._initial_s), self._max_s)
+
+    def reset(self) -> None:
+        self.delay_s = 0.0
 
 
 async def _lock_free_id(conn: asyncpg.Connection, candidate: uuid.UUID) -> uuid.UUID:

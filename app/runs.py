@@ -334,3 +334,21 @@ async def delete_orphan_parts(pool: asyncpg.Pool) -> int:
     """Remove live parts that belong to no run in progress; returns how many."""
     count: int = await pool.fetchval(Q.sql("parts_delete_orphans"))
     return count
+
+
+async def requeue_unrun(conn: Conn, worker_id: uuid.UUID, live: Sequence[RunToken]) -> list[Chat]:
+    """Inside the caller's transaction: give back the running chats of `worker_id` that none of
+    its `live` runs drives (pending, or waiting when a Stop was asked)."""
+    rows = await conn.fetch(
+        Q.sql("run_lock_unrun"),
+        worker_id,
+        [token.chat_id for token in live],
+        [token.generation for token in live],
+    )
+    if not rows:
+        return []
+    await conn.execute(Q.sql("run_delete_parts_of"), [row["id"] for row in rows])
+    return [
+        Chat.from_record(await _give_back(conn, row["id"], stop_requested=row["stop_requested"]))
+        for row in rows
+    ]

@@ -13,11 +13,11 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-import asyncpg
 from aiohttp import web
 
 from app.auth import ensure_local_token
 from app.config import Settings
+from app.db import create_pool, is_outage
 from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
 from app.engine_metrics import engine_metrics
 from app.http.server import build_app
@@ -48,19 +48,38 @@ def database(settings: Settings) -> Iterator[str]:
         embedded.stop()
 
 
+# Backoff of the start-up wait for the database.
+STARTUP_BACKOFF_MAX_S = 5.0
+
+
+async def wait_for_database(dsn: str) -> None:
+    """Migrate, waiting with backoff while the database is unreachable (a replica started
+    before its database, or during a restart or failover, waits rather than exits)."""
+    backoff_s = 0.2
+    while True:
+        try:
+            await migrate_dsn(dsn)
+            return
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("service.database_unavailable", error=repr(exc), retry_in_s=backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, STARTUP_BACKOFF_MAX_S)
+
+
 async def serve(settings: Settings, dsn: str) -> None:
-    await migrate_dsn(dsn)
+    await wait_for_database(dsn)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
 
-    # Not db.create_pool: the engine needs a server-side bound on idle transactions (see
-    # ENGINE_SERVER_SETTINGS) and room for its runs next to the HTTP handlers.
-    pool = await asyncpg.create_pool(
+    # The engine needs a server-side bound on idle transactions (see ENGINE_SERVER_SETTINGS)
+    # and room for its runs next to the HTTP handlers.
+    pool = await create_pool(
         dsn, min_size=1, max_size=POOL_MAX_SIZE, server_settings=ENGINE_SERVER_SETTINGS
     )
-    assert pool is not None
     try:
         # `make run`: a local admin user and its token, written to the data directory where
         # `chatd chat` finds it. Only for the embedded database.

@@ -139,8 +139,12 @@ CREATE INDEX chat_queued_messages_chat_id_idx ON chat_queued_messages (chat_id, 
 -- Live deltas of the step in progress. UNLOGGED: they are worth nothing after a crash (the step
 -- is redone), and skipping WAL makes the hottest insert path cheap. No foreign key to chats: the
 -- key-share lock of an FK check would queue behind every FOR UPDATE of the chat row.
+-- Its ids come from a LOGGED sequence: crash recovery resets the sequences of unlogged tables,
+-- and a part id is a stream cursor, which must never go backwards (migration 0003).
+CREATE SEQUENCE chat_stream_part_ids;
+
 CREATE UNLOGGED TABLE chat_stream_parts (
-    id           bigserial PRIMARY KEY,
+    id           bigint PRIMARY KEY DEFAULT nextval('chat_stream_part_ids'),
     chat_id      uuid NOT NULL,
     generation   bigint NOT NULL,
     message_role text NOT NULL DEFAULT 'assistant',

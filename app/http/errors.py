@@ -24,7 +24,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from app.db import is_connection_error
+from app.db import DbFailure, classify_db_error
 from app.errors import (
     ChatdError,
     Conflict,
@@ -122,27 +122,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {"message": "the database rejected the request", "detail": exc.__class__.__name__},
             status=400,
         )
-    except (
-        asyncpg.exceptions.TooManyConnectionsError,
-        asyncpg.exceptions.InsufficientResourcesError,
-        asyncpg.exceptions.QueryCanceledError,
-        TimeoutError,
-    ) as exc:
-        log.warning("http.database_busy", path=request.path, error=repr(exc))
-        return _unavailable(exc)
+    except ConnectionResetError:
+        raise  # the client went away: nobody to answer
     except Exception as exc:
-        if is_connection_error(exc) and not isinstance(exc, ConnectionResetError):
-            log.warning("http.database_unreachable", path=request.path, error=repr(exc))
-            return _unavailable(exc)
-        if isinstance(exc, ConnectionResetError):
-            raise  # the client went away: nobody to answer
+        failure = classify_db_error(exc)
+        if failure in (DbFailure.OUTAGE, DbFailure.CONTENTION):
+            # The database is restarting, unreachable, overloaded or the request lost a race:
+            # the client may simply try again.
+            log.warning(
+                "http.database_unavailable",
+                path=request.path,
+                failure=failure.value,
+                error=repr(exc),
+            )
+            return _unavailable()
         log.error("http.internal_error", path=request.path, error=repr(exc), exc_info=True)
         return json_response({"message": "internal error"}, status=500)
 
 
-def _unavailable(exc: BaseException) -> web.Response:
+def _unavailable() -> web.Response:
     response = json_response(
-        {"message": "service temporarily unavailable", "detail": exc.__class__.__name__},
+        {"message": "service temporarily unavailable", "detail": "the database is unavailable"},
         status=503,
     )
     response.headers["Retry-After"] = "1"

@@ -66,3 +66,13 @@ SELECT 1;
 -- name: replica_sweep_lock_timeout :exec
 -- SET LOCAL lock_timeout for the sweep's transaction ($1 like '1000ms').
 SELECT set_config('lock_timeout', $1, true);
+
+-- name: replica_advance_part_ids :exec
+-- At registration, on the liveness connection: move the live-part id sequence 2^24 past any
+-- value it handed out. The sequence is logged, but the part flush commits asynchronously, so a
+-- server crash may lose the WAL of its last few advances; a replica registers after every crash
+-- (its sessions died with the server), and the jump it makes here is committed synchronously,
+-- before any of its runs can flush a part. 2^24 ids per registration keeps ids below 2^53
+-- (exact in JavaScript clients) for hundreds of millions of registrations.
+SELECT set_config('synchronous_commit', 'on', true),
+       setval('chat_stream_part_ids', nextval('chat_stream_part_ids') + 16777216);

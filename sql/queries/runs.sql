@@ -288,3 +288,17 @@ WHERE chat_id = $1 AND id = ANY($2::bigint[]) AND NOT deleted AND NOT compressed
 UPDATE chats SET title = $3
 WHERE id = $1 AND title = $2
 RETURNING *;
+
+-- name: run_lock_unrun :many
+-- Running chats that the table assigns to replica $1 but that none of its live runs, given as
+-- (chat id $2, generation $3) pairs, drives: an acquire whose answer was lost with its
+-- connection (the UPDATE committed, the replica never saw the rows), or a run that ended
+-- without being able to release its chat. Locked like run_lock_orphans; served by
+-- chats_running_worker_idx.
+SELECT c.id, c.interrupt_requested_at IS NOT NULL AS stop_requested
+FROM chats c
+WHERE c.status = 'running'
+  AND c.worker_id = $1
+  AND (c.id, c.generation) NOT IN (SELECT * FROM unnest($2::uuid[], $3::bigint[]))
+ORDER BY c.id
+FOR UPDATE;
