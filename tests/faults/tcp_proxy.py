@@ -16,10 +16,16 @@ Choices, as a real network would behave:
   answers the client's keepalive probes, as its socket is alive. (A test of keepalive settings
   needs packet filtering, not a user-space proxy.)
 - `heal()`: new connections are forwarded again. Connections that were black-holed stay
-  silent for good (as if TCP had given up on them before the path came back); only the client
-  closing them ends them. When a client closes a black-holed connection, the proxy closes the
-  server side once the path is healed (the client's FIN gets through once the network is back),
-  so the server's backend, its transaction and its locks end then, not before.
+  silent for good (as if TCP had given up on them, or a NAT on the path lost their state); only
+  the client closing them ends them. When a client closes a black-holed connection, the proxy
+  closes the server side once healed (the client's FIN gets through once the network is back),
+  so the server's backend, its transaction and its locks end then, not before. This is the
+  default because it is the harsher case: every pooled connection must be found dead by a
+  deadline.
+- `heal(resume=True)`: what TCP does after a short partition: nothing was lost, only delayed.
+  Black-holed connections resume and what was sent meanwhile is delivered in order, late
+  (queries a client gave up on still run; their answers arrive after its deadline); connections
+  accepted during the black hole are forwarded now, their first bytes included.
 """
 
 from __future__ import annotations
@@ -129,8 +135,12 @@ class TcpProxy:
         for connection in self._connections:
             connection.blackholed = True
 
-    def heal(self) -> None:
-        """New connections are forwarded again (black-holed ones stay silent; see the module)."""
+    def heal(self, *, resume: bool = False) -> None:
+        """New connections are forwarded again; black-holed ones stay silent, or with `resume`
+        deliver what was held back and forward again (see the module)."""
+        if resume:
+            for connection in self._connections:
+                connection.blackholed = False
         self._blackholed = False
         self._healed.set()
 
@@ -165,8 +175,11 @@ class TcpProxy:
         self.accepted += 1
         try:
             if connection.blackholed:
-                await self._swallow(reader)
-                return
+                # Read nothing: the client's first bytes wait in the socket for a resume.
+                await self._healed.wait()
+                if connection.blackholed:
+                    await self._swallow(reader)
+                    return
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     upstream_reader, upstream_writer = await asyncio.open_connection(
@@ -202,24 +215,29 @@ class TcpProxy:
         try:
             await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
             if connection.blackholed:
-                # Nothing crosses a black hole, not even a close: the client keeps its silent
-                # connection until it closes it; the server learns of that once healed.
-                await to_upstream
+                # Nothing crosses a black hole, not even a close: each side learns of the
+                # other's close once healed; a connection not resumed stays silent until its
+                # client closes it.
                 await self._healed.wait()
+                if connection.blackholed:
+                    await to_upstream
         finally:
             for pump in (to_upstream, to_client):
                 pump.cancel()
             await asyncio.wait({to_upstream, to_client})
 
-    @staticmethod
     async def _pump(
-        connection: _Connection, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+        self, connection: _Connection, source: asyncio.StreamReader, sink: asyncio.StreamWriter
     ) -> None:
-        """Copy until end of stream or a socket error; drop everything while black-holed."""
+        """Copy until end of stream or a socket error. While black-holed, hold the data (the
+        rest waits in the socket buffers) until the heal: then deliver it if the connection
+        was resumed, else drop it and everything after."""
         with contextlib.suppress(OSError):
             while data := await source.read(READ_SIZE):
                 if connection.blackholed:
-                    continue
+                    await self._healed.wait()
+                    if connection.blackholed:
+                        continue
                 sink.write(data)
                 await sink.drain()
 
