@@ -106,7 +106,7 @@ def _parse(path: Path) -> list[Query]:
 #   also bounds the cancel request asyncpg sends when a statement is cancelled (without it, a
 #   cancelled statement on a black-holed connection would hold its pooled connection forever:
 #   the pool's release waits for the cancel to finish).
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 15.0
 # Server-side keepalives: the server notices a replica whose host or network vanished (a
 # half-open connection) within about idle + interval x count seconds and ends its session,
@@ -153,6 +153,19 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+def drop_pool_connections(pool: asyncpg.Pool) -> None:
+    """Terminate every connection of the pool now, idle or in use; the pool opens fresh ones on
+    demand. For a replica that found the database unreachable: after a restart or a network cut
+    every pooled connection is dead, and finding that out one deadline at a time (a statement
+    timeout, then the cancel request's own timeout, per connection) would hold up recovery for
+    tens of seconds. A statement in flight fails with a connection error (an outage, handled
+    where it was sent). asyncpg has no public call for this (`expire_connections` closes each
+    connection gracefully on its next acquire, which waits out the same deadlines), hence the
+    holders."""
+    for holder in getattr(pool, "_holders", ()):
+        holder.terminate()
 
 
 async def _init_pooled(conn: asyncpg.Connection) -> None:

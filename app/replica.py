@@ -31,7 +31,7 @@ import asyncpg
 from app import runs
 from app.chats import Chat
 from app.config import Settings
-from app.db import connect, is_transient, project_queries, transaction
+from app.db import connect, drop_pool_connections, is_transient, project_queries, transaction
 from app.errors import FencedOut
 from app.listener import Listener
 from app.log import get_logger
@@ -73,7 +73,12 @@ ENGINE_SERVER_SETTINGS = {"idle_in_transaction_session_timeout": "5000"}
 
 
 class LivenessLost(Exception):
-    """This replica can no longer prove it is alive."""
+    """This replica can no longer prove it is alive. `outage`: because the database (or the
+    way to it) is gone, as opposed to another replica having declared this one dead."""
+
+    def __init__(self, reason: str, *, outage: bool) -> None:
+        super().__init__(reason)
+        self.outage = outage
 
 
 def lock_key(replica_id: uuid.UUID) -> int:
@@ -282,11 +287,18 @@ class Replica:
                 await self._hold_liveness()
             except LivenessLost as exc:
                 reason = str(exc)
+                outage = exc.outage
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
                 reason = repr(exc)
+                outage = True
             self._registered.clear()
+            if outage:
+                # The database went away (restart, crash, cut or black-holed network): every
+                # pooled connection is suspect. Fresh ones fail fast while it is still away
+                # and work as soon as it is back.
+                drop_pool_connections(self._pool)
             self.stats.liveness_losses += 1
             log.error(
                 "replica.liveness_lost", reason=reason, running=len(self.runs), **self._fields()
@@ -309,7 +321,7 @@ class Replica:
         """Heartbeat the row and check the connection until liveness is lost (raises)."""
         conn = self._liveness_conn
         if conn is None:
-            raise LivenessLost("no liveness connection")
+            raise LivenessLost("no liveness connection", outage=True)
         settings = self.settings
         loop = asyncio.get_running_loop()
         query_timeout_s = min(LIVENESS_QUERY_TIMEOUT_S, max(settings.stale_threshold_s / 2, 0.5))
@@ -320,11 +332,13 @@ class Replica:
                 async with asyncio.timeout(max(wait_s, 0.0)):
                     await self._liveness_conn_lost.wait()
             if self._liveness_conn_lost.is_set():
-                raise LivenessLost("liveness connection closed")
+                raise LivenessLost("liveness connection closed", outage=True)
             async with asyncio.timeout(query_timeout_s):
                 if loop.time() >= next_heartbeat:
                     if await conn.fetchval(Q.sql("replica_heartbeat"), self.id) is None:
-                        raise LivenessLost("replica row deleted: declared dead by another replica")
+                        raise LivenessLost(
+                            "replica row deleted: declared dead by another replica", outage=False
+                        )
                     next_heartbeat = loop.time() + settings.heartbeat_interval_s
                 else:
                     await conn.fetchval(Q.sql("replica_keepalive"))
