@@ -65,11 +65,14 @@ def token_of(chat: Chat) -> RunToken:
     return RunToken(chat.id, chat.worker_id, chat.generation)
 
 
-async def acquire(pool: asyncpg.Pool, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-    """pending -> running for up to `limit` chats (oldest first) in one statement."""
+async def acquire(
+    pool: asyncpg.Pool, worker_id: uuid.UUID, limit: int, *, max_running_per_user: int = 25
+) -> list[Chat]:
+    """pending -> running for up to `limit` chats in one statement, fair across users and
+    keeping each user under `max_running_per_user` (sql/queries/runs.sql, run_acquire)."""
     if limit <= 0:
         return []
-    rows = await pool.fetch(Q.sql("run_acquire"), worker_id, limit)
+    rows = await pool.fetch(Q.sql("run_acquire"), worker_id, limit, max_running_per_user)
     return [Chat.from_record(row) for row in rows]
 
 

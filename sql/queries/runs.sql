@@ -5,18 +5,56 @@
 -- commit in id order (the cursor of every stream).
 
 -- name: run_acquire :many
--- pending -> running for up to $2 chats, oldest first, in one statement. SKIP LOCKED: replicas
--- acquiring at the same time take disjoint sets instead of queueing behind each other, and a
--- chat locked by a user's transition right now is simply left for the next attempt. The scan
--- is served by the partial index chats_pending_idx (updated_at, id) WHERE status = 'pending'.
--- The generation bump makes (worker_id, generation) a token no earlier run of the chat holds.
-WITH candidates AS (
-    SELECT id
+-- pending -> running for up to $2 chats in one statement, FAIR across users: no user may run
+-- more than $3 chats at once (max_running_chats_per_user), and the slots go round-robin over
+-- the users who wait, fewest running chats first. Each pending chat gets the rank
+-- `running_after`: the number of chats its owner would run once it and the owner's older
+-- pending chats are taken (running + its place in the owner's queue, oldest first); chats are
+-- taken by that rank, then oldest first. So a user who queued 200 chats gets one slot, then
+-- every other waiting user gets one, then the first user a second, and so on; a user with
+-- running chats comes after those with fewer. FIFO by updated_at, as before, let one user's
+-- flood starve everyone behind it.
+--
+-- Cost: one pass over the pending chats (the partial index chats_pending_idx, which holds
+-- only them: at most users x max_pending_chats_per_user rows) and one over the running chats
+-- (the partial index chats_running_worker_idx: at most the replicas' total capacity), whatever
+-- the size of the table.
+--
+-- SKIP LOCKED: replicas acquiring at the same time take disjoint sets instead of queueing
+-- behind each other, and a chat locked by a user's transition right now is simply left for the
+-- next attempt. The lock is at the outer level, below LIMIT, so a skipped chat does not count
+-- and the next candidate is taken instead. The generation bump makes (worker_id, generation) a
+-- token no earlier run of the chat holds.
+--
+-- The cap across replicas: concurrent acquirers compute each user's window (the oldest
+-- $3 - running pending chats) over the same queue; SKIP LOCKED gives each chat of the window
+-- to one of them and the re-check of status = 'pending' on the locked row drops a chat another
+-- acquirer already took, so together they never take more than the window, and a window
+-- computed before another acquirer's commit contains the chats that acquirer took. The cap can
+-- be passed only when a user's queue ORDER changes between the snapshots of concurrent acquire
+-- statements (a pending chat edited or retitled moves to the tail during the milliseconds of
+-- an acquire): by at most one chat per concurrent acquirer for each such change.
+WITH running AS (
+    SELECT owner_id, count(*) AS running
     FROM chats
-    WHERE status = 'pending'
-    ORDER BY updated_at, id
+    WHERE status = 'running'
+    GROUP BY owner_id
+), ranked AS (
+    SELECT p.id, p.updated_at,
+           coalesce(r.running, 0)
+               + row_number() OVER (PARTITION BY p.owner_id ORDER BY p.updated_at, p.id)
+               AS running_after
+    FROM chats p
+    LEFT JOIN running r ON r.owner_id = p.owner_id
+    WHERE p.status = 'pending'
+), candidates AS (
+    SELECT c.id
+    FROM ranked q
+    JOIN chats c ON c.id = q.id
+    WHERE q.running_after <= $3 AND c.status = 'pending'
+    ORDER BY q.running_after, q.updated_at, q.id
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF c SKIP LOCKED
 )
 UPDATE chats c
 SET status = 'running',
