@@ -138,6 +138,18 @@ class ErrorBody(Described):
     validations: list[Validation] | None = None
 
 
+class LimitBody(Described):
+    """429 of a per-user limit (docs/operations.md, "Per-user limits")."""
+
+    message: str
+    detail: str
+    limit: str = Field(
+        description="The limit reached, named after its CHATD_MAX_<LIMIT> setting:"
+        " chats_per_user, pending_chats_per_user, ..."
+    )
+    maximum: int
+
+
 class SpendLimitBody(Described):
     message: str
     spent_micros: int
@@ -246,9 +258,10 @@ class ReplicaList(Described):
 
 
 class Health(Described):
+    """Public (no token): says what is missing, never why (the details are logged)."""
+
     status: Literal["ok", "unavailable"]
     message: str | None = None
-    detail: str | None = None
 
 
 # --------------------------------------------------------------------------------------------

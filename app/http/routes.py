@@ -67,6 +67,14 @@ def _content(value: str | tuple[TextPart, ...] | list[TextPart]) -> str | list[d
 # Chats.
 
 
+def _limits(call: Call) -> chats.UserLimits:
+    """The per-user limits of docs/operations.md, from this replica's settings."""
+    return chats.UserLimits(
+        max_chats=call.settings.max_chats_per_user,
+        max_pending_chats=call.settings.max_pending_chats_per_user,
+    )
+
+
 def encode_page_cursor(chat: chats.Chat) -> str:
     raw = f"{chat.created_at.isoformat()}|{chat.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -98,6 +106,7 @@ async def create_chat(call: Call) -> web.StreamResponse:
         title=body.title,
         model_config_id=body.model_config_id,
         client_type=body.client_type,
+        limits=_limits(call),
     )
     return json_response(chat.to_json(), status=201)
 
@@ -127,7 +136,12 @@ async def update_chat(call: Call) -> web.StreamResponse:
     chat_id = call.path_uuid("id")
     body = await call.body(UpdateChatRequest)
     chat = await chats.update_chat(
-        call.pool, call.owner, chat_id, title=body.title, archived=body.archived
+        call.pool,
+        call.owner,
+        chat_id,
+        title=body.title,
+        archived=body.archived,
+        limits=_limits(call),
     )
     return json_response(chat.to_json())
 
@@ -156,6 +170,7 @@ async def send_message(call: Call) -> web.StreamResponse:
         chat_id,
         _content(body.content),
         queue_limit=call.settings.queue_limit,
+        limits=_limits(call),
     )
     if result.message is not None:
         return json_response({"message": result.message.to_json()}, status=201)
@@ -168,7 +183,7 @@ async def edit_message(call: Call) -> web.StreamResponse:
     message_id = call.path_id("mid")
     body = await call.body(EditMessageRequest)
     message = await chats.edit_message(
-        call.pool, call.owner, chat_id, message_id, _content(body.content)
+        call.pool, call.owner, chat_id, message_id, _content(body.content), limits=_limits(call)
     )
     return json_response(message.to_json())
 
@@ -185,7 +200,7 @@ async def delete_queued(call: Call) -> web.StreamResponse:
 
 async def promote_queued(call: Call) -> web.StreamResponse:
     promoted = await chats.promote_queued(
-        call.pool, call.owner, call.path_uuid("id"), call.path_id("qid")
+        call.pool, call.owner, call.path_uuid("id"), call.path_id("qid"), limits=_limits(call)
     )
     if isinstance(promoted, chats.Message):
         return json_response(promoted.to_json())
@@ -447,8 +462,11 @@ REST_ROUTES: list[Route] = [
         f"{V1}/replicas",
         list_replicas,
         "listReplicas",
-        "Replicas with heartbeat ages and running chats",
+        "Replicas with heartbeat ages and running chats (admins)",
+        description="Hostnames, process ids and addresses are operational details: only"
+        " admins see them (403 otherwise).",
         tag="operations",
-        answers={200: Answer("the replicas", ReplicaList), **_errors(401)},
+        admin=True,
+        answers={200: Answer("the replicas", ReplicaList), **_errors(401, 403)},
     ),
 ]
