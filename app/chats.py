@@ -9,6 +9,7 @@ worker_id), error (failed; a new user message makes it pending again)."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,14 @@ ChatStatus = Literal["waiting", "pending", "running", "error"]
 MAX_TEXT_CHARS = 100_000
 MAX_PARTS = 50
 MAX_TITLE_CHARS = 200
+# Content must have a character that is not blank. The blank characters are listed (Python's
+# str.isspace() and ECMAScript's \s together) so that the OpenAPI document can carry the very
+# same pattern (app/http/models.py) and a client's validator agrees with the server.
+NON_BLANK_PATTERN = (
+    r"[^\t\n\u000b\u000c\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029"
+    r"\u202f\u205f\u3000\ufeff]"
+)
+NON_BLANK = re.compile(NON_BLANK_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -237,7 +246,7 @@ def normalize_user_content(content: object) -> list[dict[str, Any]]:
             )
         total_chars += len(text)
         normalized.append({"type": "text", "text": text})
-    if total_chars == 0 or not any(p["text"].strip() for p in normalized):
+    if not any(NON_BLANK.search(p["text"]) for p in normalized):
         raise ValidationFailed(
             "content must not be empty",
             validations=[{"field": "content", "detail": "empty text"}],
