@@ -421,13 +421,15 @@ class Replica:
             return []
         worker_id = self.id
         self.stats.acquire_attempts += 1
-        chats = await runs.acquire(
+        chats, held_back = await runs.acquire_fairly(
             self._pool,
             worker_id,
             spare,
             max_running_per_user=self.settings.max_running_chats_per_user,
         )
-        self._backlog = len(chats) == spare
+        # More to take than capacity, or chats left only because their owner is at
+        # max_running_chats_per_user: a run's end may let them in (no chat_wake says so).
+        self._backlog = len(chats) == spare or held_back
         for chat in chats:
             if worker_id != self.id or not self._registered.is_set() or not self._accepting:
                 # Liveness was lost (or shutdown began) while acquiring: a run here could not
@@ -475,10 +477,8 @@ class Replica:
             current = self.runs.get(run.chat_id)
             if current is not None and current[0] is run:
                 del self.runs[run.chat_id]
-            # The end of a run frees a slot here and one of its owner's running slots
-            # (max_running_chats_per_user): either may let a pending chat in, and no chat_wake
-            # says so, so try at once rather than at the next poll.
-            self._poke.set()
+            if self._backlog:
+                self._poke.set()
 
     async def _salvage(self, run: Run, *, transient: bool) -> RunEnd:
         """Release the chat of a crashed run. If even that cannot be written, this replica

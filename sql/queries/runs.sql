@@ -34,6 +34,11 @@
 -- be passed only when a user's queue ORDER changes between the snapshots of concurrent acquire
 -- statements (a pending chat edited or retitled moves to the tail during the milliseconds of
 -- an acquire): by at most one chat per concurrent acquirer for each such change.
+--
+-- Returns the acquired rows and `held_back` on each: whether some pending chat was left only
+-- because its owner is at the cap. No chat_wake says when a slot of that owner frees, so a
+-- replica that saw held_back acquires again when one of its runs ends. With nothing acquired,
+-- one row of NULLs carries held_back (the caller skips it).
 WITH running AS (
     SELECT owner_id, count(*) AS running
     FROM chats
@@ -55,17 +60,21 @@ WITH running AS (
     ORDER BY q.running_after, q.updated_at, q.id
     LIMIT $2
     FOR UPDATE OF c SKIP LOCKED
+), acquired AS (
+    UPDATE chats c
+    SET status = 'running',
+        worker_id = $1,
+        generation = c.generation + 1,
+        started_at = clock_timestamp(),
+        heartbeat_at = clock_timestamp(),
+        last_error = NULL
+    FROM candidates
+    WHERE c.id = candidates.id
+    RETURNING c.*
 )
-UPDATE chats c
-SET status = 'running',
-    worker_id = $1,
-    generation = c.generation + 1,
-    started_at = clock_timestamp(),
-    heartbeat_at = clock_timestamp(),
-    last_error = NULL
-FROM candidates
-WHERE c.id = candidates.id
-RETURNING c.*;
+SELECT a.*, EXISTS (SELECT 1 FROM ranked WHERE running_after > $3) AS held_back
+FROM (SELECT) AS one
+LEFT JOIN acquired a ON true;
 
 -- name: run_lock_owned :one
 -- The fence. Every write transaction of a run starts here; no row means the run lost its chat

@@ -118,11 +118,11 @@ class Generator:
             items = schema.get("items", {})
             count = rng.randint(schema.get("minItems", 0), min(schema.get("maxItems", 3), 3))
             for _attempt in range(100):
-                value = [self.valid(items, depth + 1) for _ in range(count)]
+                array = [self.valid(items, depth + 1) for _ in range(count)]
                 if "contains" not in schema or any(
-                    _satisfies(schema["contains"], item) for item in value
+                    _satisfies(schema["contains"], item) for item in array
                 ):
-                    return value
+                    return array
             raise AssertionError(f"cannot generate an array for {schema['contains']}")
         if kind == "object" or "properties" in schema:
             value = {}

@@ -525,3 +525,19 @@ async def test_the_janitor_removes_only_parts_of_no_run_in_progress(
     assert await runs.delete_orphan_parts(pool) == 2
     remaining = await conn.fetch("SELECT id FROM chat_stream_parts")
     assert [r["id"] for r in remaining] == [live_part["id"]]
+
+
+async def test_acquire_says_when_chats_were_held_back_by_the_cap(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """No chat_wake says when a capped user's run ends: the flag tells the replica to try again
+    then."""
+    assert await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=2) == ([], False)
+    heavy = await factories.create_user(conn)
+    await _flood(conn, heavy["id"], 3)
+    chats, held_back = await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=2)
+    assert len(chats) == 2 and held_back
+    chats, held_back = await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=2)
+    assert chats == [] and held_back
+    chats, held_back = await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=3)
+    assert len(chats) == 1 and not held_back
