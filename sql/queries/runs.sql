@@ -16,9 +16,12 @@
 -- flood starve everyone behind it.
 --
 -- Cost: one pass over the pending chats (the partial index chats_pending_idx, which holds
--- only them: at most users x max_pending_chats_per_user rows) and one over the running chats
--- (the partial index chats_running_worker_idx: at most the replicas' total capacity), whatever
--- the size of the table.
+-- only them: at most users x max_pending_chats_per_user rows, plus a sort of them by owner)
+-- and one over the running chats (the partial index chats_running_worker_idx: at most the
+-- replicas' total capacity), whatever the size of the table. Unlike FIFO's LIMIT on the index,
+-- it grows with the backlog: measured ~5 ms with 2,000 pending chats, ~25 ms with 10,000
+-- (FIFO: ~1 ms). An index (owner_id, updated_at, id) WHERE status = 'pending' would make it an
+-- index-only pass with no sort (it needs a migration).
 --
 -- SKIP LOCKED: replicas acquiring at the same time take disjoint sets instead of queueing
 -- behind each other, and a chat locked by a user's transition right now is simply left for the
@@ -52,11 +55,19 @@ WITH running AS (
     FROM chats p
     LEFT JOIN running r ON r.owner_id = p.owner_id
     WHERE p.status = 'pending'
+), eligible AS (
+    -- The best few first (a top-N sort, and no join back for the others). The slack covers
+    -- chats that replicas acquiring at the same instant lock first.
+    SELECT id, running_after, updated_at
+    FROM ranked
+    WHERE running_after <= $3
+    ORDER BY running_after, updated_at, id
+    LIMIT 4 * $2 + 64
 ), candidates AS (
     SELECT c.id
-    FROM ranked q
+    FROM eligible q
     JOIN chats c ON c.id = q.id
-    WHERE q.running_after <= $3 AND c.status = 'pending'
+    WHERE c.status = 'pending'
     ORDER BY q.running_after, q.updated_at, q.id
     LIMIT $2
     FOR UPDATE OF c SKIP LOCKED
