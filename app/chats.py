@@ -9,6 +9,7 @@ worker_id), error (failed; a new user message makes it pending again)."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import asyncpg
 
 from app.db import Conn, project_queries, transaction
-from app.errors import InvalidTransition, NotFound, QueueFull, ValidationFailed
+from app.errors import InvalidTransition, LimitReached, NotFound, QueueFull, ValidationFailed
 from app.usage import check_spend_limit
 
 # A check that runs first in the transaction of a write, on its connection; raising aborts the
@@ -32,6 +33,14 @@ ChatStatus = Literal["waiting", "pending", "running", "error"]
 MAX_TEXT_CHARS = 100_000
 MAX_PARTS = 50
 MAX_TITLE_CHARS = 200
+# Content must have a character that is not blank. The blank characters are listed (Python's
+# str.isspace() and ECMAScript's \s together) so that the OpenAPI document can carry the very
+# same pattern (app/http/models.py) and a client's validator agrees with the server.
+NON_BLANK_PATTERN = (
+    r"[^\t\n\u000b\u000c\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029"
+    r"\u202f\u205f\u3000\ufeff]"
+)
+NON_BLANK = re.compile(NON_BLANK_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,19 @@ class Owner:
 
     user_id: uuid.UUID
     organization_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """Per-user limits enforced on the transitions users drive (app.config.Settings,
+    max_chats_per_user and max_pending_chats_per_user); None: no limit. Reaching one raises
+    LimitReached (429) and changes nothing. The running limit is enforced by acquire."""
+
+    max_chats: int | None = None  # chats that are not archived
+    max_pending_chats: int | None = None  # chats waiting for a replica
+
+
+NO_LIMITS = UserLimits()
 
 
 @dataclass(frozen=True)
@@ -230,7 +252,7 @@ def normalize_user_content(content: object) -> list[dict[str, Any]]:
             )
         total_chars += len(text)
         normalized.append({"type": "text", "text": text})
-    if total_chars == 0 or not any(p["text"].strip() for p in normalized):
+    if not any(NON_BLANK.search(p["text"]) for p in normalized):
         raise ValidationFailed(
             "content must not be empty",
             validations=[{"field": "content", "detail": "empty text"}],
@@ -271,6 +293,38 @@ async def _lock_unarchived_chat(
     return row
 
 
+async def _check_user_limits(
+    conn: Conn, user_id: uuid.UUID, limits: UserLimits, *, new_chat: bool, new_pending: bool
+) -> None:
+    """Before a transition adds a chat (not archived) and/or a pending chat for the user: raise
+    LimitReached if the user is at a limit. Called before anything is written; the user row
+    lock serializes the checks of one user (sql/queries/chats.sql, lock_user_for_limits)."""
+    check_chats = new_chat and limits.max_chats is not None
+    check_pending = new_pending and limits.max_pending_chats is not None
+    if not (check_chats or check_pending):
+        return
+    await conn.execute(Q.sql("lock_user_for_limits"), user_id)
+    counts = await conn.fetchrow(Q.sql("count_user_chats"), user_id)
+    assert counts is not None
+    if check_chats and limits.max_chats is not None and counts["chats"] >= limits.max_chats:
+        raise LimitReached(
+            limit="chats_per_user",
+            maximum=limits.max_chats,
+            message=f"you have {counts['chats']} chats, the most allowed: archive some first",
+        )
+    if (
+        check_pending
+        and limits.max_pending_chats is not None
+        and counts["pending"] >= limits.max_pending_chats
+    ):
+        raise LimitReached(
+            limit="pending_chats_per_user",
+            maximum=limits.max_pending_chats,
+            message=f"you have {counts['pending']} chats waiting for an answer, the most"
+            " allowed: wait for some to start, or stop them",
+        )
+
+
 async def _resolve_model_config(conn: Conn, model_config_id: uuid.UUID | None) -> uuid.UUID:
     if model_config_id is not None:
         row = await conn.fetchrow(Q.sql("enabled_model_config"), model_config_id)
@@ -297,6 +351,7 @@ async def create_chat(
     client_type: str = "api",
     parent_chat_id: uuid.UUID | None = None,
     fence: Fence | None = None,
+    limits: UserLimits = NO_LIMITS,
 ) -> tuple[Chat, Message]:
     """Insert a pending chat and its first user message in one transaction."""
     parts = normalize_user_content(content)
@@ -322,6 +377,7 @@ async def create_chat(
             if model_config_id is None:  # and its model, unless told otherwise
                 model_config_id = parent["model_config_id"]
         config_id = await _resolve_model_config(conn, model_config_id)
+        await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=True)
         chat_row = await conn.fetchrow(
             Q.sql("insert_chat"),
             owner.user_id,
@@ -348,8 +404,14 @@ async def send_message(
     *,
     queue_limit: int,
     fence: Fence | None = None,
+    limits: UserLimits = NO_LIMITS,
 ) -> SendResult:
-    """waiting/error -> pending with the new message; pending/running -> queued (bounded)."""
+    """waiting/error -> pending with the new message; pending/running -> queued (bounded).
+
+    An idle chat may still have queued messages (a Stop leaves the queue as it was; so does an
+    error). Then the new message goes to the tail of that queue and the queue's head is sent
+    instead (the chat goes pending, the run then works through the queue in order): messages
+    are answered in the order they were sent, and the result is `queued`."""
     parts = normalize_user_content(content)
     async with transaction(pool) as conn:
         if fence is not None:
@@ -359,12 +421,21 @@ async def send_message(
             conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
         )
         if chat_row["status"] in ("waiting", "error"):
-            message_row = await conn.fetchrow(
-                Q.sql("insert_message"), chat_id, "user", json.dumps(parts)
-            )
-            pending_row = await conn.fetchrow(Q.sql("make_pending"), chat_id)
+            await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
+            head = await conn.fetchrow(Q.sql("pop_queue_head"), chat_id)
+            sent = head["content"] if head is not None else json.dumps(parts)
+            message_row = await conn.fetchrow(Q.sql("insert_message"), chat_id, "user", sent)
             assert message_row is not None
+            queued_row = None
+            if head is not None:
+                queued_row = await conn.fetchrow(Q.sql("insert_queued"), chat_id, json.dumps(parts))
+                assert queued_row is not None
+            pending_row = await conn.fetchrow(Q.sql("make_pending"), chat_id)
             assert pending_row is not None
+            if queued_row is not None:
+                return SendResult(
+                    Chat.from_record(pending_row), queued=QueuedMessage.from_record(queued_row)
+                )
             return SendResult(
                 Chat.from_record(pending_row), message=Message.from_record(message_row)
             )
@@ -393,7 +464,13 @@ async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Cha
 
 
 async def edit_message(
-    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, message_id: int, content: object
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    message_id: int,
+    content: object,
+    *,
+    limits: UserLimits = NO_LIMITS,
 ) -> Message:
     """Replace a user message: it and everything after it are soft-deleted, the new text is
     inserted, the queue is cleared, and the chat starts over (pending)."""
@@ -411,6 +488,13 @@ async def edit_message(
             )
         await check_spend_limit(
             conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
+        )
+        await _check_user_limits(
+            conn,
+            owner.user_id,
+            limits,
+            new_chat=False,
+            new_pending=chat_row["status"] != "pending",
         )
         await conn.execute(Q.sql("soft_delete_messages_from"), chat_id, message_id)
         await conn.execute(Q.sql("uncompress_for_deleted_summaries"), chat_id, message_id)
@@ -432,7 +516,12 @@ async def delete_queued(
 
 
 async def promote_queued(
-    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, queued_id: int
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    queued_id: int,
+    *,
+    limits: UserLimits = NO_LIMITS,
 ) -> Message | QueuedMessage:
     """Send a queued message now. On an idle or pending chat it becomes a user message at once.
     On a running chat the run is interrupted and the message goes to the head of the queue; the
@@ -446,6 +535,9 @@ async def promote_queued(
                 raise NotFound("queued message not found")
             await conn.fetchrow(Q.sql("request_interrupt"), chat_id)
             return QueuedMessage.from_record(queued_row)
+        makes_pending = chat_row["status"] in ("waiting", "error") and not chat_row["archived"]
+        if makes_pending:
+            await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
         queued_row = await conn.fetchrow(Q.sql("delete_queued"), queued_id, chat_id)
         if queued_row is None:
             raise NotFound("queued message not found")
@@ -453,7 +545,7 @@ async def promote_queued(
             Q.sql("insert_message"), chat_id, "user", queued_row["content"]
         )
         assert message_row is not None
-        if chat_row["status"] in ("waiting", "error") and not chat_row["archived"]:
+        if makes_pending:
             await conn.fetchrow(Q.sql("make_pending"), chat_id)
         return Message.from_record(message_row)
 
@@ -466,8 +558,11 @@ async def update_chat(
     title: str | None = None,
     archived: bool | None = None,
     fence: Fence | None = None,
+    limits: UserLimits = NO_LIMITS,
 ) -> Chat:
-    """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting)."""
+    """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting). Unarchiving
+    counts against max_chats_per_user like a new chat (or archive/create/unarchive would get
+    around it)."""
     if title is not None and len(title) > MAX_TITLE_CHARS:
         raise ValidationFailed(
             f"title is longer than {MAX_TITLE_CHARS} characters",
@@ -476,7 +571,9 @@ async def update_chat(
     async with transaction(pool) as conn:
         if fence is not None:
             await fence(conn)
-        await _lock_chat(conn, owner, chat_id)
+        current = await _lock_chat(conn, owner, chat_id)
+        if archived is False and current["archived"]:
+            await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=False)
         row = await conn.fetchrow(Q.sql("update_chat_fields"), chat_id, title, archived)
         if archived:
             await conn.execute(Q.sql("archive_children"), chat_id)

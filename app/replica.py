@@ -493,8 +493,15 @@ class Replica:
         worker_id = self.id
         self.stats.acquire_attempts += 1
         async with asyncio.timeout(ACQUIRE_TIMEOUT_S):
-            chats = await runs.acquire(self._pool, worker_id, spare)
-        self._backlog = len(chats) == spare
+            chats, held_back = await runs.acquire_fairly(
+                self._pool,
+                worker_id,
+                spare,
+                max_running_per_user=self.settings.max_running_chats_per_user,
+            )
+        # More to take than capacity, or chats left only because their owner is at
+        # max_running_chats_per_user: a run's end may let them in (no chat_wake says so).
+        self._backlog = len(chats) == spare or held_back
         for chat in chats:
             if worker_id != self.id or not self._registered.is_set() or not self._accepting:
                 # Liveness was lost (or shutdown began) while acquiring: a run here could not

@@ -65,12 +65,27 @@ def token_of(chat: Chat) -> RunToken:
     return RunToken(chat.id, chat.worker_id, chat.generation)
 
 
-async def acquire(pool: asyncpg.Pool, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-    """pending -> running for up to `limit` chats (oldest first) in one statement."""
+async def acquire(
+    pool: asyncpg.Pool, worker_id: uuid.UUID, limit: int, *, max_running_per_user: int = 25
+) -> list[Chat]:
+    """pending -> running for up to `limit` chats in one statement, fair across users and
+    keeping each user under `max_running_per_user` (sql/queries/runs.sql, run_acquire)."""
+    chats, _held_back = await acquire_fairly(
+        pool, worker_id, limit, max_running_per_user=max_running_per_user
+    )
+    return chats
+
+
+async def acquire_fairly(
+    pool: asyncpg.Pool, worker_id: uuid.UUID, limit: int, *, max_running_per_user: int
+) -> tuple[list[Chat], bool]:
+    """`acquire`, and whether a pending chat was left only because its owner is at the cap
+    (then the end of a run may let it in: try again when one ends)."""
     if limit <= 0:
-        return []
-    rows = await pool.fetch(Q.sql("run_acquire"), worker_id, limit)
-    return [Chat.from_record(row) for row in rows]
+        return [], False
+    rows = await pool.fetch(Q.sql("run_acquire"), worker_id, limit, max_running_per_user)
+    held_back = bool(rows and rows[0]["held_back"])
+    return [Chat.from_record(row) for row in rows if row["id"] is not None], held_back
 
 
 async def read_chat(pool: asyncpg.Pool, chat_id: uuid.UUID) -> Chat | None:

@@ -137,6 +137,8 @@ async def run(dsn: str, result: ScenarioResult) -> None:
         log = StatementLog()
         # Room for every chat of a round: no acquire is ever cut short by capacity.
         settings.max_concurrent_runs = max(2 * per_round, 50)
+        # One user's burst: the per-user running cap must not cut the acquire short either.
+        settings.max_running_chats_per_user = settings.max_concurrent_runs
         counts, commands, channels = await _turns(
             dsn, chats_per_round=per_round, rounds=rounds, log=log, settings=settings
         )

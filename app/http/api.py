@@ -31,11 +31,17 @@ PathParamKind = Literal["uuid", "id"]
 @dataclass(frozen=True)
 class Answer:
     """One documented response: a JSON model, a media type with a model for its events, or
-    nothing (204)."""
+    nothing (204). `alternatives`: other bodies the same status may carry (the document says
+    oneOf; the models forbid unknown fields, so a body matches exactly one)."""
 
     description: str
     model: type[BaseModel] | None = None
     media_type: str = "application/json"
+    alternatives: tuple[type[BaseModel], ...] = ()
+
+    @property
+    def models(self) -> tuple[type[BaseModel], ...]:
+        return (self.model, *self.alternatives) if self.model is not None else ()
 
 
 @dataclass(frozen=True)

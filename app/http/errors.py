@@ -119,7 +119,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # refused is still the caller's input, not a server fault.
         log.warning("http.rejected_by_database", path=request.path, error=repr(exc))
         return json_response(
-            {"message": "the database rejected the request", "detail": exc.__class__.__name__},
+            {
+                "message": "the database rejected the request",
+                "detail": "a value is out of range or breaks a constraint",
+            },
             status=400,
         )
     except ConnectionResetError:
@@ -141,8 +144,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _unavailable() -> web.Response:
+    # What failed is in the log; the body says only what to do.
     response = json_response(
-        {"message": "service temporarily unavailable", "detail": "the database is unavailable"},
+        {"message": "service temporarily unavailable", "detail": "retry shortly"},
         status=503,
     )
     response.headers["Retry-After"] = "1"

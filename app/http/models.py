@@ -9,9 +9,9 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from app.chats import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS
+from app.chats import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, NON_BLANK_PATTERN
 
 MAX_INT4 = 2**31 - 1
 MAX_LIST_LIMIT = 200
@@ -37,8 +37,24 @@ class TextPart(Strict):
 
 
 UserContent = (
-    Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
-    | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_PARTS)]
+    Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NON_BLANK_PATTERN)]
+    | Annotated[
+        list[TextPart],
+        Field(
+            min_length=1,
+            max_length=MAX_PARTS,
+            description=f"At least one part with a character that is not blank; at most"
+            f" {MAX_TEXT_CHARS} characters over all parts.",
+            # What the server checks (app.chats.normalize_user_content), said in JSON Schema.
+            json_schema_extra={
+                "contains": {
+                    "type": "object",
+                    "properties": {"text": {"type": "string", "pattern": NON_BLANK_PATTERN}},
+                    "required": ["text"],
+                }
+            },
+        ),
+    ]
 )
 Title = Annotated[StrictStr, Field(max_length=MAX_TITLE_CHARS)]
 
@@ -97,18 +113,34 @@ class UpdateModelConfigRequest(Strict):
     options: dict[str, Any] | None = None
 
 
+def _digits_only(value: object) -> object:
+    """A query integer is written in decimal digits: pydantic alone would also take "10.0",
+    "+1", " 1" and "1_0", which the document's `integer` does not describe."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("expected an integer written in digits (10, not 10.0)")
+    return value
+
+
+# After the Field in Annotated[...]: placed before it, pydantic would document the bounds as
+# "ge"/"le" instead of "minimum"/"maximum".
+DIGITS_ONLY = BeforeValidator(_digits_only)
+# The `next` of a chat page: the last chat's created_at in microseconds since the Unix epoch and
+# its id. Every string of this shape is a valid cursor (app/http/routes.py, decode_page_cursor).
+PAGE_CURSOR_PATTERN = r"^[0-9]{1,17}:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
 class ListChatsQuery(Strict):
     status: ChatStatus | None = None
     archived: bool | None = None
-    limit: Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)] = 50
-    before: Annotated[str, Field(max_length=200)] | None = Field(
+    limit: Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT), DIGITS_ONLY] = 50
+    before: Annotated[str, Field(pattern=PAGE_CURSOR_PATTERN)] | None = Field(
         None, description="The `next` cursor of the previous page."
     )
 
 
 class ListMessagesQuery(Strict):
-    after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
-    limit: Annotated[int, Field(ge=1, le=MAX_MESSAGES_LIMIT)] = 100
+    after_id: Annotated[int, Field(ge=0, le=2**63 - 1), DIGITS_ONLY] = 0
+    limit: Annotated[int, Field(ge=1, le=MAX_MESSAGES_LIMIT), DIGITS_ONLY] = 100
 
 
 class StreamQuery(Strict):
@@ -136,6 +168,18 @@ class ErrorBody(Described):
     message: str
     detail: str | None = None
     validations: list[Validation] | None = None
+
+
+class LimitBody(Described):
+    """429 of a per-user limit (docs/operations.md, "Per-user limits")."""
+
+    message: str
+    detail: str
+    limit: str = Field(
+        description="The limit reached, named after its CHATD_MAX_<LIMIT> setting:"
+        " chats_per_user, pending_chats_per_user, ..."
+    )
+    maximum: int
 
 
 class SpendLimitBody(Described):
@@ -246,9 +290,10 @@ class ReplicaList(Described):
 
 
 class Health(Described):
+    """Public (no token): says what is missing, never why (the details are logged)."""
+
     status: Literal["ok", "unavailable"]
     message: str | None = None
-    detail: str | None = None
 
 
 # --------------------------------------------------------------------------------------------

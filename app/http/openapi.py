@@ -19,10 +19,24 @@ _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
+def _mark_integers(node: Any) -> None:
+    """JSON Schema's `integer` also matches 10.0; the server takes only 10 (pydantic's strict
+    ints in bodies, digits in queries), so every integer of the document says so."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["x-digits-only"] = True
+        for value in node.values():
+            _mark_integers(value)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_integers(value)
+
+
 def openapi_document(routes: list[Route], *, version: str = "0.1.0") -> dict[str, Any]:
     models: list[type[BaseModel]] = []
     for route in routes:
-        for model in (route.body, route.query, *(a.model for a in route.answers.values())):
+        answer_models = [model for answer in route.answers.values() for model in answer.models]
+        for model in (route.body, route.query, *answer_models):
             if model is not None and model not in models:
                 models.append(model)
     refs, top = models_json_schema([(model, "validation") for model in models], ref_template=REF)
@@ -82,18 +96,25 @@ def openapi_document(routes: list[Route], *, version: str = "0.1.0") -> dict[str
             }
         for status, answer in sorted(route.answers.items()):
             response: dict[str, Any] = {"description": answer.description}
-            if answer.model is not None:
+            if answer.alternatives:
+                schema = {"oneOf": [ref(model) for model in answer.models]}
+                response["content"] = {answer.media_type: {"schema": schema}}
+            elif answer.model is not None:
                 response["content"] = {answer.media_type: {"schema": ref(answer.model)}}
             operation["responses"][str(status)] = response
         paths.setdefault(route.path, {})[route.method.lower()] = operation
 
+    _mark_integers(paths)
+    _mark_integers(schemas)
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "chatd",
             "version": version,
             "description": "Durable AI-agent chats. Errors are JSON {message, detail?,"
-            " validations?}. Streams: see docs/api.md for the event protocol and cursors.",
+            " validations?}. Streams: see docs/api.md for the event protocol and cursors."
+            " Integers (marked x-digits-only) are written in digits, in bodies and queries:"
+            " 10, never 10.0 or 1e1 (a 400), although JSON Schema alone would take 10.0.",
         },
         "paths": paths,
         "components": {

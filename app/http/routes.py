@@ -4,10 +4,9 @@ status (the middleware does) and never run SQL."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -16,12 +15,14 @@ from app import admin, chats
 from app.errors import ValidationFailed
 from app.http.api import Answer, Call, PathParamKind, Route, json_response
 from app.http.models import (
+    PAGE_CURSOR_PATTERN,
     ChatList,
     ChatOut,
     CreateChatRequest,
     CreateModelConfigRequest,
     EditMessageRequest,
     ErrorBody,
+    LimitBody,
     ListChatsQuery,
     ListMessagesQuery,
     MessageEnvelope,
@@ -48,12 +49,22 @@ E403 = Answer("admins only", ErrorBody)
 E404 = Answer("no such chat (or not yours), or no such item", ErrorBody)
 E409 = Answer("not allowed in the chat's current state", ErrorBody)
 E413 = Answer("request body too large", ErrorBody)
-E409_SPEND = Answer("not allowed in the current state, or spend limit reached", SpendLimitBody)
-E429 = Answer("the chat's queue is full", ErrorBody)
+E409_SPEND = Answer("spend limit reached", SpendLimitBody)
+E409_OR_SPEND = Answer(
+    "not allowed in the chat's current state (e.g. archived), or spend limit reached",
+    ErrorBody,
+    alternatives=(SpendLimitBody,),
+)
+E429_QUEUE_OR_LIMIT = Answer(
+    "the chat's queue is full (QueueFull), or a per-user limit is reached (LimitReached)",
+    ErrorBody,
+    alternatives=(LimitBody,),
+)
+E429_LIMIT = Answer("a per-user limit is reached; the body names it", LimitBody)
 
 
 def _errors(*statuses: int) -> dict[int, Answer]:
-    table = {400: E400, 401: E401, 403: E403, 404: E404, 409: E409, 413: E413, 429: E429}
+    table = {400: E400, 401: E401, 403: E403, 404: E404, 409: E409, 413: E413}
     return {status: table[status] for status in statuses}
 
 
@@ -66,27 +77,37 @@ def _content(value: str | tuple[TextPart, ...] | list[TextPart]) -> str | list[d
 # --------------------------------------------------------------------------------------------
 # Chats.
 
+PAGE_CURSOR = re.compile(PAGE_CURSOR_PATTERN)
+
+
+def _limits(call: Call) -> chats.UserLimits:
+    """The per-user limits of docs/operations.md, from this replica's settings."""
+    return chats.UserLimits(
+        max_chats=call.settings.max_chats_per_user,
+        max_pending_chats=call.settings.max_pending_chats_per_user,
+    )
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+
 
 def encode_page_cursor(chat: chats.Chat) -> str:
-    raw = f"{chat.created_at.isoformat()}|{chat.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """`<created_at in microseconds since the epoch>:<id>`: exact (PostgreSQL keeps
+    microseconds), and of a shape the document states (PAGE_CURSOR_PATTERN), so that any string
+    the document accepts is a cursor the server accepts."""
+    return f"{(chat.created_at - EPOCH) // MICROSECOND}:{chat.id}"
 
 
 def decode_page_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    invalid = ValidationFailed(
-        "invalid page cursor",
-        validations=[{"field": "before", "detail": "pass the `next` value of a page"}],
-    )
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created_at, _, chat_id = raw.partition("|")
-        when = datetime.fromisoformat(created_at)
-        parsed_id = uuid.UUID(chat_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise invalid from None
-    if when.tzinfo is None:
-        raise invalid
-    return when, parsed_id
+    """The query model already checked PAGE_CURSOR_PATTERN; this only splits it."""
+    micros, _, chat_id = cursor.partition(":")
+    if not PAGE_CURSOR.fullmatch(cursor):
+        raise ValidationFailed(
+            "invalid page cursor",
+            validations=[{"field": "before", "detail": "pass the `next` value of a page"}],
+        )
+    return EPOCH + int(micros) * MICROSECOND, uuid.UUID(chat_id)
 
 
 async def create_chat(call: Call) -> web.StreamResponse:
@@ -98,6 +119,7 @@ async def create_chat(call: Call) -> web.StreamResponse:
         title=body.title,
         model_config_id=body.model_config_id,
         client_type=body.client_type,
+        limits=_limits(call),
     )
     return json_response(chat.to_json(), status=201)
 
@@ -127,7 +149,12 @@ async def update_chat(call: Call) -> web.StreamResponse:
     chat_id = call.path_uuid("id")
     body = await call.body(UpdateChatRequest)
     chat = await chats.update_chat(
-        call.pool, call.owner, chat_id, title=body.title, archived=body.archived
+        call.pool,
+        call.owner,
+        chat_id,
+        title=body.title,
+        archived=body.archived,
+        limits=_limits(call),
     )
     return json_response(chat.to_json())
 
@@ -156,6 +183,7 @@ async def send_message(call: Call) -> web.StreamResponse:
         chat_id,
         _content(body.content),
         queue_limit=call.settings.queue_limit,
+        limits=_limits(call),
     )
     if result.message is not None:
         return json_response({"message": result.message.to_json()}, status=201)
@@ -168,7 +196,7 @@ async def edit_message(call: Call) -> web.StreamResponse:
     message_id = call.path_id("mid")
     body = await call.body(EditMessageRequest)
     message = await chats.edit_message(
-        call.pool, call.owner, chat_id, message_id, _content(body.content)
+        call.pool, call.owner, chat_id, message_id, _content(body.content), limits=_limits(call)
     )
     return json_response(message.to_json())
 
@@ -185,7 +213,7 @@ async def delete_queued(call: Call) -> web.StreamResponse:
 
 async def promote_queued(call: Call) -> web.StreamResponse:
     promoted = await chats.promote_queued(
-        call.pool, call.owner, call.path_uuid("id"), call.path_id("qid")
+        call.pool, call.owner, call.path_uuid("id"), call.path_id("qid"), limits=_limits(call)
     )
     if isinstance(promoted, chats.Message):
         return json_response(promoted.to_json())
@@ -295,8 +323,12 @@ REST_ROUTES: list[Route] = [
         "createChat",
         "Create a chat with its first message (it starts pending)",
         body=CreateChatRequest,
-        answers={201: Answer("the new chat", ChatOut), **_errors(400, 401, 413)}
-        | {409: E409_SPEND},
+        answers={
+            201: Answer("the new chat", ChatOut),
+            **_errors(400, 401, 413),
+            409: E409_SPEND,
+            429: E429_LIMIT,
+        },
     ),
     Route(
         "GET",
@@ -324,7 +356,11 @@ REST_ROUTES: list[Route] = [
         "Change the title or archive (archiving a busy chat stops it)",
         path_params=_CHAT,
         body=UpdateChatRequest,
-        answers={200: Answer("the chat", ChatOut), **_errors(400, 401, 404, 409, 413)},
+        answers={
+            200: Answer("the chat", ChatOut),
+            **_errors(400, 401, 404, 409, 413),
+            429: Answer("unarchiving would pass the chats_per_user limit", LimitBody),
+        },
     ),
     Route(
         "GET",
@@ -347,8 +383,9 @@ REST_ROUTES: list[Route] = [
         answers={
             201: Answer("sent: the chat is pending", MessageEnvelope),
             202: Answer("queued behind the current turn", QueuedEnvelope),
-            **_errors(400, 401, 404, 413, 429),
-            409: E409_SPEND,
+            **_errors(400, 401, 404, 413),
+            409: E409_OR_SPEND,
+            429: E429_QUEUE_OR_LIMIT,
         },
     ),
     Route(
@@ -359,7 +396,12 @@ REST_ROUTES: list[Route] = [
         "Edit a user message: later history is dropped and the chat starts over",
         path_params=_CHAT_MESSAGE,
         body=EditMessageRequest,
-        answers={200: Answer("the new message", MessageOut), **_errors(400, 401, 404, 409, 413)},
+        answers={
+            200: Answer("the new message", MessageOut),
+            **_errors(400, 401, 404, 413),
+            409: E409_OR_SPEND,
+            429: E429_LIMIT,
+        },
     ),
     Route(
         "POST",
@@ -393,6 +435,7 @@ REST_ROUTES: list[Route] = [
             200: Answer("sent", MessageOut),
             202: Answer("the run is being interrupted; the message goes first", QueuedEnvelope),
             **_errors(400, 401, 404, 409),
+            429: E429_LIMIT,
         },
     ),
     Route(
@@ -447,8 +490,11 @@ REST_ROUTES: list[Route] = [
         f"{V1}/replicas",
         list_replicas,
         "listReplicas",
-        "Replicas with heartbeat ages and running chats",
+        "Replicas with heartbeat ages and running chats (admins)",
+        description="Hostnames, process ids and addresses are operational details: only"
+        " admins see them (403 otherwise).",
         tag="operations",
-        answers={200: Answer("the replicas", ReplicaList), **_errors(401)},
+        admin=True,
+        answers={200: Answer("the replicas", ReplicaList), **_errors(401, 403)},
     ),
 ]

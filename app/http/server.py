@@ -27,7 +27,10 @@ from app.http.openapi import openapi_document
 from app.http.routes import E400, E401, E404, REST_ROUTES, V1
 from app.http.streams import chat_stream, chat_websocket, watch_chats
 from app.listener import Listener
+from app.log import get_logger
 from app.streams import StreamHubs
+
+log = get_logger(__name__)
 
 # Kept importable from here: the keys used to be defined in this module.
 SETTINGS = keys.SETTINGS
@@ -44,13 +47,14 @@ async def healthz(_call: Call) -> web.StreamResponse:
 
 
 async def readyz(call: Call) -> web.StreamResponse:
-    """Readiness: the database answers and the listener is connected."""
+    """Readiness: the database answers and the listener is connected. Public, so the answer
+    says only which of the two is missing; the error itself goes to the log."""
     try:
         await call.pool.fetchval("SELECT 1", timeout=2)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        log.warning("http.readyz_database_unreachable", error=repr(exc))
         return json_response(
-            {"status": "unavailable", "message": "database unreachable", "detail": repr(exc)},
-            status=503,
+            {"status": "unavailable", "message": "database unreachable"}, status=503
         )
     if not call.listener.connected:
         return json_response(

@@ -48,7 +48,14 @@ def parse_json(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ValidationFailed("malformed JSON", detail=f"not UTF-8 at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise ValidationFailed("malformed JSON", detail=detail) from None
+    except RecursionError:
+        raise ValidationFailed("malformed JSON", detail="nested too deeply") from None
+    except ValueError as exc:  # raised by _reject_constant / _finite_float: our own words
         raise ValidationFailed("malformed JSON", detail=str(exc)[:200]) from None
     check_json_value(value)
     return value

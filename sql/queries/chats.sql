@@ -17,6 +17,23 @@ INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, titl
 VALUES ($1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5, 'pending', $6, $7)
 RETURNING *;
 
+-- name: lock_user_for_limits :exec
+-- Serializes the per-user limit checks of one user (max_chats_per_user,
+-- max_pending_chats_per_user): two concurrent creates of the same user would otherwise both
+-- count N-1 and both pass. The count is a separate, later statement so that its snapshot sees
+-- what the previous holder committed. FOR NO KEY UPDATE does not conflict with the FOR KEY SHARE
+-- of foreign-key checks, so inserting chats (chats.owner_id) is not blocked by it. Lock order:
+-- a transition locks its chat row first, then the user row, never the other way.
+SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE;
+
+-- name: count_user_chats :one
+-- What the per-user limits count: chats not archived, and chats waiting for a replica. Served
+-- by chats_owner_created_idx (owner_id first).
+SELECT count(*) FILTER (WHERE NOT archived) AS chats,
+       count(*) FILTER (WHERE status = 'pending') AS pending
+FROM chats
+WHERE owner_id = $1;
+
 -- name: lock_chat_for_owner :one
 -- FOR UPDATE serializes every transition (and every message insert) of one chat. The owner
 -- condition makes another user's chat indistinguishable from a missing one.
@@ -59,6 +76,20 @@ RETURNING *;
 -- name: list_queued :many
 -- Queue order: promoted first, then FIFO by id (the same order the worker pops in).
 SELECT * FROM chat_queued_messages WHERE chat_id = $1 ORDER BY promoted DESC, id;
+
+-- name: pop_queue_head :one
+-- The head of the queue (promoted first, then FIFO: the order list_queued shows and the worker
+-- pops in). A message sent to an idle chat whose queue is not empty (left behind by a Stop, or
+-- by an error) goes to the tail, and this head is sent instead: what was queued first is
+-- answered first.
+DELETE FROM chat_queued_messages
+WHERE id = (
+    SELECT id FROM chat_queued_messages
+    WHERE chat_id = $1
+    ORDER BY promoted DESC, id
+    LIMIT 1
+)
+RETURNING *;
 
 -- name: delete_queued :one
 DELETE FROM chat_queued_messages WHERE id = $1 AND chat_id = $2 RETURNING *;

@@ -8,11 +8,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
+from app.http.api import Call
 from app.http.models import (
     ChatList,
     ChatOut,
+    Health,
     MessageEnvelope,
     MessageList,
     MessageOut,
@@ -340,14 +343,20 @@ async def test_model_config_options_are_checked(api: ApiInstance, admin: ApiUser
         assert status == 400, (options, body)
 
 
-async def test_replicas_lists_heartbeat_ages(api: ApiInstance, alice: ApiUser) -> None:
+async def test_replicas_lists_heartbeat_ages_to_admins_only(
+    api: ApiInstance, alice: ApiUser, admin: ApiUser
+) -> None:
     replica_id = uuid.uuid4()
     await api.pool.execute(
-        "INSERT INTO chat_replicas (id, hostname, pid, heartbeat_at)"
-        " VALUES ($1, 'host-a', 42, now() - interval '3 seconds')",
+        "INSERT INTO chat_replicas (id, hostname, pid, address, heartbeat_at)"
+        " VALUES ($1, 'host-a', 42, '10.0.0.7:8080', now() - interval '3 seconds')",
         replica_id,
     )
     status, body = await _call(api, alice, "GET", "/api/v1/replicas")
+    assert status == 403
+    assert "host-a" not in str(body) and "10.0.0.7" not in str(body)
+
+    status, body = await _call(api, admin, "GET", "/api/v1/replicas")
     assert status == 200
     replicas = ReplicaList.model_validate(body).replicas
     mine = [r for r in replicas if r.id == replica_id]
@@ -391,3 +400,28 @@ async def test_model_config_credentials_are_never_shown_and_survive_a_round_trip
         uuid.UUID(created["id"]),
     )
     assert stored == "sk-new"
+
+
+async def test_readyz_says_unavailable_without_the_error_text(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Public route: the database error (addresses, user names, driver state) goes to the log,
+    not to whoever asks."""
+    async with api_instance(database_url) as instance:
+        async with instance.client.get("/readyz") as response:
+            assert response.status == 200
+        unreachable = await asyncpg.create_pool(
+            "postgresql://chatd_secret_user@127.0.0.1:1/db", min_size=0, max_size=1
+        )
+        assert unreachable is not None
+        try:
+            # The database goes away (for the handlers' pool).
+            monkeypatch.setattr(Call, "pool", property(lambda _call: unreachable))
+            async with instance.client.get("/readyz") as response:
+                assert response.status == 503
+                body = await response.json()
+        finally:
+            monkeypatch.undo()
+            await unreachable.close()
+    assert body == {"status": "unavailable", "message": "database unreachable"}
+    Health.model_validate(body)

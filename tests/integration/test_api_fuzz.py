@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from pydantic import ValidationError
 
-from app.http.models import ErrorBody
+from app.http import models as http_models
 from app.http.server import OPENAPI
 from tests import factories
 from tests.http_harness import ApiInstance, SimulatedWorker, api_instance, make_user
@@ -100,23 +102,28 @@ class Generator:
         if kind == "integer":
             low = schema.get("minimum", 0)
             high = min(schema.get("maximum", low + 1000), low + 1000)
-            return rng.randint(low, high)
+            number = rng.randint(low, high)
+            if not schema.get("x-digits-only") and rng.random() < 0.3:
+                return float(number)  # JSON Schema's `integer` matches 10.0 too
+            return number
         if kind == "number":
             return rng.uniform(0, 100)
         if kind == "string":
             if schema.get("format") == "uuid":
                 return str(uuid.uuid4())
             if "pattern" in schema:
-                return f"{rng.randint(0, 50)}:{rng.randint(0, 50)}"
-            low = schema.get("minLength", 0)
-            high = min(schema.get("maxLength", 30), 30)
-            return "".join(
-                rng.choice("abc xyz") for _ in range(rng.randint(max(low, 1), max(high, low, 1)))
-            )
+                return self.matching(schema["pattern"])
+            return self.text(schema)
         if kind == "array":
             items = schema.get("items", {})
             count = rng.randint(schema.get("minItems", 0), min(schema.get("maxItems", 3), 3))
-            return [self.valid(items, depth + 1) for _ in range(count)]
+            for _attempt in range(100):
+                array = [self.valid(items, depth + 1) for _ in range(count)]
+                if "contains" not in schema or any(
+                    _satisfies(schema["contains"], item) for item in array
+                ):
+                    return array
+            raise AssertionError(f"cannot generate an array for {schema['contains']}")
         if kind == "object" or "properties" in schema:
             value = {}
             required = set(schema.get("required", []))
@@ -125,6 +132,26 @@ class Generator:
                     value[name] = self.valid(prop, depth + 1)
             return value
         return rng.choice(EVIL_VALUES[:8])
+
+    def text(self, schema: dict[str, Any]) -> str:
+        low = schema.get("minLength", 0)
+        high = min(schema.get("maxLength", 30), 30)
+        count = self.rng.randint(max(low, 1), max(high, low, 1))
+        return "".join(self.rng.choice("abc xyz") for _ in range(count))
+
+    def matching(self, pattern: str) -> str:
+        """A string the pattern accepts, from a few shapes the document's patterns have."""
+        rng = self.rng
+        shapes = [
+            lambda: self.text({}),
+            lambda: f"{rng.randint(0, 50)}:{rng.randint(0, 50)}",
+            lambda: f"{rng.randint(0, 10**16)}:{uuid.uuid4()}",
+        ]
+        for _attempt in range(100):
+            candidate = rng.choice(shapes)()
+            if re.search(pattern, candidate):
+                return candidate
+        raise AssertionError(f"the fuzz cannot generate a string for the pattern {pattern}")
 
     def mutate(self, value: Any) -> Any:
         rng = self.rng
@@ -145,6 +172,21 @@ class Generator:
             index = rng.randrange(len(value))
             return [*value[:index], self.mutate(value[index]), *value[index + 1 :]]
         return rng.choice(EVIL_VALUES)
+
+
+def _satisfies(schema: dict[str, Any], value: Any) -> bool:
+    """The part of JSON Schema the document's `contains` clauses use: required properties and
+    string patterns."""
+    if not isinstance(value, dict):
+        return False
+    if any(name not in value for name in schema.get("required", [])):
+        return False
+    for name, prop in schema.get("properties", {}).items():
+        if name not in value or "pattern" not in prop:
+            continue
+        if not isinstance(value[name], str) or not re.search(prop["pattern"], value[name]):
+            return False
+    return True
 
 
 def _encode(value: Any, rng: random.Random) -> bytes:
@@ -208,10 +250,28 @@ async def test_no_request_produces_a_5xx(api: ApiInstance) -> None:
                         assert status == 400  # aiohttp's HTTP parser refuses it, before us
                     elif status >= 400:
                         assert response.content_type == "application/json", (url, status)
-                        ErrorBody.model_validate(await response.json())
+                        _check_declared(operation, status, await response.json())
                     # A 200 stream is closed at once by leaving the block.
     assert not failures, "\n".join(failures[:20])
     assert requests >= CASES_PER_ROUTE * 15
+
+
+def _check_declared(operation: dict[str, Any], status: int, body: Any) -> None:
+    """An error body matches exactly one of the models its status declares (ErrorBody for the
+    statuses every route may answer: 404 of an unknown path, 405, 413, 503)."""
+    names = ["ErrorBody"]
+    declared = operation["responses"].get(str(status), {}).get("content", {})
+    if "application/json" in declared:
+        schema = declared["application/json"]["schema"]
+        names = [item["$ref"].rsplit("/", 1)[1] for item in schema.get("oneOf", [schema])]
+    matched = []
+    for name in names:
+        try:
+            getattr(http_models, name).model_validate(body)
+        except ValidationError:
+            continue
+        matched.append(name)
+    assert len(matched) == 1, (status, body, names)
 
 
 @dataclass
@@ -258,3 +318,78 @@ def _request(
         if rng.random() < 0.6:
             body = generator.mutate(body)
     return url, body, headers
+
+
+async def test_what_the_document_accepts_the_server_accepts(api: ApiInstance) -> None:
+    """Requests generated from the document alone, without mutation (real ids in paths, the
+    known model config for model_config_id): the server may answer 404, 409 or 429 (state),
+    never 400: the document does not accept anything the server rejects."""
+    rng = random.Random(SEED + 1)
+    admin = await make_user(api.pool, name="root", admin=True)
+    user = await make_user(api.pool, name="plain")
+    existing = Existing()
+    for owner in (admin, user):
+        async with api.client.post(
+            "/api/v1/chats", json={"content": "seed"}, headers=owner.headers
+        ) as response:
+            chat = await response.json()
+        chat_id = uuid.UUID(chat["id"])
+        existing.chat_ids.append(str(chat_id))
+        async with api.pool.acquire() as conn:
+            message = await factories.create_message(conn, chat_id=chat_id)
+            queued = await factories.create_queued_message(conn, chat_id=chat_id)
+        existing.row_ids += [message["id"], queued["id"]]
+
+    document = api.app[OPENAPI]
+    generator = Generator(document, rng)
+    refused: list[str] = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if path.endswith("/ws"):
+                continue  # only reachable through a WebSocket upgrade
+            for _ in range(CASES_PER_ROUTE // 2):
+                url, body = _valid_request(generator, path, operation, existing)
+                who = admin if rng.random() < 0.6 else user
+                async with api.client.request(
+                    method.upper(), url, json=body, headers=who.headers
+                ) as response:
+                    if response.status == 400 or response.status >= 500:
+                        answer = await response.text()
+                        refused.append(
+                            f"{method.upper()} {url} {body!r:.300} -> {response.status}"
+                            f" {answer:.300}"
+                        )
+    assert not refused, "\n".join(refused[:20])
+
+
+def _valid_request(
+    generator: Generator, path: str, operation: dict[str, Any], existing: Existing
+) -> tuple[str, Any]:
+    rng = generator.rng
+    url = path
+    query: dict[str, str] = {}
+    for parameter in operation.get("parameters", []):
+        name, where, schema = parameter["name"], parameter["in"], parameter["schema"]
+        if where == "path":
+            if schema.get("format") == "uuid":
+                segment = rng.choice(existing.chat_ids)
+            else:
+                segment = str(rng.choice(existing.row_ids))
+            url = url.replace("{" + name + "}", segment)
+        elif where == "query" and rng.random() < 0.6:
+            value = generator.valid(schema)
+            if value is None:
+                continue  # a null query parameter is an absent one
+            if isinstance(value, bool):
+                query[name] = "true" if value else "false"
+            else:
+                query[name] = value if isinstance(value, str) else json.dumps(value)
+    if query:
+        url += "?" + urlencode(query)
+    body = None
+    request_body = operation.get("requestBody")
+    if request_body is not None:
+        body = generator.valid(request_body["content"]["application/json"]["schema"])
+        if isinstance(body, dict) and body.get("model_config_id") is not None:
+            body["model_config_id"] = str(factories.ECHO_MODEL_CONFIG_ID)
+    return url, body

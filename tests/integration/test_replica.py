@@ -104,6 +104,26 @@ async def test_a_replica_runs_at_most_its_capacity(database_url: str, pool: asyn
         assert await _assistant_count(pool, chat.id) == 1
 
 
+async def test_a_user_at_the_running_cap_gets_the_next_slot_when_a_run_ends(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """max_running_chats_per_user: one chat of the user runs at a time, the others wait; the
+    end of a run lets the next one in at once (no chat_wake says so: the poll is 10 minutes)."""
+    owner = await engine.create_owner(pool)
+    slow = await engine.create_model_config(pool, token_delay_ms=20)
+    async with engine.running_replica(
+        database_url, pool, max_running_chats_per_user=1, acquire_poll_interval_s=600
+    ) as replica:
+        created = [
+            (await chats.create_chat(pool, owner, "a b c", model_config_id=slow))[0]
+            for _ in range(3)
+        ]
+        for chat in created:
+            await engine.wait_status(pool, chat.id, "waiting", timeout_s=20)
+    assert replica.stats.max_running == 1
+    assert replica.stats.run_ends == {"waiting": 3}
+
+
 async def test_the_fallback_poll_finds_a_chat_whose_wake_was_lost(
     database_url: str, pool: asyncpg.Pool
 ) -> None:

@@ -27,6 +27,12 @@ async def _pending_chat(conn: asyncpg.Connection, text: str = "hi") -> asyncpg.R
     return chat
 
 
+async def _pending_chat_of(conn: asyncpg.Connection, owner_id: uuid.UUID) -> asyncpg.Record:
+    chat = await factories.create_chat(conn, owner_id=owner_id, status="pending")
+    await factories.create_message(conn, chat_id=chat["id"])
+    return chat
+
+
 async def _acquired(pool: asyncpg.Pool, conn: asyncpg.Connection) -> Chat:
     chat = await _pending_chat(conn)
     acquired = await runs.acquire(pool, WORKER, 100)
@@ -111,6 +117,127 @@ async def test_concurrent_acquires_take_disjoint_sets(
     taken = [chat.id for result in results for chat in result]
     assert len(taken) == len(set(taken)) == 20
     assert set(taken) == {c["id"] for c in chats}
+
+
+async def _flood(conn: asyncpg.Connection, owner_id: uuid.UUID, count: int) -> list[uuid.UUID]:
+    """`count` pending chats of one user, in one transaction: older than any chat created later."""
+    rows = await conn.fetch(
+        """
+        INSERT INTO chats (owner_id, organization_id, title, status, model_config_id)
+        SELECT $1, $2, 'flood', 'pending', $3 FROM generate_series(1, $4)
+        RETURNING id
+        """,
+        owner_id,
+        factories.DEFAULT_ORGANIZATION_ID,
+        factories.ECHO_MODEL_CONFIG_ID,
+        count,
+    )
+    return [row["id"] for row in rows]
+
+
+async def test_a_flooding_user_does_not_starve_another(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    flooder = await factories.create_user(conn)
+    patient = await factories.create_user(conn)
+    await _flood(conn, flooder["id"], 200)
+    single = await _pending_chat_of(conn, patient["id"])
+
+    # One slot at a time, as replicas whose capacity frees one run at a time: the second slot
+    # already goes to the other user (FIFO by age gave it the 201st).
+    order = [
+        chat.owner_id
+        for _ in range(4)
+        for chat in await runs.acquire(pool, WORKER, 1, max_running_per_user=1000)
+    ]
+    assert order[:2] == [flooder["id"], patient["id"]]
+    assert order[2:] == [flooder["id"], flooder["id"]]
+    assert await conn.fetchval("SELECT status FROM chats WHERE id = $1", single["id"]) == "running"
+
+
+async def test_slots_go_round_robin_fewest_running_first(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    users = [(await factories.create_user(conn))["id"] for _ in range(3)]
+    await _flood(conn, users[0], 50)
+    await _flood(conn, users[1], 5)
+    await _pending_chat_of(conn, users[2])
+    busy = await factories.create_user(conn)  # already runs 2 chats: comes after the others
+    for _ in range(2):
+        await factories.create_chat(
+            conn, owner_id=busy["id"], status="running", worker_id=OTHER_WORKER
+        )
+    await _pending_chat_of(conn, busy["id"])
+
+    acquired = await runs.acquire(pool, WORKER, 8, max_running_per_user=1000)
+
+    owners = [chat.owner_id for chat in acquired]
+    # Round 1: one chat of each idle user; round 2: their second (the user with one chat is
+    # done); round 3: the busy user's first competes with the others' third (2 + 1 = 3). Ties
+    # go to the oldest waiting chat.
+    assert owners == [*users, *users[:2], users[0], users[1], busy["id"]]
+
+
+async def test_acquire_keeps_each_user_under_the_running_cap(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    heavy = await factories.create_user(conn)
+    light = await factories.create_user(conn)
+    await _flood(conn, heavy["id"], 10)
+    light_chats = [(await _pending_chat_of(conn, light["id"]))["id"] for _ in range(2)]
+
+    acquired = await runs.acquire(pool, WORKER, 100, max_running_per_user=3)
+    assert sum(chat.owner_id == heavy["id"] for chat in acquired) == 3
+    assert {chat.id for chat in acquired if chat.owner_id == light["id"]} == set(light_chats)
+    assert await runs.acquire(pool, WORKER, 100, max_running_per_user=3) == []
+
+    # One of the heavy user's runs ends: exactly one more of its chats may run.
+    done = next(chat for chat in acquired if chat.owner_id == heavy["id"])
+    await conn.execute(
+        "UPDATE chats SET status = 'waiting', worker_id = NULL WHERE id = $1", done.id
+    )
+    again = await runs.acquire(pool, WORKER, 100, max_running_per_user=3)
+    assert [chat.owner_id for chat in again] == [heavy["id"]]
+
+
+async def test_concurrent_acquirers_share_the_running_cap(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """Replicas acquiring at the same instant compute the user's window over the same queue:
+    SKIP LOCKED and the pending re-check split it among them, they do not each take a cap."""
+    heavy = await factories.create_user(conn)
+    await _flood(conn, heavy["id"], 100)
+    for _ in range(10):
+        others = [(await factories.create_user(conn))["id"] for _ in range(5)]
+        for other in others:
+            await _flood(conn, other, 3)
+    acquirers = await asyncio.gather(*(asyncpg.connect(database_url) for _ in range(8)))
+    try:
+        for _round in range(5):
+            await asyncio.gather(
+                *(
+                    acquirer.fetch(runs.Q.sql("run_acquire"), uuid.uuid4(), 7, 5)
+                    for acquirer in acquirers
+                )
+            )
+            running = await conn.fetchval(
+                "SELECT count(*) FROM chats WHERE owner_id = $1 AND status = 'running'",
+                heavy["id"],
+            )
+            assert running <= 5
+            over = await conn.fetchval(
+                """
+                SELECT count(*) FROM (
+                    SELECT owner_id FROM chats WHERE status = 'running'
+                    GROUP BY owner_id HAVING count(*) > 5
+                ) o
+                """
+            )
+            assert over == 0
+    finally:
+        await asyncio.gather(*(acquirer.close() for acquirer in acquirers))
+    assert running == 5  # every other chat was taken: the cap, not a lack of slots, held it
+    assert await conn.fetchval("SELECT count(*) FROM chats WHERE status = 'pending'") == 95
 
 
 async def test_persist_step_writes_messages_and_deletes_parts_in_one_transaction(
@@ -398,3 +525,19 @@ async def test_the_janitor_removes_only_parts_of_no_run_in_progress(
     assert await runs.delete_orphan_parts(pool) == 2
     remaining = await conn.fetch("SELECT id FROM chat_stream_parts")
     assert [r["id"] for r in remaining] == [live_part["id"]]
+
+
+async def test_acquire_says_when_chats_were_held_back_by_the_cap(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """No chat_wake says when a capped user's run ends: the flag tells the replica to try again
+    then."""
+    assert await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=2) == ([], False)
+    heavy = await factories.create_user(conn)
+    await _flood(conn, heavy["id"], 3)
+    chats, held_back = await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=2)
+    assert len(chats) == 2 and held_back
+    chats, held_back = await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=2)
+    assert chats == [] and held_back
+    chats, held_back = await runs.acquire_fairly(pool, WORKER, 10, max_running_per_user=3)
+    assert len(chats) == 1 and not held_back
