@@ -129,8 +129,8 @@ async def test_discard_waits_for_the_flush_in_flight_and_drops_the_rest(
     try:
         blocking = blocker.transaction()
         await blocking.start()
-        # A transition of the chat in progress: the flush's FOR SHARE must wait for it.
-        await blocker.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", token.chat_id)
+        # A statement in flight that cannot finish yet: the flush waits on the parts table.
+        await blocker.execute("LOCK TABLE chat_stream_parts IN EXCLUSIVE MODE")
         flush = asyncio.create_task(flusher.flush())
 
         async def flush_waits_on_the_row() -> bool:
@@ -141,11 +141,11 @@ async def test_discard_waits_for_the_flush_in_flight_and_drops_the_rest(
                 )
             )
 
-        await eventually(flush_waits_on_the_row, message="the flush blocked on the chat row")
+        await eventually(flush_waits_on_the_row, message="the flush blocked on the table")
         await flusher.add(
             token, "assistant", {"type": "tool_call", "id": "c", "name": "n", "args": {}}
         )
-        discard = asyncio.create_task(flusher.discard(token.chat_id))
+        discard = asyncio.create_task(flusher.discard(token))
         await asyncio.sleep(0)  # one scheduling step: discard runs until it blocks on the lock
         assert not discard.done()  # it waits for the flush transaction
         await blocking.commit()
@@ -203,8 +203,8 @@ async def test_settle_waits_for_the_windowed_flush_of_the_chats_parts(
         await flusher.add(first, "assistant", _text("all of "))
         await flusher.add(second, "assistant", _text("other"))
         await flusher.add(first, "assistant", _text("it"))
-        await flusher.settle(first.chat_id)
-        assert not flusher.holds(first.chat_id)
+        await flusher.settle(first)
+        assert not flusher.holds(first)
         rows = await conn.fetch(
             "SELECT part FROM chat_stream_parts WHERE chat_id = $1", first.chat_id
         )
@@ -223,7 +223,7 @@ async def test_settle_drops_the_parts_when_they_cannot_be_written_in_time(
     (token,) = await _running(conn, 1)
     flusher = PartFlusher(pool)  # no flusher task: nothing will write them
     await flusher.add(token, "assistant", _text("lost"))
-    await flusher.settle(token.chat_id, timeout_s=0.05)
+    await flusher.settle(token, timeout_s=0.05)
     assert flusher.buffered == 0
     assert flusher.stats.parts_discarded == 1
     assert await conn.fetchval("SELECT count(*) FROM chat_stream_parts") == 0
