@@ -169,9 +169,10 @@ async def test_a_chat_that_kills_every_replica_running_it_ends_in_error(
             conn, [dead_worker], orphan_grace_s=60, max_failed_runs=3
         )
     by_id = {chat.id: chat for chat in handed_on}
-    assert by_id[doomed["id"]].status == "error"
-    assert by_id[doomed["id"]].last_error is not None
-    assert by_id[doomed["id"]].last_error["kind"] == "poison"
+    poisoned = by_id[doomed["id"]]
+    assert poisoned.status == "error"
+    assert poisoned.last_error is not None
+    assert poisoned.last_error["kind"] == "poison"
     assert by_id[fine["id"]].status == "pending"
     assert await conn.fetchval("SELECT failed_runs FROM chats WHERE id = $1", fine["id"]) == 1
 
