@@ -107,6 +107,9 @@ class PartFlusher:
         self._room = asyncio.Event()
         self._room.set()
         self._in_flight: frozenset[RunToken] = frozenset()  # runs in the flush being written
+        # Runs dropped while their parts were in flight: if that flush fails, their parts are
+        # not put back (the run has moved on, e.g. persisted the step).
+        self._dropped_in_flight: set[RunToken] = set()
         self._flush_ended: asyncio.Future[None] | None = None  # resolved when a flush ends
         self.stats = FlushStats()
 
@@ -187,6 +190,8 @@ class PartFlusher:
     def drop(self, token: RunToken) -> None:
         """Drop the run's buffered parts without waiting for a flush in flight (for a run that is
         over; a flush in flight is fenced in SQL)."""
+        if token in self._in_flight:
+            self._dropped_in_flight.add(token)
         kept = [p for p in self._buffer if p.token != token]
         self.stats.parts_discarded += len(self._buffer) - len(kept)
         self._buffer = kept
@@ -218,6 +223,7 @@ class PartFlusher:
             return await self._flush()
         finally:
             self._in_flight = frozenset()
+            self._dropped_in_flight.clear()
             ended = self._flush_ended
             if ended is not None and not ended.done():
                 ended.set_result(None)
@@ -271,7 +277,12 @@ class PartFlusher:
         return True
 
     def _keep(self, batch: list[BufferedPart]) -> None:
-        self._buffer = batch + self._buffer
+        """Put the parts of a failed flush back in front, except those of runs dropped
+        meanwhile (a discard that passed its deadline, a run that ended)."""
+        dropped = self._dropped_in_flight
+        kept = [p for p in batch if p.token not in dropped] if dropped else batch
+        self.stats.parts_discarded += len(batch) - len(kept)
+        self._buffer = kept + self._buffer
         self._nonempty.set()
 
     def _failed(self, batch: list[BufferedPart], exc: Exception) -> bool:

@@ -818,9 +818,15 @@ class Run:
         try:
             await runs.record_usage(self._deps.pool, self.chat_id, record)
         except Exception as exc:
-            if not is_outage(exc):
-                raise
-            log.warning("run.usage_not_recorded", kind=kind, error=repr(exc), **self._log)
+            # Never worth failing the run for: logged with what was lost.
+            log.warning(
+                "run.usage_not_recorded",
+                kind=kind,
+                cost_micros=record.cost_micros,
+                outage=is_outage(exc),
+                error=repr(exc),
+                **self._log,
+            )
 
     async def _abandon(self) -> RunEnd:
         """Act on a stop cause other than interrupt."""

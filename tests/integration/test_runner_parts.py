@@ -327,7 +327,7 @@ async def test_discard_waits_for_a_stalled_flush_only_until_its_deadline(
     pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
 ) -> None:
     (token,) = await _running(conn, 1)
-    flusher = PartFlusher(pool, flush_timeout_s=60, discard_timeout_s=0.2)
+    flusher = PartFlusher(pool, flush_timeout_s=5, discard_timeout_s=0.2)
     await flusher.add(token, "assistant", _text("in flight"))
     blocker = await asyncpg.connect(database_url)
     try:
@@ -341,6 +341,12 @@ async def test_discard_waits_for_a_stalled_flush_only_until_its_deadline(
             assert not flush.done()
             assert flusher.buffered == 0
             assert flusher.stats.timeouts == 1
-        await flush
+            # The stuck flush then passes its own deadline: the parts of the run that was
+            # discarded meanwhile are not put back (the run has moved on).
+            async with asyncio.timeout(20):
+                assert not await flush
+            assert flusher.buffered == 0
+        assert await flusher.flush()
     finally:
         await blocker.close()
+    assert await conn.fetchval("SELECT count(*) FROM chat_stream_parts") == 0
