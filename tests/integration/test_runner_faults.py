@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import pytest
 
-from app import chats, runs
+from app import chats, runner, runs
 from app.providers.base import (
     ModelRequest,
     Provider,
@@ -244,3 +245,40 @@ async def test_one_replica_runs_two_generations_of_a_chat_apart(
     ]
     # The old run's end dropped nothing of the new run's parts.
     assert replica.flusher.stats.parts_discarded == 0
+
+
+async def test_a_stalled_resync_read_gives_the_chat_back_instead_of_wedging_the_run(
+    database_url: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setattr(runner, "RESYNC_READ_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(runner, "RESYNC_GIVE_UP_S", 1.0)
+    owner = await engine.create_owner(pool)
+    slow = await engine.create_model_config(pool, token_delay_ms=50)
+    text = " ".join(f"w{i}" for i in range(40))
+    async with engine.running_replica(database_url, pool) as replica:
+        chat, _ = await chats.create_chat(pool, owner, text, model_config_id=slow)
+        await engine.wait_parts(pool, chat.id, at_least=1)
+        blocker = await asyncpg.connect(database_url)
+        try:
+            async with blocker.transaction():
+                # The database stalls for the run's re-read of its chat row...
+                await blocker.execute("LOCK TABLE chats IN ACCESS EXCLUSIVE MODE")
+                # ... which a listener reconnect (Resync) asks for.
+                await pool.execute(
+                    "SELECT pg_terminate_backend($1)", replica.listener.backend_pid()
+                )
+                await engine.eventually(
+                    lambda: asyncio.sleep(
+                        0, any("run.watch_failed" in r.getMessage() for r in caplog.records)
+                    ),
+                    message="the run's resync read to give up",
+                )
+        finally:
+            await blocker.close()
+        final = await engine.wait_status(pool, chat.id, "waiting", timeout_s=30)
+    # The first run gave the chat back; the second answered it.
+    assert final.generation == 2
+    assert [(r, engine.text_of(c)) for r, c in await engine.history(pool, chat.id)] == [
+        ("user", text),
+        ("assistant", "echo: " + text),
+    ]
