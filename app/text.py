@@ -19,7 +19,10 @@ def is_storable(text: str) -> bool:
 
 
 def storable(text: str) -> str:
-    """`text` with every NUL and lone surrogate replaced by U+FFFD."""
+    """`text` with every NUL and lone surrogate replaced by U+FFFD (`text` itself, without a
+    copy, in the usual case: this runs on every streamed delta)."""
+    if _UNSTORABLE.search(text) is None:
+        return text
     return _UNSTORABLE.sub(REPLACEMENT, text)
 
 
