@@ -43,6 +43,9 @@ class Settings:
     part_flush_interval_ms: float = 15.0
     max_steps_per_turn: int = 25
     queue_limit: int = 20
+    # The poison-chat guard: runs of one chat in a row that may crash (or die with their
+    # replica) without progress before the chat ends in `error` (kind "poison").
+    max_failed_runs: int = 5
 
     # Per-user limits: no user can slow down or starve another (docs/reliability.md,
     # "Fairness"). Reaching one answers 429 with a JSON body naming the limit.
@@ -91,6 +94,7 @@ class Settings:
             ),
             max_steps_per_turn=_env_int("CHATD_MAX_STEPS_PER_TURN", defaults.max_steps_per_turn),
             queue_limit=_env_int("CHATD_QUEUE_LIMIT", defaults.queue_limit),
+            max_failed_runs=_env_int("CHATD_MAX_FAILED_RUNS", defaults.max_failed_runs),
             max_chats_per_user=_env_int("CHATD_MAX_CHATS_PER_USER", defaults.max_chats_per_user),
             max_pending_chats_per_user=_env_int(
                 "CHATD_MAX_PENDING_CHATS_PER_USER", defaults.max_pending_chats_per_user

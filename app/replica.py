@@ -31,7 +31,14 @@ import asyncpg
 from app import runs
 from app.chats import Chat
 from app.config import Settings
-from app.db import connect, drop_pool_connections, is_transient, project_queries, transaction
+from app.db import (
+    connect,
+    drop_pool_connections,
+    is_outage,
+    is_transient,
+    project_queries,
+    transaction,
+)
 from app.errors import FencedOut
 from app.listener import Listener
 from app.log import get_logger
@@ -130,7 +137,9 @@ class Replica:
             queue_limit=settings.queue_limit,
             max_children_per_chat=settings.max_children_per_chat,
         )
-        self.runs: dict[uuid.UUID, tuple[Run, asyncio.Task[None]]] = {}
+        # Keyed by run token, not chat id: after an edit the same chat may be re-acquired here
+        # (generation + 1) while the old run is still stopping; both are live runs.
+        self.runs: dict[runs.RunToken, tuple[Run, asyncio.Task[None]]] = {}
         self.stats = ReplicaStats()
         self._liveness_conn: asyncpg.Connection | None = None
         self._liveness_conn_lost = asyncio.Event()
@@ -395,7 +404,12 @@ class Replica:
                         Q.sql("replica_delete_gone"), gone_ids, lock_free_ids, stale_s
                     )
                 ]
-            requeued = await runs.requeue_orphans(conn, deleted, orphan_grace_s=stale_s)
+            requeued = await runs.requeue_orphans(
+                conn,
+                deleted,
+                orphan_grace_s=stale_s,
+                max_failed_runs=self.settings.max_failed_runs,
+            )
         if deleted:
             self.stats.replicas_swept += len(deleted)
             for row in gone:
@@ -425,6 +439,7 @@ class Replica:
 
     @property
     def spare_capacity(self) -> int:
+        """Capacity left, counted in live runs (a stopping run still holds its slot)."""
         return self.settings.max_concurrent_runs - len(self.runs)
 
     async def _wake_loop(self) -> None:
@@ -523,7 +538,7 @@ class Replica:
         assert task_group is not None
         run = Run(chat, self._deps)
         task = task_group.create_task(self._supervise(run), name=f"run:{chat.id}:{chat.generation}")
-        self.runs[chat.id] = (run, task)
+        self.runs[run.token] = (run, task)
         self.stats.acquired += 1
         self.stats.max_running = max(self.stats.max_running, len(self.runs))
 
@@ -543,27 +558,35 @@ class Replica:
                     exc_info=True,
                     **self._fields(),
                 )
-                end = await self._salvage(run, transient=_is_transient(exc))
+                end = await self._salvage(run, outage=is_outage(exc))
             self.stats.run_ends[end.value] += 1
         finally:
-            current = self.runs.get(run.chat_id)
+            current = self.runs.get(run.token)
             if current is not None and current[0] is run:
-                del self.runs[run.chat_id]
+                del self.runs[run.token]
             if self._backlog:
                 self._poke.set()
 
-    async def _salvage(self, run: Run, *, transient: bool) -> RunEnd:
-        """Release the chat of a crashed run. If even that cannot be written, this replica
-        cannot vouch for its chats any more: it drops its liveness, so that the other replicas
-        requeue them, and registers again."""
+    async def _salvage(self, run: Run, *, outage: bool) -> RunEnd:
+        """Release the chat of a crashed run. A database outage requeues it (it says nothing
+        about the chat). Anything else (a bug, a row the database refused, contention) is
+        counted by the poison-chat guard: the chat is requeued for another try, and ends in
+        `error` (kind "poison") after `max_failed_runs` such runs in a row without progress.
+        If even that cannot be written, this replica cannot vouch for its chats any more: it
+        drops its liveness, so that the other replicas requeue them, and registers again."""
         backoff_s = 0.2
         for _attempt in range(SALVAGE_ATTEMPTS):
             try:
-                if transient:
+                if outage:
                     await runs.requeue(self._pool, run.token)
                     return RunEnd.REQUEUED
-                await runs.fail(self._pool, run.token, INTERNAL_ERROR)
-                return RunEnd.FAILED
+                chat = await runs.give_back_failed(
+                    self._pool, run.token, max_failed_runs=self.settings.max_failed_runs
+                )
+                if chat.status == "error":
+                    log.error("run.poison_chat", chat_id=run.chat_id, last_error=chat.last_error)
+                    return RunEnd.FAILED
+                return RunEnd.REQUEUED
             except FencedOut:
                 return RunEnd.LOST
             except Exception as exc:
@@ -579,16 +602,6 @@ class Replica:
         return RunEnd.LOST
 
 
-# The last_error of a chat whose run crashed on a bug (the shape of a classified error).
-INTERNAL_ERROR = {
-    "kind": "generic",
-    "provider": "chatd",
-    "retryable": False,
-    "message": "internal error while running the chat",
-    "status_code": None,
-    "retry_after_s": None,
-    "detail": None,
-}
 SALVAGE_ATTEMPTS = 4
 
 

@@ -35,6 +35,8 @@ fallback title if nobody changed it meanwhile; it never fails or delays the turn
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import enum
 import json
 import uuid
@@ -46,6 +48,7 @@ import asyncpg
 
 from app import compaction, runs, titles
 from app.chats import Chat, Message, Owner, default_title
+from app.db import is_outage
 from app.errors import FencedOut
 from app.listener import Listener, Notice, Resync, Subscription
 from app.log import get_logger
@@ -64,11 +67,13 @@ from app.providers.base import (
     TextDelta,
     ToolCall,
     Usage,
+    UsageMeter,
 )
 from app.providers.pricing import cost_micros
 from app.providers.registry import provider_for
 from app.providers.retry import RetryInfo
-from app.runs import RunToken, StepRecord
+from app.runs import RunToken, StepRecord, UsageKind, UsageRecord
+from app.text import storable, storable_json
 from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolContext, ToolRegistry
 
 log = get_logger(__name__)
@@ -79,6 +84,10 @@ INTERRUPTED_RESULT = "interrupted"
 GIVE_BACK_TIMEOUT_S = 5.0
 # Bound of the best-effort title request (one attempt, never retried).
 TITLE_TIMEOUT_S = 30.0
+# Bound of one re-read of the chat row after a listener resync; the watcher tries again (with a
+# growing pause) until RESYNC_GIVE_UP_S, then gives the chat back rather than run blind.
+RESYNC_READ_TIMEOUT_S = 5.0
+RESYNC_GIVE_UP_S = 30.0
 # How the compaction summary opens the system prompt's last section.
 SUMMARY_PREAMBLE = (
     "Summary of the earlier part of this conversation (its messages were compacted to save "
@@ -178,6 +187,8 @@ class StepOutput:
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[dict[str, Any]] = field(default_factory=list)
     finished: StepFinished | None = None
+    # The usage the provider reported for the attempt in progress, before its StepFinished.
+    meter: UsageMeter = field(default_factory=UsageMeter)
 
     def add_delta(self, kind: Literal["text", "reasoning"], text: str, signature: str = "") -> None:
         if self.content and self.content[-1]["type"] == kind:
@@ -203,7 +214,10 @@ class StepOutput:
                 for call in self.tool_calls
                 if call.id not in answered
             ]
-        usage = self.finished.usage if self.finished is not None else Usage()
+        # A step cut short carries whatever usage the provider had reported (e.g. the input
+        # tokens of Anthropic's message_start): it was spent all the same.
+        finished = self.finished
+        usage = finished.usage if finished is not None else (self.meter.take() or Usage())
         return StepRecord(
             assistant_content=list(self.content),
             tool_results=results,
@@ -302,7 +316,7 @@ async def collect_text(events: AsyncIterator[StreamEvent]) -> tuple[str, Usage]:
     try:
         async for event in events:
             if isinstance(event, TextDelta):
-                chunks.append(event.text)
+                chunks.append(storable(event.text))
             elif isinstance(event, StepFinished):
                 usage = event.usage
     finally:
@@ -359,6 +373,7 @@ class Run:
         self._provider: Provider | None = None
         self.cause: StopCause | None = None
         self._step_task: asyncio.Task[None] | None = None
+        self._step_output: StepOutput | None = None  # the step in progress (or just ended)
         self._version = chat.version  # the newest row version this run has seen
         self._interrupt_version = 0  # version at which the newest Stop mark was seen
         self._handled_version = 0  # row version after the run last honoured a Stop
@@ -428,7 +443,7 @@ class Run:
         try:
             async for event in subscription:
                 if isinstance(event, Resync):
-                    self._observe_chat(await runs.read_chat(self._deps.pool, self.chat_id))
+                    self._observe_chat(await self._resync_read())
                     continue
                 assert isinstance(event, Notice)
                 payload = json.loads(event.payload)
@@ -448,6 +463,25 @@ class Run:
             # the chat back rather than run blind.
             log.error("run.watch_failed", error=repr(exc), exc_info=True, **self._log)
             self.stop(StopCause.SHUTDOWN)
+
+    async def _resync_read(self) -> Chat | None:
+        """Re-read the row after a listener resync, each read bounded by a deadline. A stalled
+        or unreachable database is retried with a growing pause (the run's writes are fenced
+        meanwhile, so running on is safe); past RESYNC_GIVE_UP_S the watcher fails, and the
+        run gives the chat back rather than run deaf to Stop and to loss of ownership."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + RESYNC_GIVE_UP_S
+        pause_s = 0.1
+        while True:
+            try:
+                async with asyncio.timeout(RESYNC_READ_TIMEOUT_S):
+                    return await runs.read_chat(self._deps.pool, self.chat_id)
+            except Exception as exc:
+                if not is_outage(exc) or loop.time() + pause_s >= give_up_at:
+                    raise
+                log.warning("run.resync_failed", error=repr(exc), retry_in_s=pause_s, **self._log)
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, RESYNC_READ_TIMEOUT_S)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -497,7 +531,7 @@ class Run:
             self._step_task = None
             # Whatever is still buffered belongs to a run that is over; a flush in flight is
             # fenced in SQL.
-            deps.flusher.drop(self.chat_id)
+            deps.flusher.drop(self.token)
         return end
 
     async def _drive(self) -> RunEnd:
@@ -532,6 +566,7 @@ class Run:
             if step_number == 1:
                 self._title_question = first_question(history)
             output = StepOutput()
+            self._step_output = output
             step = asyncio.create_task(
                 self._step(config, provider, history, output),
                 name=f"run-step:{self.chat_id}:{self.token.generation}:{step_number}",
@@ -554,11 +589,14 @@ class Run:
                     return await self._abandon()
                 if self._interrupt_pending():
                     partial = output.record(config, interrupted=True)
+                    if partial.is_empty:
+                        # No message will carry it (nothing to persist), but it was spent.
+                        await self._record_spend("interrupted", partial.usage)
                     return await self._end_turn(partial, model_config_id, interrupted=True)
                 raise RuntimeError("a step was cancelled without a cause")
             error = step.exception()
             if isinstance(error, ProviderError):
-                return await self._fail(error.error)
+                return await self._fail(error.error, spent=output.meter.take())
             if error is not None:
                 raise error
 
@@ -566,7 +604,7 @@ class Run:
             if not output.tool_calls:
                 final = record
                 break
-            await deps.flusher.settle(self.chat_id)
+            await deps.flusher.settle(self.token)
             await runs.persist_step(deps.pool, self.token, record, model_config_id=model_config_id)
             self.steps_persisted += 1
             log.info("run.step_persisted", step=step_number, **self._log)
@@ -588,30 +626,45 @@ class Run:
             output.content.clear()
             output.tool_calls.clear()
             output.finished = None
-            await flusher.discard(self.chat_id)
-            await runs.void_step(self._deps.pool, self.token, {"type": "retry", **notice.as_json()})
+            await flusher.discard(self.token)
+            await runs.void_step(
+                self._deps.pool,
+                self.token,
+                {"type": "retry", **storable_json(notice.as_json())},
+                usage=self._usage_record("failed_attempt", output.meter.take()),
+            )
             log.info("run.retrying", attempt=notice.attempt, kind=notice.error.kind, **self._log)
 
-        history = await self._compact(config, provider, history, on_retry)
-        request = build_request(config, history, self._deps.tools, for_child=self._is_child)
+        history = await self._compact(config, provider, history, on_retry, output.meter)
+        request = dataclasses.replace(
+            build_request(config, history, self._deps.tools, for_child=self._is_child),
+            meter=output.meter,
+        )
+        # Model and tool output is stored as it came, except for what PostgreSQL cannot store
+        # (NUL, lone surrogates): app/text.py.
         async for event in self._deps.stream_step(provider, request, on_retry=on_retry):
             if isinstance(event, TextDelta):
-                output.add_delta("text", event.text)
-                await flusher.add(self.token, "assistant", {"type": "text", "text": event.text})
+                text = storable(event.text)
+                output.add_delta("text", text)
+                await flusher.add(self.token, "assistant", {"type": "text", "text": text})
             elif isinstance(event, ReasoningDelta):
-                output.add_delta("reasoning", event.text, event.signature)
-                if event.text:
-                    await flusher.add(
-                        self.token, "assistant", {"type": "reasoning", "text": event.text}
-                    )
+                text = storable(event.text)
+                output.add_delta("reasoning", text, storable(event.signature))
+                if text:
+                    await flusher.add(self.token, "assistant", {"type": "reasoning", "text": text})
             elif isinstance(event, ToolCall):
-                await flusher.add(self.token, "assistant", output.add_tool_call(event))
+                call = ToolCall(
+                    id=storable(event.id), name=storable(event.name), args=storable_json(event.args)
+                )
+                await flusher.add(self.token, "assistant", output.add_tool_call(call))
             elif isinstance(event, StepFinished):
                 output.finished = event
+                output.meter.take()  # the final usage is the StepFinished's
 
         for call in output.tool_calls:
             outcome = await self._deps.tools.call(call.name, call.args, self._tool_context)
-            part = tool_result_part(call, outcome.result, is_error=outcome.is_error)
+            result = storable_json(outcome.result)
+            part = tool_result_part(call, result, is_error=outcome.is_error)
             output.tool_results.append(part)
             await flusher.add(self.token, "tool", part)
 
@@ -621,6 +674,7 @@ class Run:
         provider: Provider,
         history: list[Message],
         on_retry: Callable[[RetryInfo], Awaitable[None]],
+        meter: UsageMeter,
     ) -> list[Message]:
         """When the context reached the model's threshold: summarize everything before the
         current turn with the chat's model, then in ONE fenced transaction mark it compressed and
@@ -630,7 +684,7 @@ class Run:
         if not compaction.needs_compaction(config, view):
             return history
         compacted = compaction.messages_to_compact(view)
-        request = compaction.summary_request(config, compacted)
+        request = dataclasses.replace(compaction.summary_request(config, compacted), meter=meter)
         summary, usage = await collect_text(
             self._deps.stream_step(provider, request, on_retry=on_retry)
         )
@@ -646,6 +700,7 @@ class Run:
             cost_micros=step_cost_micros(config, usage),
             model_config_id=uuid.UUID(config.id),
         )
+        meter.take()  # the summary's usage is on the summary message
         log.info("run.compacted", messages=len(compacted), **self._log)
         return await runs.prompt_messages(self._deps.pool, self.chat_id)
 
@@ -670,16 +725,19 @@ class Run:
         self, config: ModelConfig, provider: Provider, question: str, answer: str, fallback: str
     ) -> None:
         """Best effort: one attempt, bounded; any failure keeps the fallback title."""
-        request = titles.title_request(config, question, answer)
+        meter = UsageMeter()
+        request = dataclasses.replace(titles.title_request(config, question, answer), meter=meter)
 
         async def give_up(notice: RetryInfo) -> None:
             raise ProviderError(notice.error)  # a title is not worth a retry loop
 
+        spent: Usage | None = None
         try:
             async with asyncio.timeout(TITLE_TIMEOUT_S):
-                raw, _usage = await collect_text(
+                raw, spent = await collect_text(
                     self._deps.stream_step(provider, request, on_retry=give_up)
                 )
+                meter.take()
                 title = titles.clean_title(raw)
                 if not title:
                     log.info("run.title_failed", reason="empty", **self._log)
@@ -690,12 +748,17 @@ class Run:
         except Exception as exc:  # a provider error, the timeout, database trouble
             log.info("run.title_failed", error=repr(exc), **self._log)
             return
+        finally:
+            # A title request is spend like any other (chat_usage, kind "title"), also when it
+            # failed after the provider reported usage. Shielded: the run may be cancelled.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._record_spend("title", spent or meter.take()))
         log.info("run.title_generated", kept_user_title=updated is None, **self._log)
 
     async def _end_turn(
         self, step: StepRecord | None, model_config_id: uuid.UUID, *, interrupted: bool
     ) -> RunEnd | None:
-        await self._deps.flusher.settle(self.chat_id)
+        await self._deps.flusher.settle(self.token)
         self._releasing = True
         outcome = await runs.end_turn(
             self._deps.pool,
@@ -724,18 +787,59 @@ class Run:
         )
         return None
 
-    async def _fail(self, error: ClassifiedError) -> RunEnd:
+    async def _fail(self, error: ClassifiedError, *, spent: Usage | None = None) -> RunEnd:
+        """A terminal provider error: the chat ends in `error`; `spent` is what the provider
+        reported for the failed attempt (recorded as spend in the same transaction)."""
         log.warning("run.provider_error", kind=error.kind, error=error.message, **self._log)
-        await self._deps.flusher.discard(self.chat_id)
+        await self._deps.flusher.discard(self.token)
         self._releasing = True
-        await runs.fail(self._deps.pool, self.token, error.as_json())
+        await runs.fail(
+            self._deps.pool,
+            self.token,
+            storable_json(error.as_json()),
+            usage=self._usage_record("failed_attempt", spent),
+        )
         return RunEnd.FAILED
+
+    def _usage_record(self, kind: UsageKind, usage: Usage | None) -> UsageRecord | None:
+        """Usage no message will carry, as a chat_usage row (None when there is none)."""
+        config = self._config
+        if usage is None or config is None or usage == Usage():
+            return None
+        return UsageRecord(
+            kind=kind,
+            usage=usage,
+            cost_micros=step_cost_micros(config, usage),
+            model_config_id=uuid.UUID(config.id),
+        )
+
+    async def _record_spend(self, kind: UsageKind, usage: Usage | None) -> None:
+        """Best effort, outside any fenced write (a run that lost its chat still spent it)."""
+        record = self._usage_record(kind, usage)
+        if record is None:
+            return
+        try:
+            await runs.record_usage(self._deps.pool, self.chat_id, record)
+        except Exception as exc:
+            # Never worth failing the run for: logged with what was lost.
+            log.warning(
+                "run.usage_not_recorded",
+                kind=kind,
+                cost_micros=record.cost_micros,
+                outage=is_outage(exc),
+                error=repr(exc),
+                **self._log,
+            )
 
     async def _abandon(self) -> RunEnd:
         """Act on a stop cause other than interrupt."""
         cause = self.stop_cause()
         assert cause is not None
-        await self._deps.flusher.discard(self.chat_id)
+        await self._deps.flusher.discard(self.token)
+        output, self._step_output = self._step_output, None
+        if output is not None and output.finished is None:
+            # The step in progress is dropped, but what the provider reported was spent.
+            await self._record_spend("abandoned", output.meter.take())
         if cause == StopCause.LOST_OWNERSHIP:
             log.info("run.stopped", cause=cause.label, **self._log)
             return RunEnd.LOST

@@ -25,6 +25,8 @@ from app.providers.base import ModelConfig, Usage
 Q = project_queries()
 
 PartRole = Literal["assistant", "tool", "system"]
+# The poison-chat guard's default bound (Settings.max_failed_runs).
+DEFAULT_MAX_FAILED_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,36 @@ class TurnOutcome:
 
     chat: Chat
     next_message: Message | None
+
+
+# Why a chat_usage row has no message: a title request; an attempt that failed (retried or
+# terminal); an interrupted step with no output to persist; a step dropped because its run
+# stopped (shutdown, lost liveness, lost chat).
+UsageKind = Literal["title", "failed_attempt", "interrupted", "abandoned"]
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """Usage that no message carries (chat_usage, see migration 0004)."""
+
+    kind: UsageKind
+    usage: Usage
+    cost_micros: int
+    model_config_id: uuid.UUID | None
+
+
+async def record_usage(conn: Conn | asyncpg.Pool, chat_id: uuid.UUID, record: UsageRecord) -> None:
+    await conn.execute(
+        Q.sql("run_record_usage"),
+        chat_id,
+        record.kind,
+        record.model_config_id,
+        record.usage.input_tokens,
+        record.usage.output_tokens,
+        record.usage.cache_read_tokens,
+        record.usage.cache_write_tokens,
+        record.cost_micros,
+    )
 
 
 def token_of(chat: Chat) -> RunToken:
@@ -135,6 +167,13 @@ async def _lock_owned(conn: Conn, token: RunToken) -> asyncpg.Record:
     return row
 
 
+async def _made_progress(conn: Conn, locked: asyncpg.Record) -> None:
+    """The run persisted something: reset the poison-chat guard's count (a statement skipped
+    when the count is zero, the usual case)."""
+    if locked["failed_runs"]:
+        await conn.execute(Q.sql("run_reset_failed_runs"), locked["id"])
+
+
 async def check_owned(pool: asyncpg.Pool, token: RunToken) -> Chat:
     """The fence alone, in its own transaction: the row as this run owns it, or FencedOut."""
     async with transaction(pool) as conn:
@@ -179,9 +218,10 @@ async def persist_step(
     """A finished step becomes durable: its assistant message (+ a tool message with the tool
     results) are inserted and the chat's live parts deleted, in one fenced transaction, so a
     reader sees either the parts or the messages. The caller must first make sure no flush of
-    this chat's parts can commit afterwards (PartFlusher.settle / discard)."""
+    this chat's parts can commit afterwards (PartFlusher.settle / discard). Progress: the
+    poison-chat guard's count starts again."""
     async with transaction(pool) as conn:
-        await _lock_owned(conn, token)
+        await _made_progress(conn, await _lock_owned(conn, token))
         rows = await conn.fetch(
             Q.sql("run_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
         )
@@ -202,7 +242,7 @@ async def compact(
     (left out of later prompts, kept in the history users see) and the summary is inserted as
     a `system` message carrying the summarizing call's usage and cost."""
     async with transaction(pool) as conn:
-        await _lock_owned(conn, token)
+        await _made_progress(conn, await _lock_owned(conn, token))
         await conn.execute(Q.sql("run_compress_messages"), token.chat_id, list(compressed_ids))
         rows = await conn.fetch(
             Q.sql("run_insert_messages"),
@@ -229,13 +269,21 @@ async def set_generated_title(
 
 
 async def void_step(
-    pool: asyncpg.Pool, token: RunToken, control_part: dict[str, Any], *, role: PartRole = "system"
+    pool: asyncpg.Pool,
+    token: RunToken,
+    control_part: dict[str, Any],
+    *,
+    role: PartRole = "system",
+    usage: UsageRecord | None = None,
 ) -> int:
     """A step is being retried: its live parts are void. Delete them and write one control part
-    (e.g. `{"type": "retry", ...}`) so stream readers learn why they vanished; returns its id."""
+    (e.g. `{"type": "retry", ...}`) so stream readers learn why they vanished; returns its id.
+    `usage`: what the provider reported for the failed attempt (it is spend all the same)."""
     async with transaction(pool) as conn:
         await _lock_owned(conn, token)
         await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        if usage is not None:
+            await record_usage(conn, token.chat_id, usage)
         part_id: int = await conn.fetchval(
             Q.sql("run_insert_control_part"),
             token.chat_id,
@@ -277,6 +325,7 @@ async def end_turn(
     - With nothing to continue: -> waiting, the Stop mark cleared."""
     async with transaction(pool) as conn:
         locked = await _lock_owned(conn, token)
+        await _made_progress(conn, locked)
         row = await conn.fetchrow(
             Q.sql("run_end_turn"),
             token.chat_id,
@@ -293,15 +342,18 @@ async def end_turn(
         return TurnOutcome(chat, Message.from_record(next_message))
 
 
-async def _give_back(conn: Conn, chat_id: uuid.UUID, *, stop_requested: bool) -> asyncpg.Record:
+async def _give_back(
+    conn: Conn, chat_id: uuid.UUID, *, stop_requested: bool, failed: bool = False
+) -> asyncpg.Record:
     """A run that will not finish hands its chat on. Without a Stop, -> pending: another run
     redoes the unfinished step (completed steps are kept). With a Stop, the user's wish wins:
     -> waiting, unless a promoted queued message was waiting to be sent, which becomes the next
-    user message (-> pending) just as the owning run would have done it."""
+    user message (-> pending) just as the owning run would have done it. `failed`: the run
+    crashed or its replica died, which the poison-chat guard counts."""
     status = "pending"
     if stop_requested and await _pop_next_message(conn, chat_id, promoted_only=True) is None:
         status = "waiting"
-    row = await conn.fetchrow(Q.sql("run_release"), chat_id, status)
+    row = await conn.fetchrow(Q.sql("run_release"), chat_id, status, 1 if failed else 0)
     assert row is not None
     return row
 
@@ -318,29 +370,97 @@ async def requeue(pool: asyncpg.Pool, token: RunToken) -> Chat:
         return Chat.from_record(released)
 
 
-async def fail(pool: asyncpg.Pool, token: RunToken, error: dict[str, Any]) -> Chat:
-    """running -> error with a structured last_error (the classified provider error)."""
+async def fail(
+    pool: asyncpg.Pool,
+    token: RunToken,
+    error: dict[str, Any],
+    *,
+    usage: UsageRecord | None = None,
+) -> Chat:
+    """running -> error with a structured last_error (the classified provider error), and the
+    usage the provider reported for the failed attempt, if any."""
     async with transaction(pool) as conn:
         await _lock_owned(conn, token)
         await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        if usage is not None:
+            await record_usage(conn, token.chat_id, usage)
         row = await conn.fetchrow(Q.sql("run_fail"), token.chat_id, json.dumps(error))
         assert row is not None
         return Chat.from_record(row)
 
 
+def poison_error(failed_runs: int) -> dict[str, Any]:
+    """The last_error of a chat the poison-chat guard stopped (the shape of a classified error;
+    no exception text: the user sees it, the log line with the chat id has the details)."""
+    return {
+        "kind": "poison",
+        "provider": "chatd",
+        "retryable": False,
+        "message": (
+            f"the chat failed on {failed_runs} acquisitions in a row without progress (its run"
+            " crashed or its replica died); it is not retried until a new message"
+        ),
+        "status_code": None,
+        "retry_after_s": None,
+        "detail": None,
+    }
+
+
+async def give_back_failed(pool: asyncpg.Pool, token: RunToken, *, max_failed_runs: int) -> Chat:
+    """The run crashed (anything but a database outage): count it against the poison-chat
+    guard, in one fenced transaction. Under `max_failed_runs` the chat goes back as on a
+    requeue (another run tries again); at it, the chat ends in `error` with kind "poison"."""
+    async with transaction(pool) as conn:
+        row = await _lock_owned(conn, token)
+        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        return Chat.from_record(
+            await _fail_or_give_back(
+                conn,
+                token.chat_id,
+                failed_runs=row["failed_runs"] + 1,
+                stop_requested=row["interrupt_requested_at"] is not None,
+                max_failed_runs=max_failed_runs,
+            )
+        )
+
+
+async def _fail_or_give_back(
+    conn: Conn, chat_id: uuid.UUID, *, failed_runs: int, stop_requested: bool, max_failed_runs: int
+) -> asyncpg.Record:
+    if failed_runs >= max_failed_runs:
+        row = await conn.fetchrow(Q.sql("run_fail"), chat_id, json.dumps(poison_error(failed_runs)))
+        assert row is not None
+        return row
+    return await _give_back(conn, chat_id, stop_requested=stop_requested, failed=True)
+
+
 async def requeue_orphans(
-    conn: Conn, gone_worker_ids: Sequence[uuid.UUID], *, orphan_grace_s: float
+    conn: Conn,
+    gone_worker_ids: Sequence[uuid.UUID],
+    *,
+    orphan_grace_s: float,
+    max_failed_runs: int = DEFAULT_MAX_FAILED_RUNS,
 ) -> list[Chat]:
     """Inside the caller's transaction: give back the running chats of replicas that are gone
     (and of no replica at all for longer than `orphan_grace_s`). Safe when several replicas do
-    it at once: each chat is locked, and whoever comes second finds it no longer running."""
+    it at once: each chat is locked, and whoever comes second finds it no longer running. A
+    replica that died while running a chat counts as a failed run of it (a chat that kills
+    every replica that runs it ends in `error`, kind "poison", at `max_failed_runs`)."""
     rows = await conn.fetch(Q.sql("run_lock_orphans"), list(gone_worker_ids), orphan_grace_s)
     if not rows:
         return []
     chat_ids = [row["id"] for row in rows]
     await conn.execute(Q.sql("run_delete_parts_of"), chat_ids)
     return [
-        Chat.from_record(await _give_back(conn, row["id"], stop_requested=row["stop_requested"]))
+        Chat.from_record(
+            await _fail_or_give_back(
+                conn,
+                row["id"],
+                failed_runs=row["failed_runs"] + 1,
+                stop_requested=row["stop_requested"],
+                max_failed_runs=max_failed_runs,
+            )
+        )
         for row in rows
     ]
 

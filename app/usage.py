@@ -1,7 +1,9 @@
 """Spend limits: a user whose spend in the current period reached the limit of their
 organization (or their own override) cannot start new turns; the API answers 409 with
 {message, spent_micros, limit_micros, resets_at}. Spend comes from the cost_micros the worker
-records on each assistant message."""
+records on each assistant (and compaction summary) message, plus the usage no message carries:
+title requests and attempts that failed after the provider reported usage (chat_usage). The
+chat_spend view is the same sum, row by row, for operators."""
 
 from __future__ import annotations
 

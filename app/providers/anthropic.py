@@ -65,6 +65,10 @@ _STOP_REASONS: dict[str, _StopReason] = {
 }
 
 
+# Events that carry (cumulative) usage: reported to the request's UsageMeter as they come.
+_USAGE_EVENTS = frozenset({"message_start", "message_delta"})
+
+
 class AnthropicProvider:
     """One SDK client (one connection pool) per API key and base URL; the registry caches it."""
 
@@ -106,6 +110,8 @@ class AnthropicProvider:
                 async for event in events:
                     for out in step.apply(event):
                         yield out
+                    if request.meter is not None and event.type in _USAGE_EVENTS:
+                        request.meter.report(step.finished().usage)
                     if step.stopped:
                         break
         except Exception as exc:  # CancelledError is a BaseException: a cancel passes untouched

@@ -49,6 +49,24 @@ class PromptMessage:
     content: list[dict[str, Any]]
 
 
+class UsageMeter:
+    """Where a provider reports the usage of the attempt in progress as soon as it knows it
+    (Anthropic: message_start, then every message_delta), so that the spend of an attempt that
+    never reaches StepFinished (interrupted, failed, retried) can still be recorded. Each report
+    replaces the last (the counts are cumulative per attempt); the run `take()`s it."""
+
+    def __init__(self) -> None:
+        self._usage: Usage | None = None
+
+    def report(self, usage: Usage) -> None:
+        self._usage = usage
+
+    def take(self) -> Usage | None:
+        """The usage reported since the last take (None if nothing was), and forget it."""
+        usage, self._usage = self._usage, None
+        return usage
+
+
 @dataclass(frozen=True)
 class ModelRequest:
     config: ModelConfig
@@ -56,6 +74,8 @@ class ModelRequest:
     system: str = ""
     tools: list[ToolSpec] = field(default_factory=list)
     max_output_tokens: int = 4096
+    # Optional: where the adapter reports usage before the step ends (see UsageMeter).
+    meter: UsageMeter | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

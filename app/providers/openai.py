@@ -108,6 +108,8 @@ class OpenAIProvider:
                 async for chunk in chunks:
                     for out in step.apply(chunk):
                         yield out
+                    if request.meter is not None and chunk.usage is not None and step.usage:
+                        request.meter.report(step.usage)  # OpenAI reports usage at the end only
         except Exception as exc:  # CancelledError is a BaseException: a cancel passes untouched
             raise ProviderError(classify(exc, PROVIDER, now=self._now)) from exc
         if step.finish_reason is None or (wants_usage and step.usage is None):

@@ -248,28 +248,49 @@ RETURNING *;
 -- name: run_release :one
 -- The run gives the chat up: $2 is 'waiting' (end of a turn, an honoured Stop) or 'pending'
 -- (graceful shutdown, lost liveness, a dead replica's chat: another replica continues it).
--- Clearing worker_id ends the ownership, as the chats_running_has_worker check demands.
+-- Clearing worker_id ends the ownership, as the chats_running_has_worker check demands. $3 is
+-- 1 when the run failed without progress (it crashed, or its replica died): the poison-chat
+-- guard's count; 0 for a give-back that says nothing about the chat (shutdown, an outage).
 UPDATE chats
-SET status = $2, worker_id = NULL, interrupt_requested_at = NULL
+SET status = $2, worker_id = NULL, interrupt_requested_at = NULL,
+    failed_runs = failed_runs + $3::int
 WHERE id = $1
 RETURNING *;
 
 -- name: run_fail :one
--- A terminal provider error (or a bug in the run): running -> error with the classified error.
--- A new user message makes the chat pending again (make_pending clears last_error).
+-- A terminal provider error, or the poison-chat guard: running -> error with the classified
+-- error. The guard's count starts again: a new user message makes the chat pending again
+-- (make_pending clears last_error) with the full number of attempts.
 UPDATE chats
-SET status = 'error', worker_id = NULL, interrupt_requested_at = NULL, last_error = $2::jsonb
+SET status = 'error', worker_id = NULL, interrupt_requested_at = NULL, last_error = $2::jsonb,
+    failed_runs = 0
 WHERE id = $1
 RETURNING *;
 
+-- name: run_reset_failed_runs :exec
+-- The run made progress (a step persisted, a turn ended): the poison-chat guard's count starts
+-- again. Only run when the locked row's count is not zero, so an ordinary step never touches
+-- (or bumps the version of) the chat row.
+UPDATE chats SET failed_runs = 0 WHERE id = $1 AND failed_runs <> 0;
+
+-- name: run_record_usage :exec
+-- Usage that has no message of its own (a title request, an attempt that failed after the
+-- provider reported usage): one row of the chat_usage ledger, summed with the messages' usage
+-- by the chat_spend view and by spend limits (spent_since). Not fenced: the call was made and
+-- paid for whoever owns the chat now.
+INSERT INTO chat_usage (chat_id, kind, model_config_id, input_tokens, output_tokens,
+                        cache_read_tokens, cache_write_tokens, cost_micros)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
+
 -- name: run_lock_orphans :many
--- Running chats whose replica is gone: named in $1 (its advisory lock was free or its heartbeat
+-- Running chats whose replica is gone (with the poison-chat guard's count: a replica that died
+-- while running a chat counts as a failed run of it): named in $1 (its advisory lock was free or its heartbeat
 -- stale, and its row was just deleted), or with no replica row at all for longer than $2
 -- seconds (a replica that acquired after it had already been declared dead). Locked in id
 -- order; replicas sweeping at the same time queue here and then skip what the first one
 -- already moved (the row no longer matches), so each chat is requeued once. Served by
 -- chats_running_worker_idx.
-SELECT c.id, c.interrupt_requested_at IS NOT NULL AS stop_requested
+SELECT c.id, c.interrupt_requested_at IS NOT NULL AS stop_requested, c.failed_runs
 FROM chats c
 WHERE c.status = 'running'
   AND (c.worker_id = ANY($1::uuid[])
@@ -285,32 +306,38 @@ DELETE FROM chat_stream_parts WHERE chat_id = ANY($1::uuid[]);
 -- One window of live parts of ALL the chats a replica runs, in ONE autocommit statement: one
 -- trigger firing, one NOTIFY commit, one round trip, and no transaction left open between
 -- round trips (a replica paused mid-window holds no lock). Fenced like every write of a run: a
--- part is written only while its chat is still running under the part's run token (worker_id,
--- generation). FOR SHARE makes the fence hold until commit: a transition that takes the chat
--- away (requeue, edit, archive) either waits for this statement and then deletes what it
--- wrote, or this statement waits for it and writes nothing for that chat. Rows are locked in
--- id order, so two flushes never deadlock. Returns the number of parts written.
+-- part is written only while its chat is running under the part's run token (worker_id,
+-- generation) in this statement's snapshot. Returns the number of parts written.
+--
+-- No row lock (no FOR SHARE): a user transition holding one chat row (e.g. someone flooding
+-- POST /messages at their own running chat, which runs the spend sum and the queue check under
+-- FOR UPDATE) must not stall the live parts of every other chat in the batch. The fence without
+-- a lock is enough because:
+--   - the run's OWN writes are ordered in the process, not by the row: a run settles or
+--     discards its parts (PartFlusher.settle / discard waits for the flush in flight) before it
+--     persists a step, ends a turn, fails or gives the chat back, so no part of a step commits
+--     after the step's message;
+--   - a transition by someone else (requeue, edit, archive, re-acquire) may commit between our
+--     snapshot and our commit, and the part then lands after the transition deleted the
+--     chat's parts: such a late part names a generation that is no longer running, so
+--     stream_read never returns it (live parts only while the chat is running that
+--     generation) and the orphan-parts janitor (parts_delete_orphans) deletes it.
 --
 -- The commit does not wait for the WAL flush (synchronous_commit off for this transaction
--- only): nothing it writes outlives a server crash anyway (the parts table is UNLOGGED, the
--- row locks end with the transaction), so waiting for the disk would only add the fsync to
--- every token's latency and hold the NOTIFY commit lock, which every notifying commit of the
--- cluster queues on, through it. Messages and state changes keep synchronous commits.
+-- only): nothing it writes outlives a server crash anyway (the parts table is UNLOGGED), so
+-- waiting for the disk would only add the fsync to every token's latency and hold the NOTIFY
+-- commit lock, which every notifying commit of the cluster queues on, through it. Messages and
+-- state changes keep synchronous commits.
 WITH parts AS (
     SELECT *
     FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[])
          WITH ORDINALITY AS p(chat_id, worker_id, generation, message_role, part, n)
-), owned AS (
-    SELECT c.id, c.worker_id, c.generation
-    FROM chats c
-    WHERE c.id IN (SELECT chat_id FROM parts) AND c.status = 'running'
-    ORDER BY c.id
-    FOR SHARE
 ), inserted AS (
     INSERT INTO chat_stream_parts (chat_id, generation, message_role, part)
     SELECT p.chat_id, p.generation, p.message_role, p.part::jsonb
     FROM parts p
-    JOIN owned o ON o.id = p.chat_id AND o.worker_id = p.worker_id AND o.generation = p.generation
+    JOIN chats c ON c.id = p.chat_id AND c.status = 'running' AND c.worker_id = p.worker_id
+                AND c.generation = p.generation
     ORDER BY p.n
     RETURNING 1
 )

@@ -129,8 +129,8 @@ async def test_discard_waits_for_the_flush_in_flight_and_drops_the_rest(
     try:
         blocking = blocker.transaction()
         await blocking.start()
-        # A transition of the chat in progress: the flush's FOR SHARE must wait for it.
-        await blocker.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", token.chat_id)
+        # A statement in flight that cannot finish yet: the flush waits on the parts table.
+        await blocker.execute("LOCK TABLE chat_stream_parts IN EXCLUSIVE MODE")
         flush = asyncio.create_task(flusher.flush())
 
         async def flush_waits_on_the_row() -> bool:
@@ -141,11 +141,11 @@ async def test_discard_waits_for_the_flush_in_flight_and_drops_the_rest(
                 )
             )
 
-        await eventually(flush_waits_on_the_row, message="the flush blocked on the chat row")
+        await eventually(flush_waits_on_the_row, message="the flush blocked on the table")
         await flusher.add(
             token, "assistant", {"type": "tool_call", "id": "c", "name": "n", "args": {}}
         )
-        discard = asyncio.create_task(flusher.discard(token.chat_id))
+        discard = asyncio.create_task(flusher.discard(token))
         await asyncio.sleep(0)  # one scheduling step: discard runs until it blocks on the lock
         assert not discard.done()  # it waits for the flush transaction
         await blocking.commit()
@@ -203,8 +203,8 @@ async def test_settle_waits_for_the_windowed_flush_of_the_chats_parts(
         await flusher.add(first, "assistant", _text("all of "))
         await flusher.add(second, "assistant", _text("other"))
         await flusher.add(first, "assistant", _text("it"))
-        await flusher.settle(first.chat_id)
-        assert not flusher.holds(first.chat_id)
+        await flusher.settle(first)
+        assert not flusher.holds(first)
         rows = await conn.fetch(
             "SELECT part FROM chat_stream_parts WHERE chat_id = $1", first.chat_id
         )
@@ -223,7 +223,130 @@ async def test_settle_drops_the_parts_when_they_cannot_be_written_in_time(
     (token,) = await _running(conn, 1)
     flusher = PartFlusher(pool)  # no flusher task: nothing will write them
     await flusher.add(token, "assistant", _text("lost"))
-    await flusher.settle(token.chat_id, timeout_s=0.05)
+    await flusher.settle(token, timeout_s=0.05)
     assert flusher.buffered == 0
     assert flusher.stats.parts_discarded == 1
+    assert await conn.fetchval("SELECT count(*) FROM chat_stream_parts") == 0
+
+
+async def test_a_locked_chat_row_does_not_stall_the_parts_of_other_chats(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    busy, other = await _running(conn, 2)
+    flusher = PartFlusher(pool)
+    await flusher.add(busy, "assistant", _text("busy"))
+    await flusher.add(other, "assistant", _text("other"))
+    blocker = await asyncpg.connect(database_url)
+    try:
+        # A user transition holding the row (e.g. POST /messages flooding a running chat).
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", busy.chat_id)
+            async with asyncio.timeout(10):
+                assert await flusher.flush()
+            rows = await conn.fetch("SELECT chat_id, part FROM chat_stream_parts ORDER BY id")
+            assert [(r["chat_id"], json.loads(r["part"])) for r in rows] == [
+                (busy.chat_id, _text("busy")),
+                (other.chat_id, _text("other")),
+            ]
+    finally:
+        await blocker.close()
+
+
+async def test_two_generations_of_one_chat_keep_their_parts_apart(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    (old,) = await _running(conn, 1)
+    await conn.execute("UPDATE chats SET generation = 2 WHERE id = $1", old.chat_id)
+    new = RunToken(old.chat_id, WORKER, 2)
+    flusher = PartFlusher(pool)
+    await flusher.add(old, "assistant", _text("old"))
+    await flusher.add(new, "assistant", _text("new"))
+    assert flusher.holds(old) and flusher.holds(new)
+    # The old run ends (it lost its chat): it drops its own parts, never the new run's.
+    flusher.drop(old)
+    assert not flusher.holds(old)
+    assert flusher.holds(new)
+    await flusher.add(old, "assistant", _text("late"))
+    await flusher.discard(old)
+    assert flusher.buffered == 1
+    await flusher.settle(new, timeout_s=0.05)  # no flusher task: dropped at the deadline
+    assert flusher.buffered == 0
+    await flusher.add(new, "assistant", _text("again"))
+    assert await flusher.flush()
+    rows = await conn.fetch("SELECT generation, part FROM chat_stream_parts")
+    assert [(r["generation"], json.loads(r["part"])) for r in rows] == [(2, _text("again"))]
+
+
+async def test_a_part_the_database_refuses_is_dropped_and_the_rest_is_written(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    poisoned, healthy = await _running(conn, 2)
+    flusher = PartFlusher(pool)
+    await flusher.add(healthy, "assistant", _text("before"))
+    # Bypasses the run's sanitizing (app/text.py): jsonb refuses \u0000.
+    await flusher.add(poisoned, "assistant", _text("nul \x00 here"))
+    await flusher.add(
+        healthy, "assistant", {"type": "tool_call", "id": "c", "name": "n", "args": {}}
+    )
+    assert await flusher.flush()
+    assert flusher.buffered == 0
+    assert flusher.stats.parts_rejected == 1
+    rows = await conn.fetch("SELECT chat_id, part FROM chat_stream_parts ORDER BY id")
+    assert [(r["chat_id"], json.loads(r["part"])["type"]) for r in rows] == [
+        (healthy.chat_id, "text"),
+        (healthy.chat_id, "tool_call"),
+    ]
+    # Nothing is left to retry forever.
+    assert await flusher.flush()
+    assert flusher.stats.transactions == 1
+
+
+async def test_a_stalled_database_times_the_flush_out_and_keeps_the_parts(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    (token,) = await _running(conn, 1)
+    flusher = PartFlusher(pool, flush_timeout_s=0.2)
+    await flusher.add(token, "assistant", _text("kept"))
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE chat_stream_parts IN EXCLUSIVE MODE")
+            async with asyncio.timeout(10):
+                assert not await flusher.flush()  # past its deadline: an outage
+            assert flusher.stats.timeouts == 1
+            assert flusher.buffered == 1
+        async with asyncio.timeout(10):
+            assert await flusher.flush()
+    finally:
+        await blocker.close()
+    rows = await conn.fetch("SELECT part FROM chat_stream_parts")
+    assert [json.loads(r["part"]) for r in rows] == [_text("kept")]
+
+
+async def test_discard_waits_for_a_stalled_flush_only_until_its_deadline(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    (token,) = await _running(conn, 1)
+    flusher = PartFlusher(pool, flush_timeout_s=5, discard_timeout_s=0.2)
+    await flusher.add(token, "assistant", _text("in flight"))
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE chat_stream_parts IN EXCLUSIVE MODE")
+            flush = asyncio.create_task(flusher.flush())
+            await wait_for(lambda: flusher.holds(token) and not flusher.buffered, message="flush")
+            await flusher.add(token, "assistant", _text("buffered"))
+            async with asyncio.timeout(10):
+                await flusher.discard(token)  # returns while the flush is still stuck
+            assert not flush.done()
+            assert flusher.buffered == 0
+            assert flusher.stats.timeouts == 1
+            # The stuck flush then passes its own deadline: the parts of the run that was
+            # discarded meanwhile are not put back (the run has moved on).
+            async with asyncio.timeout(20):
+                assert not await flush
+            assert flusher.buffered == 0
+        assert await flusher.flush()
+    finally:
+        await blocker.close()
     assert await conn.fetchval("SELECT count(*) FROM chat_stream_parts") == 0

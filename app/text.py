@@ -1,0 +1,38 @@
+"""Text that PostgreSQL can store. `text` and `jsonb` reject NUL (U+0000), and a lone surrogate
+(U+D800..U+DFFF without its pair) cannot be encoded as UTF-8 at all. User input with either is
+refused with a 422 (app/http/validation.py); model and tool output cannot be refused (the
+answer is already paid for), so every string of it passes `storable()` before it goes
+anywhere (live parts, history, last_error, titles, summaries): each such character becomes
+U+FFFD and the rest of the answer is kept."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def is_storable(text: str) -> bool:
+    return _UNSTORABLE.search(text) is None
+
+
+def storable(text: str) -> str:
+    """`text` with every NUL and lone surrogate replaced by U+FFFD (`text` itself, without a
+    copy, in the usual case: this runs on every streamed delta)."""
+    if _UNSTORABLE.search(text) is None:
+        return text
+    return _UNSTORABLE.sub(REPLACEMENT, text)
+
+
+def storable_json(value: Any) -> Any:
+    """A JSON value (dicts, lists, strings, scalars) with every string and key `storable()`.
+    Returns `value` itself when nothing needed replacing."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(str(k)): storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable_json(item) for item in value]
+    return value
