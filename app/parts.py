@@ -36,6 +36,7 @@ readers see the same text in fewer rows. The buffer is bounded; a run that hits 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,6 +65,13 @@ class BufferedPart:
     token: RunToken
     role: str
     part: dict[str, Any]
+    # The part's key within its run (unique per flusher, i.e. per process, so per run): a flush
+    # retried after an outage that left its commit unknown writes each part at most once
+    # (parts_flush: ON CONFLICT DO NOTHING).
+    seq: int
+    # Sent in a flush whose outcome is unknown: it may be in the table as it is, so nothing
+    # may be merged into it any more.
+    sealed: bool = False
 
 
 @dataclass
@@ -102,6 +110,7 @@ class PartFlusher:
         self._flush_timeout_s = flush_timeout_s
         self._discard_timeout_s = discard_timeout_s
         self._buffer: list[BufferedPart] = []
+        self._seq = itertools.count(1)
         self._lock = asyncio.Lock()  # held for a whole flush statement, and by discard()
         self._nonempty = asyncio.Event()
         self._room = asyncio.Event()
@@ -134,6 +143,7 @@ class PartFlusher:
         if (
             last is not None
             and kind in _MERGEABLE
+            and not last.sealed
             and last.token == token
             and last.role == role
             and last.part.get("type") == kind
@@ -141,7 +151,7 @@ class PartFlusher:
             last.part = {"type": kind, "text": str(last.part.get("text", "")) + str(part["text"])}
             self.stats.parts_merged += 1
             return
-        self._buffer.append(BufferedPart(token, role, dict(part)))
+        self._buffer.append(BufferedPart(token, role, dict(part), next(self._seq)))
         self._nonempty.set()
 
     def holds(self, token: RunToken) -> bool:
@@ -281,6 +291,8 @@ class PartFlusher:
         meanwhile (a discard that passed its deadline, a run that ended)."""
         dropped = self._dropped_in_flight
         kept = [p for p in batch if p.token not in dropped] if dropped else batch
+        for part in kept:
+            part.sealed = True
         self.stats.parts_discarded += len(batch) - len(kept)
         self._buffer = kept + self._buffer
         self._nonempty.set()
@@ -311,6 +323,7 @@ class PartFlusher:
                 [p.token.generation for p in batch],
                 [p.role for p in batch],
                 [json.dumps(p.part) for p in batch],
+                [p.seq for p in batch],
             )
         return written
 

@@ -151,11 +151,15 @@ CREATE UNLOGGED TABLE chat_stream_parts (
     generation   bigint NOT NULL,
     message_role text NOT NULL DEFAULT 'assistant',
     part         jsonb NOT NULL,
-    created_at   timestamptz NOT NULL DEFAULT now()
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    -- The part's key within its run: a flush retried after an outage writes it at most once
+    -- (migration 0005). NULL for control parts.
+    seq          bigint
 );
 
 -- Stream snapshots read "parts of chat X after id N".
 CREATE INDEX chat_stream_parts_chat_id_idx ON chat_stream_parts (chat_id, id);
+CREATE UNIQUE INDEX chat_stream_parts_run_seq_idx ON chat_stream_parts (chat_id, generation, seq);
 
 -- include: triggers/chats_v1.sql
 -- include: triggers/chat_messages_v1.sql

@@ -328,17 +328,24 @@ DELETE FROM chat_stream_parts WHERE chat_id = ANY($1::uuid[]);
 -- waiting for the disk would only add the fsync to every token's latency and hold the NOTIFY
 -- commit lock, which every notifying commit of the cluster queues on, through it. Messages and
 -- state changes keep synchronous commits.
+--
+-- At most once: each part carries its key within its run ($6, seq). When a flush fails with an
+-- outage, the flusher cannot know whether the statement committed (the connection may have died
+-- after the commit, before the answer) and sends the same parts again; ON CONFLICT DO NOTHING on
+-- (chat_id, generation, seq) makes the second write of a part that committed a no-op, so no
+-- watcher sees a delta twice (migration 0005).
 WITH parts AS (
     SELECT *
-    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[])
-         WITH ORDINALITY AS p(chat_id, worker_id, generation, message_role, part, n)
+    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
+         WITH ORDINALITY AS p(chat_id, worker_id, generation, message_role, part, seq, n)
 ), inserted AS (
-    INSERT INTO chat_stream_parts (chat_id, generation, message_role, part)
-    SELECT p.chat_id, p.generation, p.message_role, p.part::jsonb
+    INSERT INTO chat_stream_parts (chat_id, generation, message_role, part, seq)
+    SELECT p.chat_id, p.generation, p.message_role, p.part::jsonb, p.seq
     FROM parts p
     JOIN chats c ON c.id = p.chat_id AND c.status = 'running' AND c.worker_id = p.worker_id
                 AND c.generation = p.generation
     ORDER BY p.n
+    ON CONFLICT (chat_id, generation, seq) DO NOTHING
     RETURNING 1
 )
 SELECT count(*), set_config('synchronous_commit', 'off', true) FROM inserted;

@@ -49,6 +49,7 @@ class _Connection:
     client_writer: asyncio.StreamWriter
     upstream_writer: asyncio.StreamWriter | None = None
     blackholed: bool = False
+    answers_lost: bool = False  # the server's bytes are dropped on their way to the client
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -135,6 +136,14 @@ class TcpProxy:
         for connection in self._connections:
             connection.blackholed = True
 
+    def lose_answers(self) -> None:
+        """From now on, on every open connection, what the server sends is dropped while what
+        the client sends still arrives: a statement runs and commits, and its client never
+        hears of it (the connection died after the commit, before the answer). The connections
+        stay broken after `heal()`; new ones are not affected."""
+        for connection in self._connections:
+            connection.answers_lost = True
+
     def heal(self, *, resume: bool = False) -> None:
         """New connections are forwarded again; black-holed ones stay silent, or with `resume`
         deliver what was held back and forward again (see the module)."""
@@ -210,7 +219,7 @@ class TcpProxy:
             self._pump(connection, connection.client_reader, upstream_writer)
         )
         to_client = asyncio.create_task(
-            self._pump(connection, upstream_reader, connection.client_writer)
+            self._pump(connection, upstream_reader, connection.client_writer, to_client=True)
         )
         try:
             await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
@@ -227,7 +236,12 @@ class TcpProxy:
             await asyncio.wait({to_upstream, to_client})
 
     async def _pump(
-        self, connection: _Connection, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+        self,
+        connection: _Connection,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        *,
+        to_client: bool = False,
     ) -> None:
         """Copy until end of stream or a socket error. While black-holed, hold the data (the
         rest waits in the socket buffers) until the heal: then deliver it if the connection
@@ -238,6 +252,8 @@ class TcpProxy:
                     await self._healed.wait()
                     if connection.blackholed:
                         continue
+                if to_client and connection.answers_lost:
+                    continue
                 sink.write(data)
                 await sink.drain()
 

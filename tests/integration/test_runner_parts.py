@@ -14,6 +14,8 @@ from app.runs import RunToken
 from tests import factories
 from tests.conditions import wait_for
 from tests.engine import eventually
+from tests.faults.pg_cluster import PgCluster
+from tests.faults.tcp_proxy import TcpProxy
 from tests.notifications import NotificationRecorder
 
 WORKER = uuid.uuid4()
@@ -350,3 +352,41 @@ async def test_discard_waits_for_a_stalled_flush_only_until_its_deadline(
     finally:
         await blocker.close()
     assert await conn.fetchval("SELECT count(*) FROM chat_stream_parts") == 0
+
+
+async def test_a_flush_whose_answer_was_lost_is_retried_without_writing_a_part_twice(
+    pg_cluster: PgCluster, pg_proxy: TcpProxy
+) -> None:
+    # The flush statement reaches the server and commits; its answer never comes back (the
+    # connection dies after the commit). The flusher cannot know, keeps the batch and sends it
+    # again: each part must still be written once.
+    observer = await asyncpg.connect(pg_cluster.dsn)
+    # As app/db.create_pool makes them, with a shorter command timeout: it also bounds the wait
+    # for the server to acknowledge the cancel of the timed-out flush, an answer that is lost.
+    pool = await asyncpg.create_pool(
+        pg_cluster.dsn_via(pg_proxy.host, pg_proxy.port),
+        min_size=1,
+        max_size=1,
+        command_timeout=2.0,
+    )
+    assert pool is not None
+    try:
+        (token,) = await _running(observer, 1)
+        flusher = PartFlusher(pool, flush_timeout_s=1.0)
+        await flusher.add(token, "assistant", _text("first "))
+        assert await flusher.flush()  # the statement is prepared: next time it runs at once
+        await flusher.add(token, "assistant", _text("once "))
+        pg_proxy.lose_answers()
+        async with asyncio.timeout(30):
+            assert not await flusher.flush()  # committed, but the flusher cannot tell
+        committed = await observer.fetchval("SELECT count(*) FROM chat_stream_parts")
+        assert committed == 2
+        await flusher.add(token, "assistant", _text("more"))  # not merged into the sent part
+        async with asyncio.timeout(30):
+            while not await flusher.flush():
+                pass
+    finally:
+        pool.terminate()
+    rows = await observer.fetch("SELECT part FROM chat_stream_parts ORDER BY id")
+    await observer.close()
+    assert [json.loads(r["part"])["text"] for r in rows] == ["first ", "once ", "more"]
