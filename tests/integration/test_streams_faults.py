@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from app.client import SseEvent
-from app.streams import ReadPolicy, ReadRequest, StreamCursor, StreamReader
+from app.streams import Frame, ReadPolicy, ReadRequest, StreamCursor, StreamReader
 from tests import factories
 from tests.conditions import wait_for
 from tests.http_harness import (
@@ -123,7 +123,8 @@ async def _messages_locked(database_url: str) -> AsyncIterator[None]:
         await conn.close()
 
 
-async def _blocked_stream_read(pool: asyncpg.Pool) -> int | None:
+async def _blocked_stream_read(pool: asyncpg.Pool) -> int:
+    """The backend of a stream read waiting for a lock (0 when there is none yet)."""
     pid: int | None = await pool.fetchval(
         """
         SELECT pid FROM pg_stat_activity
@@ -132,7 +133,7 @@ async def _blocked_stream_read(pool: asyncpg.Pool) -> int | None:
         LIMIT 1
         """
     )
-    return pid
+    return pid or 0
 
 
 async def test_a_hub_read_cut_by_an_outage_is_retried_and_its_clients_stay(
@@ -147,7 +148,9 @@ async def test_a_hub_read_cut_by_an_outage_is_retried_and_its_clients_stay(
         assert hub is not None
         async with _messages_locked(database_url):
             written = await worker.parts("through ", "the ", "outage")
-            pid = await wait_for(lambda: _blocked_stream_read(api.pool), message="blocked read")
+            pid: int = await wait_for(
+                lambda: _blocked_stream_read(api.pool), message="blocked read"
+            )
             # The server closes the read's connection (a restart, a failover, an admin).
             await api.pool.execute("SELECT pg_terminate_backend($1)", pid)
             await wait_for(lambda: hub.counters.read_failures >= 1, message="a failed read")
@@ -267,7 +270,7 @@ async def test_a_client_from_the_start_gets_every_message_once_in_order_page_by_
         api.hubs.watch(chat_id, StreamCursor()) as client,
     ):
         await honest.until(_is_part(step[-1]))
-        frames = []
+        frames: list[Frame] = []
         most_queued = 0
         added: int | None = None
         while not frames or frames[-1].event != "queue":
