@@ -21,7 +21,10 @@
 -- one go. `more_messages` says that messages after the page were left out; the caller continues
 -- from the page's last id. The live parts (which come after every message) are read only with
 -- the last page. The page is cut BEFORE the running byte sum is taken: only the first $7 + 1
--- rows are ever sized.
+-- rows are ever sized, and only the ids of the page are kept: the rows themselves are read
+-- once, for the page only. A message's size is that of its content decompressed in memory (what
+-- `|| '[]'` makes; pg_column_size of the stored value would be the compressed size, which a
+-- repetitive text makes tiny): about its size as text, at a tenth of the cost of `::text`.
 --
 -- Live parts are those of the chat's current generation, and only while the chat is `running`:
 -- parts an earlier run left behind are not part of the step in progress, and neither are the
@@ -40,7 +43,11 @@ SELECT c.id IS NOT NULL AS found,
        c.version,
        c.generation,
        c.last_error,
-       CASE WHEN r.history THEN coalesce(page.messages, '{}') END AS messages,
+       CASE WHEN r.history THEN ARRAY(
+           SELECT m FROM chat_messages m
+           WHERE m.chat_id = c.id AND m.id = ANY(page.ids)
+           ORDER BY m.id)
+       END AS messages,
        coalesce(page.more, false) AS more_messages,
        CASE WHEN r.history AND NOT coalesce(page.more, false) THEN
            CASE WHEN c.status = 'running' THEN ARRAY(
@@ -71,15 +78,14 @@ FROM unnest($1::uuid[], $2::boolean[], $3::bigint[], $4::bigint[], $5::boolean[]
      WITH ORDINALITY AS r(chat_id, history, after_message_id, from_part_id, queue, n)
 LEFT JOIN chats c ON c.id = r.chat_id
 LEFT JOIN LATERAL (
-    SELECT array_agg(w.m ORDER BY w.id) FILTER (WHERE w.fits) AS messages,
-           bool_or(NOT w.fits) AS more
+    SELECT array_agg(w.id) FILTER (WHERE w.fits) AS ids, bool_or(NOT w.fits) AS more
     FROM (
-        SELECT f.m,
-               f.id,
+        SELECT f.id,
                row_number() OVER o <= $7::int
-               AND (row_number() OVER o = 1 OR sum(f.bytes) OVER o <= $8::bigint) AS fits
+               AND (row_number() OVER o = 1
+                    OR sum(pg_column_size(f.content || '[]'::jsonb)) OVER o <= $8::bigint) AS fits
         FROM (
-            SELECT m, m.id, octet_length(m.content::text) AS bytes
+            SELECT m.id, m.content
             FROM chat_messages m
             WHERE r.history AND m.chat_id = c.id AND m.id > r.after_message_id AND NOT m.deleted
             ORDER BY m.id
