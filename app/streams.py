@@ -8,10 +8,23 @@ ONE statement (`StreamReader`, `stream_read`): a worker's flush notifies every c
 once, and their hubs here then cost one statement, not one each.
 
 Joining is serialized with the live reads: a new client is handed to the hub's loop, whose next
-read (after the subscription is armed) also serves as the client's snapshot, read from the
-client's own cursor. Every later read is newer than that snapshot, so "drop what the snapshot
-already covered" holds by construction, for the queue and the status as much as for messages
-and parts. Clients that join together share one read.
+read (after the subscription is armed) also reads the client's snapshot from the client's own
+cursor, as another request of the same statement (one snapshot of the database). Every later
+read is newer than that snapshot, so "drop what the snapshot already covered" holds by
+construction, for the queue and the status as much as for messages and parts. Clients that join
+together from the same cursor share one request.
+
+The hub's own position never comes from a client: its first read is of the chat's state alone
+(newest message, newest live part of the step in progress, status, queue), and it goes on from
+there. A cursor, hostile or from the future, only ever bounds what its own client gets.
+
+Snapshots are paged: a read returns at most `ReadPolicy.page_messages` messages and about
+`page_bytes` of content (`more_messages` when it left some out; the step's parts, the status and
+the queue come with the last page). A client given a page that is not the last one is "catching
+up": it gets no live frames, and its next page is read (again with the hub's own read) once its
+writer has taken every frame of the previous one. Its last page joins it to the live clients. If
+the hub's own read in that statement was itself a page (the hub fell behind by more than a page,
+which takes a burst of large messages), the client's last page is read again with the hub's next.
 
 Positions. A hub and each joining client have a `Position`: the last message id delivered, the
 part high-water mark, whether a step is in progress (parts were delivered since the last
@@ -20,9 +33,11 @@ the frames that take that position to the state of the read; it is pure, and it 
 protocol:
   - a message cursor that was soft-deleted since (an edit) -> `history_reset` from the first id
     to drop, then the messages after it;
-  - messages after the cursor, in id order (a message ends the step in progress);
-  - live parts of the chat's current generation after the part cursor; a `retry` control part
-    voids the parts before it, so a position behind it starts at the last retry;
+  - messages after the cursor, in id order (a message ends the step in progress); a cursor
+    beyond the chat's newest message moves back to it (nothing to replay);
+  - live parts of the chat's current generation after the part cursor, only while the chat is
+    `running` (an archived or stopped run's parts are void); a `retry` control part voids the
+    parts before it, so a position behind it starts at the last retry;
   - a step the position was following that vanished without a message (its run failed, was
     requeued or re-acquired) -> `history_reset` for the step only (`reason: step_discarded`);
   - the status when it changed (never older than one sent), then `error` when it is `error`;
@@ -31,8 +46,15 @@ protocol:
 The cursor of an event is `<last message id>:<last part id of the step in progress, or 0>`.
 A client that stops reading overflows its queue (`max_queued_events_per_client` live frames):
 its queue is dropped and replaced by one final `error` frame of kind `resync`, carrying the
-cursor of the last frame it was given, and the connection is closed; memory never grows.
-Hubs without clients are stopped and forgotten, which also UNLISTENs their channel."""
+cursor of the last frame it was given, and the connection is closed; memory never grows (a
+client holds at most one snapshot page plus that many live frames).
+Hubs without clients are stopped and forgotten, which also UNLISTENs their channel.
+
+Failures. Every read has a deadline (`ReadPolicy.deadline_s`). A read that fails because the
+database is out or contended (`app.db.is_transient`, which counts a missed deadline as an outage)
+is retried with backoff while the clients stay connected (their writers keep sending keep-alives);
+after `give_up_after_s` of failures, or at once on any other error (a bug), the hub fails and its
+clients get a final `unavailable` frame with their cursor. A listener resync re-reads everything."""
 
 from __future__ import annotations
 
@@ -218,7 +240,7 @@ class ChatRead:
             if row["resets"] is not None
             else {},
             more_messages=row["more_messages"],
-            newest_message_id=row["newest_message_id"] or 0,
+            newest_message_id=(row["newest_message_id"] or 0) if row["state"] else None,
             newest_part_id=row["newest_part_id"] or 0,
         )
 
@@ -553,6 +575,7 @@ class ReadRequest:
     from_part_id: int
     queue: bool
     message_cursors: list[int]
+    state: bool = False  # also the chat's newest message and live part ids
 
 
 @dataclass(frozen=True)
@@ -650,6 +673,7 @@ class StreamReader:
             sorted({cursor for r in requests for cursor in r.message_cursors}),
             self.policy.page_messages,
             self.policy.page_bytes,
+            [r.state for r in requests],
         )
         try:
             self.statements += 1
@@ -850,6 +874,7 @@ class ChatStreamHub:
             self._dirty.clear()
             joiners, self._joiners = self._joiners, []
             # A client catching up gets its next page once it has taken the previous one.
+            self._catching_up = [client for client in self._catching_up if not client.closed]
             paging = [client for client in self._catching_up if client.queued == 0]
             snapshots = joiners + paging
             history = self._want_history or bool(snapshots)
@@ -859,18 +884,23 @@ class ChatStreamHub:
             if not (history or queue or chat) or (self._position is None and not snapshots):
                 continue  # nothing to read, or nobody to read it for
             self._in_flight = joiners
+            result: tuple[ChatRead, list[tuple[StreamClient, ChatRead]]] | Exception
             try:
-                hub_read, snapshot_reads = await self._read(snapshots, history=history, queue=queue)
+                result = await self._read(snapshots, history=history, queue=queue)
             except Exception as exc:
-                self._joiners[:0] = joiners  # still waiting for their snapshot
+                result = exc
+            finally:
+                self._in_flight = []
+            if isinstance(result, Exception):
+                # Nothing was read: everything asked for is still to be read, after a pause.
+                self._joiners[:0] = [client for client in joiners if not client.left]
                 self._want_history |= history
                 self._want_queue |= queue
                 self._want_chat |= chat
-                await self._back_off(exc)  # raises when it is a bug or lasted too long
+                await self._back_off(result)  # raises when it is a bug or lasted too long
                 self._dirty.set()
                 continue
-            finally:
-                self._in_flight = []
+            hub_read, snapshot_reads = result
             self._failing_since = None
             alive = self._advance_hub(hub_read)
             for client, read in snapshot_reads:
@@ -960,7 +990,7 @@ class ChatStreamHub:
         position = self._position
         if position is None:
             # The hub's first read: only the chat's state, which becomes its position.
-            own = ReadRequest(self.chat_id, True, MAX_ID, MAX_ID, True, [])
+            own = ReadRequest(self.chat_id, True, MAX_ID, MAX_ID, True, [], state=True)
         else:
             own = ReadRequest(
                 chat_id=self.chat_id,
@@ -983,6 +1013,7 @@ class ChatStreamHub:
                 from_part_id=part_id,
                 queue=True,
                 message_cursors=[message_id] if message_id > 0 else [],
+                state=True,
             )
             for message_id, part_id in by_cursor
         ]

@@ -33,12 +33,14 @@
 -- lets the part flush insert without locking the chat row (FOR SHARE): whatever a fenced-out run
 -- manages to flush after its chat stopped running is never shown to anyone.
 --
--- `newest_message_id` and `newest_part_id` (of the step in progress, by the same rule) are the
--- chat's state, which a hub takes as its own position: never a client's cursor.
+-- $9 asks for the chat's state: `newest_message_id` and `newest_part_id` (of the step in
+-- progress, by the same rule), which a hub takes as its own position (never a client's cursor),
+-- and against which a snapshot's cursor is checked. A hub's live reads do not need them.
 --
 -- `found` is false for a chat that does not exist (any more). The CASE branches are evaluated
 -- only when asked for. Every range is served by an index on (chat_id, id).
 SELECT c.id IS NOT NULL AS found,
+       r.state,
        c.status,
        c.version,
        c.generation,
@@ -61,11 +63,15 @@ SELECT c.id IS NOT NULL AS found,
            WHERE q.chat_id = c.id
            ORDER BY q.promoted DESC, q.id)
        END AS queue,
-       (SELECT max(n.id) FROM chat_messages n
-        WHERE n.chat_id = c.id AND NOT n.deleted) AS newest_message_id,
-       CASE WHEN c.status = 'running' THEN
-           (SELECT max(s.id) FROM chat_stream_parts s
-            WHERE s.chat_id = c.id AND s.generation = c.generation)
+       CASE WHEN r.state THEN
+           (SELECT n.id FROM chat_messages n
+            WHERE n.chat_id = c.id AND NOT n.deleted
+            ORDER BY n.id DESC LIMIT 1)
+       END AS newest_message_id,
+       CASE WHEN r.state AND c.status = 'running' THEN
+           (SELECT s.id FROM chat_stream_parts s
+            WHERE s.chat_id = c.id AND s.generation = c.generation
+            ORDER BY s.id DESC LIMIT 1)
        END AS newest_part_id,
        (SELECT jsonb_object_agg(
                    d.id::text,
@@ -74,8 +80,8 @@ SELECT c.id IS NOT NULL AS found,
                     WHERE k.chat_id = c.id AND k.id < d.id AND NOT k.deleted))
         FROM chat_messages d
         WHERE d.id = ANY($6::bigint[]) AND d.chat_id = c.id AND d.deleted) AS resets
-FROM unnest($1::uuid[], $2::boolean[], $3::bigint[], $4::bigint[], $5::boolean[])
-     WITH ORDINALITY AS r(chat_id, history, after_message_id, from_part_id, queue, n)
+FROM unnest($1::uuid[], $2::boolean[], $3::bigint[], $4::bigint[], $5::boolean[], $9::boolean[])
+     WITH ORDINALITY AS r(chat_id, history, after_message_id, from_part_id, queue, state, n)
 LEFT JOIN chats c ON c.id = r.chat_id
 LEFT JOIN LATERAL (
     SELECT array_agg(w.id) FILTER (WHERE w.fits) AS ids, bool_or(NOT w.fits) AS more
