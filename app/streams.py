@@ -872,43 +872,46 @@ class ChatStreamHub:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            joiners, self._joiners = self._joiners, []
-            # A client catching up gets its next page once it has taken the previous one.
-            self._catching_up = [client for client in self._catching_up if not client.closed]
-            paging = [client for client in self._catching_up if client.queued == 0]
-            snapshots = joiners + paging
-            history = self._want_history or bool(snapshots)
-            queue = self._want_queue or bool(snapshots)
-            chat = self._want_chat
-            self._want_history = self._want_queue = self._want_chat = False
-            if not (history or queue or chat) or (self._position is None and not snapshots):
-                continue  # nothing to read, or nobody to read it for
-            self._in_flight = joiners
-            result: tuple[ChatRead, list[tuple[StreamClient, ChatRead]]] | Exception
-            try:
-                result = await self._read(snapshots, history=history, queue=queue)
-            except Exception as exc:
-                result = exc
-            finally:
-                self._in_flight = []
-            if isinstance(result, Exception):
-                # Nothing was read: everything asked for is still to be read, after a pause.
-                self._joiners[:0] = [client for client in joiners if not client.left]
-                self._want_history |= history
-                self._want_queue |= queue
-                self._want_chat |= chat
-                await self._back_off(result)  # raises when it is a bug or lasted too long
-                self._dirty.set()
-                continue
-            hub_read, snapshot_reads = result
-            self._failing_since = None
-            alive = self._advance_hub(hub_read)
-            for client, read in snapshot_reads:
-                self._serve_snapshot(client, read, hub_caught_up=not hub_read.more_messages)
-            if not alive:
-                return  # the chat is gone: every client was told
-            if any(client.queued == 0 for client in self._catching_up):
-                self._dirty.set()  # a page that gave no frames: the next one at once
+            # One step per wake-up, in its own frame: nothing it read outlives it while the hub
+            # waits (a hub holds only its position between reads).
+            if not await self._step():
+                return
+
+    async def _step(self) -> bool:
+        """Read what is due and deliver it; False when the chat is gone."""
+        joiners, self._joiners = self._joiners, []
+        # A client catching up gets its next page once it has taken the previous one.
+        self._catching_up = [client for client in self._catching_up if not client.closed]
+        paging = [client for client in self._catching_up if client.queued == 0]
+        snapshots = joiners + paging
+        history = self._want_history or bool(snapshots)
+        queue = self._want_queue or bool(snapshots)
+        chat = self._want_chat
+        self._want_history = self._want_queue = self._want_chat = False
+        if not (history or queue or chat) or (self._position is None and not snapshots):
+            return True  # nothing to read, or nobody to read it for
+        self._in_flight = joiners
+        try:
+            hub_read, snapshot_reads = await self._read(snapshots, history=history, queue=queue)
+        except Exception as exc:
+            # Nothing was read: everything asked for is still to be read, after a pause.
+            self._joiners[:0] = [client for client in joiners if not client.left]
+            self._want_history |= history
+            self._want_queue |= queue
+            self._want_chat |= chat
+            self._in_flight = []
+            await self._back_off(exc)  # raises when it is a bug or lasted too long
+            self._dirty.set()
+            return True
+        finally:
+            self._in_flight = []
+        self._failing_since = None
+        alive = self._advance_hub(hub_read)
+        for client, read in snapshot_reads:
+            self._serve_snapshot(client, read, hub_caught_up=not hub_read.more_messages)
+        if alive and any(client.queued == 0 for client in self._catching_up):
+            self._dirty.set()  # a page that gave no frames: the next one at once
+        return alive
 
     def _advance_hub(self, read: ChatRead) -> bool:
         """Take the hub's position to `read` and hand the frames to its live clients; False
