@@ -586,8 +586,8 @@ class ReadPolicy:
     # always at least one message).
     page_messages: int = 100
     page_bytes: int = 1_000_000
-    # A read (one statement, or a hub's wait for one) that takes longer has failed: a stalled
-    # or black-holed database must not wedge a hub.
+    # A statement that takes longer, or a request that waits longer for a statement slot, has
+    # failed (TimeoutError, an outage): a stalled or black-holed database must not wedge a hub.
     deadline_s: float = 10.0
     # A hub retries a read that failed because of an outage or contention with a backoff from
     # `retry_initial_s` doubling up to `retry_max_s`, its clients staying connected (they get
@@ -607,7 +607,9 @@ class StreamReader:
     the database).
 
     A hub cancelled while it waits simply drops its requests (the statement, shared with others,
-    goes on). Every statement has a deadline (`ReadPolicy.deadline_s`)."""
+    goes on). Deadlines (`ReadPolicy.deadline_s`): every statement has one, and a request that
+    could not be sent within one (every statement slot stayed busy) fails with TimeoutError; so
+    a read fails or is answered within two deadlines, with no timer per read."""
 
     def __init__(
         self,
@@ -621,7 +623,10 @@ class StreamReader:
         self._max_in_flight = max_in_flight
         self._max_per_statement = max_per_statement
         self.policy = policy if policy is not None else ReadPolicy()
-        self._pending: deque[list[tuple[ReadRequest, asyncio.Future[ChatRead]]]] = deque()
+        # Groups of requests served by one statement, with the loop time they were made at.
+        self._pending: deque[tuple[float, list[tuple[ReadRequest, asyncio.Future[ChatRead]]]]] = (
+            deque()
+        )
         self._scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self.statements = 0
@@ -633,8 +638,10 @@ class StreamReader:
         """Reads served together, by one statement."""
         loop = asyncio.get_running_loop()
         group = [(request, loop.create_future()) for request in requests]
-        self._pending.append(group)
+        self._pending.append((loop.time(), group))
         self._schedule()
+        if len(group) == 1:  # a hub's live read: no gathering needed
+            return [await group[0][1]]
         return list(await asyncio.gather(*(future for _request, future in group)))
 
     def _schedule(self) -> None:
@@ -646,12 +653,20 @@ class StreamReader:
 
     def _dispatch(self) -> None:
         self._scheduled = False
+        expired = asyncio.get_running_loop().time() - self.policy.deadline_s
         while self._pending and len(self._in_flight) < self._max_in_flight:
             batch: list[tuple[ReadRequest, asyncio.Future[ChatRead]]] = []
             while self._pending and (
-                not batch or len(batch) + len(self._pending[0]) <= self._max_per_statement
+                not batch or len(batch) + len(self._pending[0][1]) <= self._max_per_statement
             ):
-                batch.extend(item for item in self._pending.popleft() if not item[1].done())
+                made_at, group = self._pending.popleft()
+                if made_at < expired:
+                    # Every statement slot stayed busy for a whole deadline (a stalled database).
+                    for _request, future in group:
+                        if not future.done():
+                            future.set_exception(TimeoutError("no statement slot in time"))
+                    continue
+                batch.extend(item for item in group if not item[1].done())
             if not batch:
                 continue
             task = asyncio.create_task(self._serve(batch), name="stream-read")
@@ -710,7 +725,7 @@ class StreamReader:
             task.cancel()
         if self._in_flight:
             await asyncio.wait(list(self._in_flight))
-        for group in self._pending:
+        for _made_at, group in self._pending:
             for _request, future in group:
                 future.cancel()
         self._pending.clear()
@@ -1020,8 +1035,7 @@ class ChatStreamHub:
             )
             for message_id, part_id in by_cursor
         ]
-        async with asyncio.timeout(self._reader.policy.deadline_s):
-            reads = await self._reader.read_many(requests)
+        reads = await self._reader.read_many(requests)  # within 2 x deadline_s (StreamReader)
         served = [
             (client, read)
             for clients, read in zip(by_cursor.values(), reads[1:], strict=True)
