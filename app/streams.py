@@ -629,6 +629,7 @@ class StreamReader:
         )
         self._scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Task[list[Any]]] = set()  # past their deadline, cancelled
         self.statements = 0
 
     async def read(self, request: ReadRequest) -> ChatRead:
@@ -691,15 +692,7 @@ class StreamReader:
             [r.state for r in requests],
         )
         try:
-            self.statements += 1
-            async with asyncio.timeout(self.policy.deadline_s):
-                try:
-                    rows = await self._fetch(args, single=len(batch) == 1)
-                except asyncpg.exceptions.OutdatedSchemaCacheError:
-                    # The rows are decoded as the tables' composite types; a migration that
-                    # changed one (a rolling deploy) makes asyncpg drop its type cache and raise.
-                    self.statements += 1
-                    rows = await self._fetch(args, single=len(batch) == 1)
+            rows = await self._fetch_within_deadline(args, single=len(batch) == 1)
         except BaseException as exc:
             for _request, future in batch:
                 if not future.done():
@@ -713,6 +706,42 @@ class StreamReader:
         for (request, future), row in zip(batch, rows, strict=True):
             if not future.done():
                 future.set_result(ChatRead.from_row(request.chat_id, row))
+
+    async def _fetch_within_deadline(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
+        """The statement, or TimeoutError after `deadline_s`. The statement runs in a task of its
+        own that is cancelled, not awaited, at the deadline: cancelling a query makes asyncpg
+        wait for the server to acknowledge before releasing the connection, and a black-holed
+        server never does. Its connection is released (or dropped) in the background."""
+        statement = asyncio.create_task(self._fetch_once(args, single=single), name="stream-sql")
+        try:
+            done, _pending = await asyncio.wait({statement}, timeout=self.policy.deadline_s)
+        except asyncio.CancelledError:
+            self._abandon(statement)
+            raise
+        if not done:
+            self._abandon(statement)
+            raise TimeoutError(f"stream read took longer than {self.policy.deadline_s}s")
+        return statement.result()
+
+    def _abandon(self, statement: asyncio.Task[list[Any]]) -> None:
+        statement.cancel()
+        self._abandoned.add(statement)
+        statement.add_done_callback(self._forget_abandoned)
+
+    def _forget_abandoned(self, statement: asyncio.Task[list[Any]]) -> None:
+        self._abandoned.discard(statement)
+        if not statement.cancelled():
+            statement.exception()  # retrieved: it was failed already, by its deadline
+
+    async def _fetch_once(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
+        self.statements += 1
+        try:
+            return await self._fetch(args, single=single)
+        except asyncpg.exceptions.OutdatedSchemaCacheError:
+            # The rows are decoded as the tables' composite types; a migration that changed one
+            # (a rolling deploy) makes asyncpg drop its type cache and raise once.
+            self.statements += 1
+            return await self._fetch(args, single=single)
 
     async def _fetch(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
         # A lone request (the usual case at low load) reads its one row with fetchrow.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,7 @@ import asyncpg
 import pytest
 
 from app.client import SseEvent
-from app.streams import Frame, ReadPolicy, ReadRequest, StreamCursor, StreamReader
+from app.streams import Frame, ReadPolicy, ReadRequest, StreamCursor, StreamHubs, StreamReader
 from tests import factories
 from tests.conditions import wait_for
 from tests.http_harness import (
@@ -379,3 +380,99 @@ async def test_open_streams_are_capped_per_user(database_url: str) -> None:
         await wait_for(lambda: api.hubs.slots.open(user.id) == 0, message="slots released")
         async with api.client.ws_connect(f"/api/v1/chats/{chat_id}/ws", headers=user.headers) as ws:
             assert json.loads((await ws.receive(timeout=10)).data)["type"] == "message"
+
+
+# --------------------------------------------------------------------------------------------
+# 9. A black-holed database (accepts, never answers) cannot wedge a hub past its deadline.
+
+
+class _StallingProxy:
+    """TCP in front of the test server's socket. `stall()` stops forwarding in both directions
+    while every connection stays open (a half-open network); `resume()` forwards again."""
+
+    def __init__(self, database_url: str) -> None:
+        parsed = urllib.parse.urlsplit(database_url)
+        self._database = parsed.path.lstrip("/")
+        query = urllib.parse.parse_qs(parsed.query)
+        self._socket = f"{query['host'][0]}/.s.PGSQL.{query.get('port', ['5432'])[0]}"
+        self._user = parsed.username or "postgres"
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> _StallingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"postgresql://{self._user}@127.0.0.1:{port}/{self._database}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
+        server_r, server_w = await asyncio.open_unix_connection(self._socket)
+        pipes = [
+            asyncio.create_task(self._pipe(client_r, server_w)),
+            asyncio.create_task(self._pipe(server_r, client_w)),
+        ]
+        self._tasks.update(pipes)
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for writer in (client_w, server_w):
+            writer.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                await self._flowing.wait()  # stalled: held, neither sent nor refused
+                writer.write(data)
+                await writer.drain()
+
+
+async def test_a_black_holed_database_cannot_wedge_a_hub_past_its_deadline(
+    api: ApiInstance, user: ApiUser, database_url: str
+) -> None:
+    chat_id = await _create_chat(api, user)
+    worker = SimulatedWorker(api.pool, chat_id)
+    await worker.acquire()
+    async with _StallingProxy(database_url) as proxy:
+        pool = await asyncpg.create_pool(proxy.url, min_size=1, max_size=2)
+        assert pool is not None
+        policy = ReadPolicy(deadline_s=0.3, retry_initial_s=0.05, retry_max_s=0.1)
+        hubs = StreamHubs(pool, api.listener, max_queued_events_per_client=100, policy=policy)
+        try:
+            async with hubs.watch(chat_id, StreamCursor()) as client:
+                frames: list[Frame] = []
+                while not frames or frames[-1].event != "queue":
+                    frame = await client.next(10)
+                    assert frame is not None
+                    frames.append(frame)
+                hub = hubs.hub(chat_id)
+                assert hub is not None
+                proxy.stall()
+                written = await worker.parts("after ", "the ", "black ", "hole")
+                # Each read gives up at its deadline and is tried again, while the network is
+                # still black-holed.
+                await wait_for(lambda: hub.counters.read_failures >= 3, message="read deadlines")
+                assert not client.closed
+                proxy.resume()
+                while not frames or frames[-1].data.get("part_id") != written[-1]:
+                    frame = await client.next(20)
+                    assert frame is not None
+                    frames.append(frame)
+            assert [f.event for f in frames if f.event == "error"] == []
+        finally:
+            await hubs.aclose()
+            await pool.close()
