@@ -977,7 +977,9 @@ class ChatStreamHub:
             self._catching_up = []
             return False
         if read.more_messages:
-            self._want_history = True  # the hub itself fell a page behind: read the next one
+            # The hub itself fell a page behind: read the next one, and with it what this page
+            # left for the last one (the step, the status, the queue).
+            self._want_history = self._want_queue = True
             self._dirty.set()
         return True
 

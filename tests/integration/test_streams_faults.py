@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from app.client import SseEvent
+from app.db import Conn
 from app.streams import Frame, ReadPolicy, ReadRequest, StreamCursor, StreamHubs, StreamReader
 from tests import factories
 from tests.conditions import wait_for
@@ -207,7 +208,9 @@ async def test_a_bug_in_a_hub_read_tells_its_clients_at_once(
 # 10. Snapshots are read in bounded pages and fed to a client as it drains.
 
 
-async def _large_messages(pool: asyncpg.Pool, chat_id: uuid.UUID, count: int, size: int) -> None:
+async def _large_messages(
+    pool: asyncpg.Pool | Conn, chat_id: uuid.UUID, count: int, size: int
+) -> None:
     await pool.execute(
         """
         INSERT INTO chat_messages (chat_id, role, content)
@@ -476,3 +479,25 @@ async def test_a_black_holed_database_cannot_wedge_a_hub_past_its_deadline(
         finally:
             await hubs.aclose()
             await pool.close()
+
+
+async def test_a_hub_a_page_behind_catches_up_page_by_page(api: ApiInstance, user: ApiUser) -> None:
+    """A burst of messages larger than a page in one commit: the hub reads them page by page;
+    its clients get every message once, in order, then what the last page brings (the queue)."""
+    api.hubs.policy = ReadPolicy(page_messages=2)
+    chat_id = await _create_chat(api, user)
+    async with open_sse(api, user, chat_id) as reader:
+        await reader.until(lambda e: e.event == "queue")
+        async with api.pool.acquire() as conn, conn.transaction():
+            await _large_messages(conn, chat_id, 7, 10)
+            await conn.execute(
+                "INSERT INTO chat_queued_messages (chat_id, content) VALUES ($1, $2::jsonb)",
+                chat_id,
+                factories.text_content("later"),
+            )
+        queued = await reader.until(lambda e: e.event == "queue")
+    assert [q["content"][0]["text"] for q in queued.json()["queued"]] == ["later"]
+    ids = list(assemble(reader.events)["messages"])  # asserts no message twice
+    assert len(ids) == 8 and ids == sorted(ids)
+    kinds = [e.event for e in reader.events]
+    assert kinds[kinds.index("queue") + 1 :] == ["message"] * 7 + ["queue"]
