@@ -577,6 +577,7 @@ async def update_chat(
         row = await conn.fetchrow(Q.sql("update_chat_fields"), chat_id, title, archived)
         if archived:
             await conn.execute(Q.sql("archive_children"), chat_id)
+            await conn.execute(Q.sql("archive_drop_live_parts"), chat_id)
         assert row is not None
         return Chat.from_record(row)
 

@@ -8,10 +8,23 @@ ONE statement (`StreamReader`, `stream_read`): a worker's flush notifies every c
 once, and their hubs here then cost one statement, not one each.
 
 Joining is serialized with the live reads: a new client is handed to the hub's loop, whose next
-read (after the subscription is armed) also serves as the client's snapshot, read from the
-client's own cursor. Every later read is newer than that snapshot, so "drop what the snapshot
-already covered" holds by construction, for the queue and the status as much as for messages
-and parts. Clients that join together share one read.
+read (after the subscription is armed) also reads the client's snapshot from the client's own
+cursor, as another request of the same statement (one snapshot of the database). Every later
+read is newer than that snapshot, so "drop what the snapshot already covered" holds by
+construction, for the queue and the status as much as for messages and parts. Clients that join
+together from the same cursor share one request.
+
+The hub's own position never comes from a client: its first read is of the chat's state alone
+(newest message, newest live part of the step in progress, status, queue), and it goes on from
+there. A cursor, hostile or from the future, only ever bounds what its own client gets.
+
+Snapshots are paged: a read returns at most `ReadPolicy.page_messages` messages and about
+`page_bytes` of content (`more_messages` when it left some out; the step's parts, the status and
+the queue come with the last page). A client given a page that is not the last one is "catching
+up": it gets no live frames, and its next page is read (again with the hub's own read) once its
+writer has taken every frame of the previous one. Its last page joins it to the live clients. If
+the hub's own read in that statement was itself a page (the hub fell behind by more than a page,
+which takes a burst of large messages), the client's last page is read again with the hub's next.
 
 Positions. A hub and each joining client have a `Position`: the last message id delivered, the
 part high-water mark, whether a step is in progress (parts were delivered since the last
@@ -20,9 +33,11 @@ the frames that take that position to the state of the read; it is pure, and it 
 protocol:
   - a message cursor that was soft-deleted since (an edit) -> `history_reset` from the first id
     to drop, then the messages after it;
-  - messages after the cursor, in id order (a message ends the step in progress);
-  - live parts of the chat's current generation after the part cursor; a `retry` control part
-    voids the parts before it, so a position behind it starts at the last retry;
+  - messages after the cursor, in id order (a message ends the step in progress); a cursor
+    beyond the chat's newest message moves back to it (nothing to replay);
+  - live parts of the chat's current generation after the part cursor, only while the chat is
+    `running` (an archived or stopped run's parts are void); a `retry` control part voids the
+    parts before it, so a position behind it starts at the last retry;
   - a step the position was following that vanished without a message (its run failed, was
     requeued or re-acquired) -> `history_reset` for the step only (`reason: step_discarded`);
   - the status when it changed (never older than one sent), then `error` when it is `error`;
@@ -31,8 +46,15 @@ protocol:
 The cursor of an event is `<last message id>:<last part id of the step in progress, or 0>`.
 A client that stops reading overflows its queue (`max_queued_events_per_client` live frames):
 its queue is dropped and replaced by one final `error` frame of kind `resync`, carrying the
-cursor of the last frame it was given, and the connection is closed; memory never grows.
-Hubs without clients are stopped and forgotten, which also UNLISTENs their channel."""
+cursor of the last frame it was given, and the connection is closed; memory never grows (a
+client holds at most one snapshot page plus that many live frames).
+Hubs without clients are stopped and forgotten, which also UNLISTENs their channel.
+
+Failures. Every read has a deadline (`ReadPolicy.deadline_s`). A read that fails because the
+database is out or contended (`app.db.is_transient`, which counts a missed deadline as an outage)
+is retried with backoff while the clients stay connected (their writers keep sending keep-alives);
+after `give_up_after_s` of failures, or at once on any other error (a bug), the hub fails and its
+clients get a final `unavailable` frame with their cursor. A listener resync re-reads everything."""
 
 from __future__ import annotations
 
@@ -42,15 +64,15 @@ import json
 import re
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from app.chats import Message, QueuedMessage
-from app.db import project_queries
-from app.errors import ValidationFailed
+from app.db import classify_db_error, is_transient, project_queries
+from app.errors import LimitReached, ValidationFailed
 from app.listener import Listener, Notice, Resync, Subscription
 from app.log import get_logger
 
@@ -165,6 +187,9 @@ class ChatRead:
     queue_payload: Payload | None = None
     queue_key: str | None = None
     resets: dict[int, int] | None = None
+    more_messages: bool = False  # a page: messages after these were left out (and the rest)
+    newest_message_id: int | None = None  # the chat's newest visible message (0: none)
+    newest_part_id: int = 0  # the newest live part of the step in progress, 0 when none
 
     @classmethod
     def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None) -> ChatRead:
@@ -214,6 +239,9 @@ class ChatRead:
             resets={int(k): int(v) for k, v in json.loads(row["resets"]).items()}
             if row["resets"] is not None
             else {},
+            more_messages=row["more_messages"],
+            newest_message_id=(row["newest_message_id"] or 0) if row["state"] else None,
+            newest_part_id=row["newest_part_id"] or 0,
         )
 
 
@@ -286,6 +314,21 @@ class Position:
     def at(cls, cursor: StreamCursor) -> Position:
         return cls(message_id=cursor.message_id, part_id=cursor.part_id, in_step=cursor.part_id > 0)
 
+    @classmethod
+    def of_state(cls, read: ChatRead) -> Position:
+        """The position at the chat's state in `read`: where a hub starts. A hub's position
+        never comes from a client's cursor (a cursor from the future would silence the others)."""
+        return cls(
+            message_id=read.newest_message_id or 0,
+            part_id=read.newest_part_id,
+            in_step=read.newest_part_id > 0,
+            status=read.status,
+            version=read.version,
+            generation=read.generation,
+            error_key=read.error_key,
+            queue_key=read.queue_key,
+        )
+
     @property
     def cursor(self) -> StreamCursor:
         return StreamCursor(self.message_id, self.part_id if self.in_step else 0)
@@ -326,6 +369,13 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:
                 position.message_id = message_id
                 position.in_step = False
                 frames.append(Frame("message", payload, position.cursor))
+        if read.more_messages:
+            return frames  # one page of a longer history: the rest comes with the last page
+        newest = read.newest_message_id
+        if reset_from is None and newest is not None and position.message_id > newest:
+            # A cursor beyond the chat's newest message (from the future, or hostile): there is
+            # nothing after it to replay; the position continues from the chat's state.
+            position.message_id = newest
     if read.parts is not None:
         fresh = [part for part in read.parts if part.id > position.part_id]
         last_retry = max((i for i, part in enumerate(fresh) if part.is_retry), default=None)
@@ -405,9 +455,11 @@ def notice_frame(chat_id: uuid.UUID, cursor: StreamCursor | None, kind: str, mes
 class StreamClient:
     """One connected watcher: a bounded queue of frames that its connection's writer drains.
 
-    The snapshot a client receives on joining is not counted against the bound (it is as large
-    as the history after the client's cursor, and its frames are shared); live frames are. On
-    overflow the queue is replaced by one final `resync` frame."""
+    A client joins with a snapshot from its cursor, read page by page (`stream_read`): the next
+    page is read only once the writer has taken every frame of the previous one, and live frames
+    start after the last page. So the queue holds at most one snapshot page (not counted against
+    the bound: a page is bounded by itself, and its frames are shared) plus the live frames,
+    which are counted. On overflow the queue is replaced by one final `resync` frame."""
 
     def __init__(self, chat_id: uuid.UUID, cursor: StreamCursor, max_queued: int) -> None:
         self.chat_id = chat_id
@@ -416,6 +468,8 @@ class StreamClient:
         self.overflowed = False
         self.closed = False
         self.left = False  # its connection is gone
+        self.catching_up = False  # given a snapshot page; the next one is read once it drained
+        self.on_drained: Callable[[], None] | None = None  # the hub's "read its next page"
         self._max_queued = max_queued
         self._frames: deque[Frame] = deque()
         self._snapshot_left = 0
@@ -425,15 +479,18 @@ class StreamClient:
     def queued(self) -> int:
         return len(self._frames)
 
-    def push_snapshot(self, frames: list[Frame]) -> None:
+    def push_snapshot(self, frames: list[Frame], *, more: bool = False) -> None:
+        """Queue a snapshot page; `more` when it is not the last one."""
         if self.closed:
             return
+        self.catching_up = more
         self._frames.extend(frames)
         self._snapshot_left += len(frames)
         if frames:
             self._ready.set()
             if frames[-1].final:
                 self.closed = True
+                self.catching_up = False
 
     def push(self, frames: list[Frame]) -> bool:
         """Queue live frames; False when the client overflowed (it is closed then)."""
@@ -468,11 +525,13 @@ class StreamClient:
             self._snapshot_left = 0
         self._frames.append(frame)
         self.closed = True
+        self.catching_up = False
         self._ready.set()
 
     def abort(self) -> None:
         """The connection is gone: drop everything and wake the writer so that it stops."""
         self.closed = True
+        self.catching_up = False
         self._frames.clear()
         self._snapshot_left = 0
         self._ready.set()
@@ -501,6 +560,8 @@ class StreamClient:
             self._snapshot_left -= 1
         if frame.cursor is not None:
             self.delivered = frame.cursor
+        if self.catching_up and not self._frames and self.on_drained is not None:
+            self.on_drained()  # read the next page while this frame is being written
         return frame
 
 
@@ -514,33 +575,75 @@ class ReadRequest:
     from_part_id: int
     queue: bool
     message_cursors: list[int]
+    state: bool = False  # also the chat's newest message and live part ids
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """Paging, deadlines and retries of hub reads."""
+
+    # A snapshot page: at most this many messages and this many bytes of message content (and
+    # always at least one message).
+    page_messages: int = 100
+    page_bytes: int = 1_000_000
+    # A statement that takes longer, or a request that waits longer for a statement slot, has
+    # failed (TimeoutError, an outage): a stalled or black-holed database must not wedge a hub.
+    deadline_s: float = 10.0
+    # A hub retries a read that failed because of an outage or contention with a backoff from
+    # `retry_initial_s` doubling up to `retry_max_s`, its clients staying connected (they get
+    # keep-alives); when the failures last `give_up_after_s`, its clients are told to
+    # reconnect (`unavailable`). Any other failure is a bug: they are told at once.
+    retry_initial_s: float = 0.1
+    retry_max_s: float = 2.0
+    give_up_after_s: float = 30.0
 
 
 class StreamReader:
     """Serves the reads of all the hubs of a replica: the requests made while no statement can
     be sent (the same loop iteration, or while `max_in_flight` statements are in flight) share
     the next one. A request is only ever served by a statement sent after it was made, so a hub
-    that was notified and then asked still reads everything the notification announced.
+    that was notified and then asked still reads everything the notification announced. The
+    requests of one `read_many` call are always served by the same statement (one snapshot of
+    the database).
 
-    A hub cancelled while it waits simply drops its request (the statement, shared with others,
-    goes on)."""
+    A hub cancelled while it waits simply drops its requests (the statement, shared with others,
+    goes on). Deadlines (`ReadPolicy.deadline_s`): every statement has one, and a request that
+    could not be sent within one (every statement slot stayed busy) fails with TimeoutError; so
+    a read fails or is answered within two deadlines, with no timer per read."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, max_in_flight: int = 2, max_per_statement: int = 500
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_in_flight: int = 2,
+        max_per_statement: int = 500,
+        policy: ReadPolicy | None = None,
     ) -> None:
         self._pool = pool
         self._max_in_flight = max_in_flight
         self._max_per_statement = max_per_statement
-        self._pending: list[tuple[ReadRequest, asyncio.Future[ChatRead]]] = []
+        self.policy = policy if policy is not None else ReadPolicy()
+        # Groups of requests served by one statement, with the loop time they were made at.
+        self._pending: deque[tuple[float, list[tuple[ReadRequest, asyncio.Future[ChatRead]]]]] = (
+            deque()
+        )
         self._scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Task[list[Any]]] = set()  # past their deadline, cancelled
         self.statements = 0
 
     async def read(self, request: ReadRequest) -> ChatRead:
-        future: asyncio.Future[ChatRead] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
+        return (await self.read_many([request]))[0]
+
+    async def read_many(self, requests: list[ReadRequest]) -> list[ChatRead]:
+        """Reads served together, by one statement."""
+        loop = asyncio.get_running_loop()
+        group = [(request, loop.create_future()) for request in requests]
+        self._pending.append((loop.time(), group))
         self._schedule()
-        return await future
+        if len(group) == 1:  # a hub's live read: no gathering needed
+            return [await group[0][1]]
+        return list(await asyncio.gather(*(future for _request, future in group)))
 
     def _schedule(self) -> None:
         if self._scheduled or not self._pending or len(self._in_flight) >= self._max_in_flight:
@@ -551,9 +654,20 @@ class StreamReader:
 
     def _dispatch(self) -> None:
         self._scheduled = False
+        expired = asyncio.get_running_loop().time() - self.policy.deadline_s
         while self._pending and len(self._in_flight) < self._max_in_flight:
-            batch = [(r, f) for r, f in self._pending[: self._max_per_statement] if not f.done()]
-            del self._pending[: self._max_per_statement]
+            batch: list[tuple[ReadRequest, asyncio.Future[ChatRead]]] = []
+            while self._pending and (
+                not batch or len(batch) + len(self._pending[0][1]) <= self._max_per_statement
+            ):
+                made_at, group = self._pending.popleft()
+                if made_at < expired:
+                    # Every statement slot stayed busy for a whole deadline (a stalled database).
+                    for _request, future in group:
+                        if not future.done():
+                            future.set_exception(TimeoutError("no statement slot in time"))
+                    continue
+                batch.extend(item for item in group if not item[1].done())
             if not batch:
                 continue
             task = asyncio.create_task(self._serve(batch), name="stream-read")
@@ -573,16 +687,12 @@ class StreamReader:
             [r.from_part_id for r in requests],
             [r.queue for r in requests],
             sorted({cursor for r in requests for cursor in r.message_cursors}),
+            self.policy.page_messages,
+            self.policy.page_bytes,
+            [r.state for r in requests],
         )
         try:
-            self.statements += 1
-            try:
-                rows = await self._fetch(args, single=len(batch) == 1)
-            except asyncpg.exceptions.OutdatedSchemaCacheError:
-                # The rows are decoded as the tables' composite types; a migration that changed
-                # one (a rolling deploy) makes asyncpg drop its type cache and raise once.
-                self.statements += 1
-                rows = await self._fetch(args, single=len(batch) == 1)
+            rows = await self._fetch_within_deadline(args, single=len(batch) == 1)
         except BaseException as exc:
             for _request, future in batch:
                 if not future.done():
@@ -597,7 +707,43 @@ class StreamReader:
             if not future.done():
                 future.set_result(ChatRead.from_row(request.chat_id, row))
 
-    async def _fetch(self, args: tuple[list[Any], ...], *, single: bool) -> list[Any]:
+    async def _fetch_within_deadline(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
+        """The statement, or TimeoutError after `deadline_s`. The statement runs in a task of its
+        own that is cancelled, not awaited, at the deadline: cancelling a query makes asyncpg
+        wait for the server to acknowledge before releasing the connection, and a black-holed
+        server never does. Its connection is released (or dropped) in the background."""
+        statement = asyncio.create_task(self._fetch_once(args, single=single), name="stream-sql")
+        try:
+            done, _pending = await asyncio.wait({statement}, timeout=self.policy.deadline_s)
+        except asyncio.CancelledError:
+            self._abandon(statement)
+            raise
+        if not done:
+            self._abandon(statement)
+            raise TimeoutError(f"stream read took longer than {self.policy.deadline_s}s")
+        return statement.result()
+
+    def _abandon(self, statement: asyncio.Task[list[Any]]) -> None:
+        statement.cancel()
+        self._abandoned.add(statement)
+        statement.add_done_callback(self._forget_abandoned)
+
+    def _forget_abandoned(self, statement: asyncio.Task[list[Any]]) -> None:
+        self._abandoned.discard(statement)
+        if not statement.cancelled():
+            statement.exception()  # retrieved: it was failed already, by its deadline
+
+    async def _fetch_once(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
+        self.statements += 1
+        try:
+            return await self._fetch(args, single=single)
+        except asyncpg.exceptions.OutdatedSchemaCacheError:
+            # The rows are decoded as the tables' composite types; a migration that changed one
+            # (a rolling deploy) makes asyncpg drop its type cache and raise once.
+            self.statements += 1
+            return await self._fetch(args, single=single)
+
+    async def _fetch(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
         # A lone request (the usual case at low load) reads its one row with fetchrow.
         if single:
             return [await self._pool.fetchrow(Q.sql("stream_read"), *args)]
@@ -608,8 +754,9 @@ class StreamReader:
             task.cancel()
         if self._in_flight:
             await asyncio.wait(list(self._in_flight))
-        for _request, future in self._pending:
-            future.cancel()
+        for _made_at, group in self._pending:
+            for _request, future in group:
+                future.cancel()
         self._pending.clear()
 
 
@@ -619,6 +766,7 @@ class HubCounters:
     notifications: int = 0  # notices received on the chat's channel
     resyncs: int = 0  # listener resyncs (reconnect, subscription overflow)
     overflows: int = 0  # clients dropped because they fell behind
+    read_failures: int = 0  # reads that failed and were retried (an outage or contention)
 
 
 class ChatStreamHub:
@@ -641,8 +789,9 @@ class ChatStreamHub:
         self._reader = reader if reader is not None else StreamReader(pool)
         self._listener = listener
         self._on_failed = on_failed
-        self._joiners: list[StreamClient] = []
-        self._in_flight: list[StreamClient] = []  # joiners whose snapshot is being read
+        self._joiners: list[StreamClient] = []  # waiting for their first snapshot page
+        self._in_flight: list[StreamClient] = []  # joiners whose first page is being read
+        self._catching_up: list[StreamClient] = []  # given a page; more to come
         self._position: Position | None = None
         self._want_history = False
         self._want_queue = False
@@ -650,6 +799,8 @@ class ChatStreamHub:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._final_notice: tuple[str, str] | None = None
+        self._failing_since: float | None = None
+        self._retry_delay_s = 0.0
 
     @property
     def idle(self) -> bool:
@@ -657,9 +808,10 @@ class ChatStreamHub:
 
     @property
     def watchers(self) -> int:
-        """Clients served, waiting for their snapshot, or whose snapshot is being read."""
+        """Clients served, catching up, waiting for their snapshot, or whose snapshot is being
+        read."""
         in_flight = sum(not client.left for client in self._in_flight)
-        return len(self.clients) + len(self._joiners) + in_flight
+        return len(self.clients) + len(self._joiners) + len(self._catching_up) + in_flight
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"stream-hub:{self.chat_id}")
@@ -674,6 +826,7 @@ class ChatStreamHub:
             log.error("stream.hub_stop_failed", chat_id=self.chat_id, error=repr(task.exception()))
 
     def join(self, client: StreamClient) -> None:
+        client.on_drained = self._dirty.set
         self._joiners.append(client)
         self._dirty.set()
 
@@ -682,12 +835,14 @@ class ChatStreamHub:
         self.clients.discard(client)
         with contextlib.suppress(ValueError):
             self._joiners.remove(client)
+        with contextlib.suppress(ValueError):
+            self._catching_up.remove(client)
 
     def close_all(self, kind: str, message: str) -> None:
         """Every client gets a final notice after what it has queued; so does every client
         whose snapshot is being read right now, once it has it."""
         self._final_notice = (kind, message)
-        for client in [*self.clients, *self._joiners, *self._in_flight]:
+        for client in [*self.clients, *self._joiners, *self._in_flight, *self._catching_up]:
             client.finish(notice_frame(self.chat_id, client.tail_cursor(), kind, message))
 
     async def _run(self) -> None:
@@ -761,57 +916,163 @@ class ChatStreamHub:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            joiners, self._joiners = self._joiners, []
-            history = self._want_history or bool(joiners)
-            queue = self._want_queue or bool(joiners)
-            chat = self._want_chat
-            self._want_history = self._want_queue = self._want_chat = False
-            if not (history or queue or chat) or (self._position is None and not joiners):
-                continue  # nothing to read, or nobody to read it for
-            positions = [client.position for client in joiners]
-            if self._position is not None:
-                positions.append(self._position)
-            self._in_flight = joiners
-            try:
-                read = await self._read(positions, history=history, queue=queue)
-            except BaseException:
-                self._joiners[:0] = joiners  # still waiting for their snapshot
-                raise
-            finally:
-                self._in_flight = []
-            if self._position is not None:
-                frames = advance(read, self._position)
-                if frames:
-                    for client in list(self.clients):
-                        if not client.push(frames):
-                            self.counters.overflows += 1
-                            self.clients.discard(client)
-                            log.info("stream.client_overflow", chat_id=self.chat_id)
-            for joiner in joiners:
-                if joiner.left:
-                    continue
-                joiner.push_snapshot(advance(read, joiner.position))
-                if self._final_notice is not None:
-                    kind, message = self._final_notice
-                    joiner.finish(notice_frame(self.chat_id, joiner.tail_cursor(), kind, message))
-                if self._position is None:
-                    self._position = replace(joiner.position)
-                self.clients.add(joiner)
-            if not read.exists:
+            # One step per wake-up, in its own frame: nothing it read outlives it while the hub
+            # waits (a hub holds only its position between reads).
+            if not await self._step():
                 return
 
-    async def _read(self, positions: list[Position], *, history: bool, queue: bool) -> ChatRead:
+    async def _step(self) -> bool:
+        """Read what is due and deliver it; False when the chat is gone."""
+        joiners, self._joiners = self._joiners, []
+        # A client catching up gets its next page once it has taken the previous one.
+        self._catching_up = [client for client in self._catching_up if not client.closed]
+        paging = [client for client in self._catching_up if client.queued == 0]
+        snapshots = joiners + paging
+        history = self._want_history or bool(snapshots)
+        queue = self._want_queue or bool(snapshots)
+        chat = self._want_chat
+        self._want_history = self._want_queue = self._want_chat = False
+        if not (history or queue or chat) or (self._position is None and not snapshots):
+            return True  # nothing to read, or nobody to read it for
+        self._in_flight = joiners
+        try:
+            hub_read, snapshot_reads = await self._read(snapshots, history=history, queue=queue)
+        except Exception as exc:
+            # Nothing was read: everything asked for is still to be read, after a pause.
+            self._joiners[:0] = [client for client in joiners if not client.left]
+            self._want_history |= history
+            self._want_queue |= queue
+            self._want_chat |= chat
+            self._in_flight = []
+            await self._back_off(exc)  # raises when it is a bug or lasted too long
+            self._dirty.set()
+            return True
+        finally:
+            self._in_flight = []
+        self._failing_since = None
+        alive = self._advance_hub(hub_read)
+        for client, read in snapshot_reads:
+            self._serve_snapshot(client, read, hub_caught_up=not hub_read.more_messages)
+        if alive and any(client.queued == 0 for client in self._catching_up):
+            self._dirty.set()  # a page that gave no frames: the next one at once
+        return alive
+
+    def _advance_hub(self, read: ChatRead) -> bool:
+        """Take the hub's position to `read` and hand the frames to its live clients; False
+        when the chat is gone (every client has been told)."""
+        if self._position is None:
+            if read.exists:
+                self._position = Position.of_state(read)
+            return read.exists
+        frames = advance(read, self._position)
+        if frames:
+            for client in list(self.clients):
+                if not client.push(frames):
+                    self.counters.overflows += 1
+                    self.clients.discard(client)
+                    log.info("stream.client_overflow", chat_id=self.chat_id)
+        if not read.exists:
+            for client in self._catching_up:
+                client.finish(frames[-1])
+            self._catching_up = []
+            return False
+        if read.more_messages:
+            # The hub itself fell a page behind: read the next one, and with it what this page
+            # left for the last one (the step, the status, the queue).
+            self._want_history = self._want_queue = True
+            self._dirty.set()
+        return True
+
+    def _serve_snapshot(self, client: StreamClient, read: ChatRead, *, hub_caught_up: bool) -> None:
+        """Hand a client its snapshot page. Its last page joins it to the live clients: the
+        hub read the same statement, so every later live frame is newer than that page."""
+        with contextlib.suppress(ValueError):
+            self._catching_up.remove(client)
+        if client.left:
+            return
+        if not read.more_messages and read.exists and not hub_caught_up:
+            # The client would be up to date but the hub is not (it fell a page behind):
+            # live frames would repeat what this page has. Read it again with the hub's next.
+            self._catching_up.append(client)
+            return
+        client.push_snapshot(advance(read, client.position), more=read.more_messages)
+        if self._final_notice is not None:
+            kind, message = self._final_notice
+            client.finish(notice_frame(self.chat_id, client.tail_cursor(), kind, message))
+        if client.closed:
+            return
+        if read.more_messages:
+            self._catching_up.append(client)
+        else:
+            self.clients.add(client)
+
+    async def _back_off(self, exc: Exception) -> None:
+        """After a failed read: wait before the next try when the database is out or
+        contended; re-raise when it is a bug or has lasted `give_up_after_s`."""
+        policy = self._reader.policy
+        if not is_transient(exc):
+            raise exc
+        now = asyncio.get_running_loop().time()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._retry_delay_s = policy.retry_initial_s
+        elif now - self._failing_since >= policy.give_up_after_s:
+            raise exc
+        self.counters.read_failures += 1
+        log.warning(
+            "stream.hub_read_failed",
+            chat_id=self.chat_id,
+            error=repr(exc),
+            failure=classify_db_error(exc),
+            retry_in_s=self._retry_delay_s,
+        )
+        await asyncio.sleep(self._retry_delay_s)
+        self._retry_delay_s = min(self._retry_delay_s * 2, policy.retry_max_s)
+
+    async def _read(
+        self, snapshots: list[StreamClient], *, history: bool, queue: bool
+    ) -> tuple[ChatRead, list[tuple[StreamClient, ChatRead]]]:
+        """The hub's own read and the snapshot pages of `snapshots` (one request per distinct
+        cursor), in one statement. Each position is read from its own cursor: a cursor only
+        ever bounds what its own client gets."""
         self.counters.reads += 1
-        return await self._reader.read(
-            ReadRequest(
+        position = self._position
+        if position is None:
+            # The hub's first read: only the chat's state, which becomes its position.
+            own = ReadRequest(self.chat_id, True, MAX_ID, MAX_ID, True, [], state=True)
+        else:
+            own = ReadRequest(
                 chat_id=self.chat_id,
                 history=history,
-                after_message_id=min((p.message_id for p in positions), default=0),
-                from_part_id=min((p.part_id for p in positions), default=0),
+                after_message_id=position.message_id,
+                from_part_id=position.part_id,
                 queue=queue,
-                message_cursors=sorted({p.message_id for p in positions if p.message_id > 0}),
+                message_cursors=[position.message_id] if position.message_id > 0 else [],
             )
-        )
+        by_cursor: dict[tuple[int, int], list[StreamClient]] = {}
+        for client in snapshots:
+            by_cursor.setdefault((client.position.message_id, client.position.part_id), []).append(
+                client
+            )
+        requests = [own] + [
+            ReadRequest(
+                chat_id=self.chat_id,
+                history=True,
+                after_message_id=message_id,
+                from_part_id=part_id,
+                queue=True,
+                message_cursors=[message_id] if message_id > 0 else [],
+                state=True,
+            )
+            for message_id, part_id in by_cursor
+        ]
+        reads = await self._reader.read_many(requests)  # within 2 x deadline_s (StreamReader)
+        served = [
+            (client, read)
+            for clients, read in zip(by_cursor.values(), reads[1:], strict=True)
+            for client in clients
+        ]
+        return reads[0], served
 
 
 @dataclass(frozen=True)
@@ -823,6 +1084,38 @@ class StreamStats:
     resyncs: int
     overflows: int
     statements: int = 0  # the `stream_read` statements that served them (shared by hubs)
+    read_failures: int = 0  # hub reads that failed and were retried
+
+
+class StreamSlots:
+    """Open stream connections per user on this replica (`max_streams_per_user`): one user
+    cannot take every connection, hub and byte of a replica."""
+
+    def __init__(self) -> None:
+        self._open: dict[uuid.UUID, int] = {}
+
+    def open(self, user_id: uuid.UUID) -> int:
+        return self._open.get(user_id, 0)
+
+    @contextlib.contextmanager
+    def hold(self, user_id: uuid.UUID, maximum: int) -> Iterator[None]:
+        """One stream of `user_id` while inside; LimitReached when it has `maximum` open."""
+        count = self._open.get(user_id, 0)
+        if count >= maximum:
+            raise LimitReached(
+                limit="streams_per_user",
+                maximum=maximum,
+                message="too many open streams for this user; close one first",
+            )
+        self._open[user_id] = count + 1
+        try:
+            yield
+        finally:
+            left = self._open[user_id] - 1
+            if left:
+                self._open[user_id] = left
+            else:
+                del self._open[user_id]
 
 
 class StreamHubs:
@@ -830,15 +1123,29 @@ class StreamHubs:
     forgotten when its last watcher leaves. Counters of reclaimed hubs are kept in the totals."""
 
     def __init__(
-        self, pool: asyncpg.Pool, listener: Listener, *, max_queued_events_per_client: int
+        self,
+        pool: asyncpg.Pool,
+        listener: Listener,
+        *,
+        max_queued_events_per_client: int,
+        policy: ReadPolicy | None = None,
     ) -> None:
         self._pool = pool
         self._listener = listener
         self._max_queued = max_queued_events_per_client
         self._hubs: dict[uuid.UUID, ChatStreamHub] = {}
-        self._reader = StreamReader(pool)
+        self._reader = StreamReader(pool, policy=policy)
         self._retired = HubCounters()
         self._closing = False
+        self.slots = StreamSlots()
+
+    @property
+    def policy(self) -> ReadPolicy:
+        return self._reader.policy
+
+    @policy.setter
+    def policy(self, policy: ReadPolicy) -> None:
+        self._reader.policy = policy
 
     def hub(self, chat_id: uuid.UUID) -> ChatStreamHub | None:
         return self._hubs.get(chat_id)
@@ -854,6 +1161,8 @@ class StreamHubs:
             resyncs=self._retired.resyncs + sum(hub.counters.resyncs for hub in hubs),
             overflows=self._retired.overflows + sum(hub.counters.overflows for hub in hubs),
             statements=self._reader.statements,
+            read_failures=self._retired.read_failures
+            + sum(hub.counters.read_failures for hub in hubs),
         )
 
     @contextlib.asynccontextmanager
@@ -889,6 +1198,7 @@ class StreamHubs:
             self._retired.notifications += hub.counters.notifications
             self._retired.overflows += hub.counters.overflows
             self._retired.resyncs += hub.counters.resyncs
+            self._retired.read_failures += hub.counters.read_failures
 
     def close_all(self) -> None:
         """Shutdown: every client gets a final `shutdown` frame after what it has queued."""

@@ -272,7 +272,12 @@ def _delta(after: list[dict[str, float]], before: list[dict[str, float]], name: 
 async def run(dsn: str, result: ScenarioResult, scale: Scale = DEFAULT_SCALE) -> None:
     per_worker = math.ceil(scale.chats / WORKERS)
     specs = [(f"worker{i}", {"CHATD_MAX_CONCURRENT_RUNS": str(per_worker)}) for i in range(WORKERS)]
-    specs += [(f"streamer{i}", {"CHATD_MAX_CONCURRENT_RUNS": "0"}) for i in range(STREAMERS)]
+    # One bench user opens every subscriber stream: its per-user stream cap is lifted.
+    streamer_env = {
+        "CHATD_MAX_CONCURRENT_RUNS": "0",
+        "CHATD_MAX_STREAMS_PER_USER": str(scale.subscribers),
+    }
+    specs += [(f"streamer{i}", streamer_env) for i in range(STREAMERS)]
     async with replica_set(dsn, specs) as processes:
         workers, streamers = processes[:WORKERS], processes[WORKERS:]
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)

@@ -53,6 +53,13 @@ def stream_metrics(hubs: StreamHubs) -> Collector:
                 "Clients told to resync and disconnected because they fell behind.",
                 stats.overflows,
             ),
+            Metric(
+                "chatd_stream_hub_read_failures_total",
+                "counter",
+                "Stream hub reads that failed (database outage, contention or deadline) and"
+                " were retried.",
+                stats.read_failures,
+            ),
         ]
 
     return collect

@@ -122,6 +122,11 @@ SYSTEM_ROUTES: list[Route] = [
     ),
 ]
 
+# Every stream counts against the caller's `max_streams_per_user` on this replica.
+E429_STREAMS = Answer(
+    "too many open streams for this user on this replica (limit streams_per_user)", ErrorBody
+)
+
 STREAM_ROUTES: list[Route] = [
     # Before /chats/{id}: "watch" is not a chat id.
     Route(
@@ -137,6 +142,7 @@ STREAM_ROUTES: list[Route] = [
         answers={
             200: Answer("an SSE stream", ChatListChangeEvent, media_type="text/event-stream"),
             401: E401,
+            429: E429_STREAMS,
         },
     ),
     Route(
@@ -157,6 +163,7 @@ STREAM_ROUTES: list[Route] = [
             400: E400,
             401: E401,
             404: E404,
+            429: E429_STREAMS,
         },
     ),
     Route(
@@ -173,6 +180,7 @@ STREAM_ROUTES: list[Route] = [
             400: E400,
             401: E401,
             404: Answer("no such chat (or not yours)", ErrorBody),
+            429: E429_STREAMS,
         },
     ),
 ]

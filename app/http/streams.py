@@ -2,8 +2,9 @@
 replica, app/streams.py), and the caller's chat-list changes over SSE.
 
 The ownership check runs before anything is streamed: another user's chat answers 404 like a
-missing one. Errors before the stream starts are ordinary JSON errors; once it has started, the
-stream ends with a final `error` event that says why and from which cursor to resume."""
+missing one; a user with `max_streams_per_user` streams open on this replica gets 429. Errors
+before the stream starts are ordinary JSON errors; once it has started, the stream ends with a
+final `error` event that says why and from which cursor to resume."""
 
 from __future__ import annotations
 
@@ -73,12 +74,19 @@ async def chat_stream(call: Call) -> web.StreamResponse:
     chat_id = call.path_uuid("id")
     cursor = _cursor(call, header=True)
     await chats.get_chat(call.pool, call.owner, chat_id)  # 404 unless it is the caller's
-    response = _sse_response()
-    await response.prepare(call.request)
-    async with call.hubs.watch(chat_id, cursor) as client:
-        with contextlib.suppress(ConnectionResetError):
-            await _send_sse(call, response, client)
+    with _stream_slot(call):
+        response = _sse_response()
+        await response.prepare(call.request)
+        async with call.hubs.watch(chat_id, cursor) as client:
+            with contextlib.suppress(ConnectionResetError):
+                await _send_sse(call, response, client)
     return response
+
+
+def _stream_slot(call: Call) -> contextlib.AbstractContextManager[None]:
+    """One of the caller's `max_streams_per_user` open streams on this replica (SSE, WebSocket
+    and the chat-list watch alike); 429 `streams_per_user` before anything is streamed."""
+    return call.hubs.slots.hold(call.me.id, call.settings.max_streams_per_user)
 
 
 async def _send_sse(call: Call, response: web.StreamResponse, client: StreamClient) -> None:
@@ -105,24 +113,27 @@ async def chat_websocket(call: Call) -> web.StreamResponse:
     chat_id = call.path_uuid("id")
     cursor = _cursor(call, header=False)
     await chats.get_chat(call.pool, call.owner, chat_id)
-    ws = web.WebSocketResponse(
-        heartbeat=call.settings.keepalive_interval_s, max_msg_size=WS_MAX_INCOMING_BYTES
-    )
-    await ws.prepare(call.request)
-    sockets = call.request.app[keys.WEBSOCKETS]
-    sockets.add(ws)
-    try:
-        async with call.hubs.watch(chat_id, cursor) as client:
-            reader = asyncio.create_task(_drain_incoming(ws, client), name=f"ws-reader:{chat_id}")
-            try:
-                await _send_ws(call.request, ws, client, call.settings.keepalive_interval_s)
-            finally:
-                reader.cancel()
-                await asyncio.wait([reader])
-    finally:
-        sockets.discard(ws)
-        if not ws.closed:
-            await ws.close()
+    with _stream_slot(call):
+        ws = web.WebSocketResponse(
+            heartbeat=call.settings.keepalive_interval_s, max_msg_size=WS_MAX_INCOMING_BYTES
+        )
+        await ws.prepare(call.request)
+        sockets = call.request.app[keys.WEBSOCKETS]
+        sockets.add(ws)
+        try:
+            async with call.hubs.watch(chat_id, cursor) as client:
+                reader = asyncio.create_task(
+                    _drain_incoming(ws, client), name=f"ws-reader:{chat_id}"
+                )
+                try:
+                    await _send_ws(call.request, ws, client, call.settings.keepalive_interval_s)
+                finally:
+                    reader.cancel()
+                    await asyncio.wait([reader])
+        finally:
+            sockets.discard(ws)
+            if not ws.closed:
+                await ws.close()
     return ws
 
 
@@ -170,11 +181,12 @@ async def watch_chats(call: Call) -> web.StreamResponse:
     """The caller's chat-list changes. Subscribed before the response starts, so a client that
     lists its chats after receiving the headers misses no change."""
     shutdown = call.request.app[keys.SHUTDOWN]
-    async with call.listener.subscribe(owner_channel(call.me.id)) as subscription:
-        response = _sse_response()
-        await response.prepare(call.request)
-        with contextlib.suppress(ConnectionResetError):
-            await _send_watch(call, response, subscription, shutdown)
+    with _stream_slot(call):
+        async with call.listener.subscribe(owner_channel(call.me.id)) as subscription:
+            response = _sse_response()
+            await response.prepare(call.request)
+            with contextlib.suppress(ConnectionResetError):
+                await _send_watch(call, response, subscription, shutdown)
     return response
 
 

@@ -165,6 +165,16 @@ SET title = coalesce($2, title),
 WHERE id = $1
 RETURNING *;
 
+-- name: archive_drop_live_parts :exec
+-- Archiving stops the chat and its children (update_chat_fields, archive_children): the live
+-- parts of their runs in progress are void. They go in the archive transaction, so no client
+-- joining afterwards gets them in its snapshot (stream_read also shows live parts only while a
+-- chat is running: a part flush that commits after this delete is never shown). Hubs following
+-- the step learn it from the status change: `history_reset` with reason `step_discarded`.
+DELETE FROM chat_stream_parts
+WHERE chat_id = $1
+   OR chat_id IN (SELECT id FROM chats WHERE parent_chat_id = $1);
+
 -- name: list_messages :many
 -- The visible history after a cursor, in id order (never created_at order).
 SELECT * FROM chat_messages

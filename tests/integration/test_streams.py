@@ -531,6 +531,11 @@ async def test_a_client_that_leaves_while_its_snapshot_is_read_is_not_kept(
             await gate.wait()
             return await api.pool.fetchrow(*args)
 
+        async def fetch(self, *args: Any) -> Any:
+            entered.set()
+            await gate.wait()
+            return await api.pool.fetch(*args)
+
     hubs = StreamHubs(
         cast(asyncpg.Pool, GatedPool()), api.listener, max_queued_events_per_client=10
     )

@@ -44,8 +44,9 @@ async def test_a_thousand_clients_on_two_instances_one_read_per_notification(
     database_url: str,
 ) -> None:
     async with (
-        api_instance(database_url) as a,
-        api_instance(database_url) as b,
+        # One user opens every stream: lift its per-user cap for this test.
+        api_instance(database_url, max_streams_per_user=CLIENTS_PER_INSTANCE) as a,
+        api_instance(database_url, max_streams_per_user=CLIENTS_PER_INSTANCE) as b,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
         contextlib.AsyncExitStack() as responses,
     ):
