@@ -155,17 +155,19 @@ async def create_pool(
     return pool
 
 
-def drop_pool_connections(pool: asyncpg.Pool) -> None:
-    """Terminate every connection of the pool now, idle or in use; the pool opens fresh ones on
-    demand. For a replica that found the database unreachable: after a restart or a network cut
-    every pooled connection is dead, and finding that out one deadline at a time (a statement
-    timeout, then the cancel request's own timeout, per connection) would hold up recovery for
-    tens of seconds. A statement in flight fails with a connection error (an outage, handled
-    where it was sent). asyncpg has no public call for this (`expire_connections` closes each
-    connection gracefully on its next acquire, which waits out the same deadlines), hence the
-    holders."""
+async def drop_pool_connections(pool: asyncpg.Pool) -> None:
+    """Terminate every idle connection of the pool now and have the ones in use replaced when
+    they come back; the pool opens fresh ones on demand. For a replica that found the database
+    unreachable: after a restart or a network cut every pooled connection is dead, and finding
+    that out one deadline at a time (a statement timeout, then the cancel request's own timeout,
+    per connection) would hold up recovery for tens of seconds. asyncpg has no public call for
+    the idle ones (`expire_connections` alone closes each gracefully on its next acquire, which
+    waits out the same deadlines), hence the holders. Connections in use are not terminated
+    under their user: asyncpg's release of such a connection races with the termination."""
+    await pool.expire_connections()
     for holder in getattr(pool, "_holders", ()):
-        holder.terminate()
+        if getattr(holder, "_in_use", None) is None:
+            holder.terminate()
 
 
 async def _init_pooled(conn: asyncpg.Connection) -> None:

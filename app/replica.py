@@ -307,7 +307,7 @@ class Replica:
                 # The database went away (restart, crash, cut or black-holed network): every
                 # pooled connection is suspect. Fresh ones fail fast while it is still away
                 # and work as soon as it is back.
-                drop_pool_connections(self._pool)
+                await drop_pool_connections(self._pool)
             self.stats.liveness_losses += 1
             log.error(
                 "replica.liveness_lost", reason=reason, running=len(self.runs), **self._fields()
