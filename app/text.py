@@ -1,6 +1,6 @@
 """Text that PostgreSQL can store. `text` and `jsonb` reject NUL (U+0000), and a lone surrogate
 (U+D800..U+DFFF without its pair) cannot be encoded as UTF-8 at all. User input with either is
-refused with a 422 (app/http/validation.py); model and tool output cannot be refused (the
+refused with a 400 (app/http/validation.py); model and tool output cannot be refused (the
 answer is already paid for), so every string of it passes `storable()` before it goes
 anywhere (live parts, history, last_error, titles, summaries): each such character becomes
 U+FFFD and the rest of the answer is kept."""

@@ -256,3 +256,43 @@ class SimulatedWorker:
 
     async def heartbeat(self) -> None:
         await self.pool.execute("UPDATE chats SET heartbeat_at = now() WHERE id = $1", self.chat_id)
+
+
+async def call(
+    api: ApiInstance, user: ApiUser, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    """One JSON request as `user`: its status and decoded body (None for 204)."""
+    async with api.client.request(method, path, json=body, headers=user.headers) as response:
+        payload = await response.json() if response.status != 204 else None
+        return response.status, payload
+
+
+async def new_chat(api: ApiInstance, user: ApiUser, text: str = "hello") -> dict[str, Any]:
+    """POST /api/v1/chats as `user`; the created chat."""
+    status, chat = await call(api, user, "POST", "/api/v1/chats", {"content": text})
+    assert status == 201, chat
+    return dict(chat)
+
+
+async def new_chat_id(api: ApiInstance, user: ApiUser, text: str = "hello") -> uuid.UUID:
+    return uuid.UUID((await new_chat(api, user, text))["id"])
+
+
+@contextlib.asynccontextmanager
+async def open_sse(
+    api: ApiInstance,
+    user: ApiUser,
+    chat_id: uuid.UUID,
+    *,
+    last_event_id: str | None = None,
+    after: str | None = None,
+) -> AsyncIterator[StreamReader]:
+    """GET the chat's SSE stream (from a cursor) as `user`; its events as they come."""
+    headers = dict(user.headers)
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    path = f"/api/v1/chats/{chat_id}/stream" + (f"?after={after}" if after else "")
+    async with api.client.get(path, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        yield StreamReader(response)

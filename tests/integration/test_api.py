@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
@@ -26,7 +25,15 @@ from app.http.models import (
     SpendLimitBody,
 )
 from tests import factories
-from tests.http_harness import ApiInstance, ApiUser, SimulatedWorker, api_instance, make_user
+from tests.http_harness import (
+    ApiInstance,
+    ApiUser,
+    SimulatedWorker,
+    api_instance,
+    call,
+    make_user,
+    new_chat,
+)
 
 
 @pytest.fixture
@@ -45,24 +52,10 @@ async def admin(api: ApiInstance) -> ApiUser:
     return await make_user(api.pool, name="root", admin=True)
 
 
-async def _call(
-    api: ApiInstance, user: ApiUser, method: str, path: str, body: Any = None
-) -> tuple[int, Any]:
-    async with api.client.request(method, path, json=body, headers=user.headers) as response:
-        payload = await response.json() if response.status != 204 else None
-        return response.status, payload
-
-
-async def _new_chat(api: ApiInstance, user: ApiUser, text: str = "hello") -> dict[str, Any]:
-    status, chat = await _call(api, user, "POST", "/api/v1/chats", {"content": text})
-    assert status == 201, chat
-    return dict(chat)
-
-
 async def test_create_chat_answers_201_with_a_pending_chat(
     api: ApiInstance, alice: ApiUser
 ) -> None:
-    status, body = await _call(
+    status, body = await call(
         api, alice, "POST", "/api/v1/chats", {"content": "hello there", "title": "greeting"}
     )
     assert status == 201
@@ -72,7 +65,7 @@ async def test_create_chat_answers_201_with_a_pending_chat(
     assert chat.title == "greeting"
     assert chat.model_config_id == factories.ECHO_MODEL_CONFIG_ID
 
-    status, body = await _call(api, alice, "GET", f"/api/v1/chats/{chat.id}/messages")
+    status, body = await call(api, alice, "GET", f"/api/v1/chats/{chat.id}/messages")
     assert status == 200
     page = MessageList.model_validate(body)
     assert [m.content for m in page.messages] == [[{"type": "text", "text": "hello there"}]]
@@ -81,7 +74,7 @@ async def test_create_chat_answers_201_with_a_pending_chat(
 
 
 async def test_content_may_be_text_parts(api: ApiInstance, alice: ApiUser) -> None:
-    status, body = await _call(
+    status, body = await call(
         api,
         alice,
         "POST",
@@ -89,7 +82,7 @@ async def test_content_may_be_text_parts(api: ApiInstance, alice: ApiUser) -> No
         {"content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
     )
     assert status == 201
-    _, page = await _call(api, alice, "GET", f"/api/v1/chats/{body['id']}/messages")
+    _, page = await call(api, alice, "GET", f"/api/v1/chats/{body['id']}/messages")
     assert page["messages"][0]["content"] == [
         {"type": "text", "text": "one"},
         {"type": "text", "text": "two"},
@@ -99,14 +92,14 @@ async def test_content_may_be_text_parts(api: ApiInstance, alice: ApiUser) -> No
 async def test_list_chats_pages_newest_first_with_a_cursor(
     api: ApiInstance, alice: ApiUser
 ) -> None:
-    created = [(await _new_chat(api, alice, f"chat {i}"))["id"] for i in range(5)]
+    created = [(await new_chat(api, alice, f"chat {i}"))["id"] for i in range(5)]
     other = await make_user(api.pool, name="bob")
-    await _new_chat(api, other)  # never listed for alice
+    await new_chat(api, other)  # never listed for alice
 
     seen: list[str] = []
     path = "/api/v1/chats?limit=2"
     while True:
-        status, body = await _call(api, alice, "GET", path)
+        status, body = await call(api, alice, "GET", path)
         assert status == 200
         page = ChatList.model_validate(body)
         seen += [str(chat.id) for chat in page.chats]
@@ -115,29 +108,29 @@ async def test_list_chats_pages_newest_first_with_a_cursor(
         path = f"/api/v1/chats?limit=2&before={page.next}"
     assert seen == list(reversed(created))
 
-    status, body = await _call(api, alice, "GET", "/api/v1/chats?status=running")
+    status, body = await call(api, alice, "GET", "/api/v1/chats?status=running")
     assert (status, body["chats"]) == (200, [])
-    status, body = await _call(api, alice, "GET", "/api/v1/chats?status=pending&archived=false")
+    status, body = await call(api, alice, "GET", "/api/v1/chats?status=pending&archived=false")
     assert status == 200 and len(body["chats"]) == 5
 
 
 async def test_get_and_patch_a_chat(api: ApiInstance, alice: ApiUser) -> None:
-    chat = await _new_chat(api, alice)
-    status, body = await _call(api, alice, "GET", f"/api/v1/chats/{chat['id']}")
+    chat = await new_chat(api, alice)
+    status, body = await call(api, alice, "GET", f"/api/v1/chats/{chat['id']}")
     assert status == 200 and ChatOut.model_validate(body).id == uuid.UUID(chat["id"])
 
-    status, body = await _call(
+    status, body = await call(
         api, alice, "PATCH", f"/api/v1/chats/{chat['id']}", {"title": "renamed"}
     )
     assert status == 200 and body["title"] == "renamed" and body["version"] > chat["version"]
 
     # Archiving a busy chat stops it.
-    status, body = await _call(
+    status, body = await call(
         api, alice, "PATCH", f"/api/v1/chats/{chat['id']}", {"archived": True}
     )
     assert status == 200 and body["archived"] is True and body["status"] == "waiting"
 
-    status, body = await _call(
+    status, body = await call(
         api, alice, "POST", f"/api/v1/chats/{chat['id']}/messages", {"content": "more"}
     )
     assert status == 409 and "archived" in body["message"]
@@ -146,14 +139,14 @@ async def test_get_and_patch_a_chat(api: ApiInstance, alice: ApiUser) -> None:
 async def test_send_message_is_201_when_idle_202_when_busy_429_when_the_queue_is_full(
     api: ApiInstance, alice: ApiUser
 ) -> None:
-    chat = await _new_chat(api, alice)
+    chat = await new_chat(api, alice)
     path = f"/api/v1/chats/{chat['id']}/messages"
     # Pending (busy): queued until the limit (3 in this fixture), then 429.
     for i in range(3):
-        status, body = await _call(api, alice, "POST", path, {"content": f"q{i}"})
+        status, body = await call(api, alice, "POST", path, {"content": f"q{i}"})
         assert status == 202
         QueuedEnvelope.model_validate(body)
-    status, body = await _call(api, alice, "POST", path, {"content": "one too many"})
+    status, body = await call(api, alice, "POST", path, {"content": "one too many"})
     assert status == 429
     assert body["message"].startswith("the chat's message queue is full")
 
@@ -162,16 +155,16 @@ async def test_send_message_is_201_when_idle_202_when_busy_429_when_the_queue_is
         await conn.execute(
             "DELETE FROM chat_queued_messages WHERE chat_id = $1", uuid.UUID(chat["id"])
         )
-    status, body = await _call(api, alice, "POST", path, {"content": "now"})
+    status, body = await call(api, alice, "POST", path, {"content": "now"})
     assert status == 201
     envelope = MessageEnvelope.model_validate(body)
     assert envelope.message.role == "user"
-    status, body = await _call(api, alice, "GET", f"/api/v1/chats/{chat['id']}")
+    status, body = await call(api, alice, "GET", f"/api/v1/chats/{chat['id']}")
     assert body["status"] == "pending"
 
 
 async def test_list_messages_pages_by_after_id(api: ApiInstance, alice: ApiUser) -> None:
-    chat = await _new_chat(api, alice)
+    chat = await new_chat(api, alice)
     async with api.pool.acquire() as conn:
         for i in range(4):
             await factories.create_message(
@@ -180,7 +173,7 @@ async def test_list_messages_pages_by_after_id(api: ApiInstance, alice: ApiUser)
     ids: list[int] = []
     after = 0
     while True:
-        status, body = await _call(
+        status, body = await call(
             api, alice, "GET", f"/api/v1/chats/{chat['id']}/messages?after_id={after}&limit=2"
         )
         assert status == 200
@@ -195,68 +188,68 @@ async def test_list_messages_pages_by_after_id(api: ApiInstance, alice: ApiUser)
 async def test_edit_a_user_message_and_refuse_editing_an_assistant_message(
     api: ApiInstance, alice: ApiUser
 ) -> None:
-    chat = await _new_chat(api, alice, "first")
+    chat = await new_chat(api, alice, "first")
     chat_id = uuid.UUID(chat["id"])
     async with api.pool.acquire() as conn:
         answer = await factories.create_message(conn, chat_id=chat_id, role="assistant")
-    _, page = await _call(api, alice, "GET", f"/api/v1/chats/{chat_id}/messages")
+    _, page = await call(api, alice, "GET", f"/api/v1/chats/{chat_id}/messages")
     first_id = page["messages"][0]["id"]
 
-    status, body = await _call(
+    status, body = await call(
         api, alice, "PATCH", f"/api/v1/chats/{chat_id}/messages/{answer['id']}", {"content": "x"}
     )
     assert status == 409 and "only user messages" in body["message"]
 
-    status, body = await _call(
+    status, body = await call(
         api, alice, "PATCH", f"/api/v1/chats/{chat_id}/messages/{first_id}", {"content": "new"}
     )
     assert status == 200
     assert MessageOut.model_validate(body).content == [{"type": "text", "text": "new"}]
-    _, page = await _call(api, alice, "GET", f"/api/v1/chats/{chat_id}/messages")
+    _, page = await call(api, alice, "GET", f"/api/v1/chats/{chat_id}/messages")
     assert [m["content"][0]["text"] for m in page["messages"]] == ["new"]
 
-    status, body = await _call(
+    status, body = await call(
         api, alice, "PATCH", f"/api/v1/chats/{chat_id}/messages/999999", {"content": "x"}
     )
     assert status == 404
 
 
 async def test_interrupt_a_pending_chat(api: ApiInstance, alice: ApiUser) -> None:
-    chat = await _new_chat(api, alice)
-    status, body = await _call(api, alice, "POST", f"/api/v1/chats/{chat['id']}/interrupt")
+    chat = await new_chat(api, alice)
+    status, body = await call(api, alice, "POST", f"/api/v1/chats/{chat['id']}/interrupt")
     assert status == 200 and ChatOut.model_validate(body).status == "waiting"
 
 
 async def test_delete_and_promote_queued_messages(api: ApiInstance, alice: ApiUser) -> None:
-    chat = await _new_chat(api, alice)
+    chat = await new_chat(api, alice)
     chat_id = uuid.UUID(chat["id"])
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     path = f"/api/v1/chats/{chat_id}/messages"
-    _, first = await _call(api, alice, "POST", path, {"content": "q1"})
-    _, second = await _call(api, alice, "POST", path, {"content": "q2"})
+    _, first = await call(api, alice, "POST", path, {"content": "q1"})
+    _, second = await call(api, alice, "POST", path, {"content": "q2"})
 
-    status, body = await _call(
+    status, body = await call(
         api, alice, "DELETE", f"/api/v1/chats/{chat_id}/queue/{first['queued']['id']}"
     )
     assert (status, body) == (204, None)
-    status, body = await _call(
+    status, body = await call(
         api, alice, "DELETE", f"/api/v1/chats/{chat_id}/queue/{first['queued']['id']}"
     )
     assert status == 404
 
     # Running: the run is interrupted and the message goes first (202).
     promote = f"/api/v1/chats/{chat_id}/queue/{second['queued']['id']}/promote"
-    status, body = await _call(api, alice, "POST", promote)
+    status, body = await call(api, alice, "POST", promote)
     assert status == 202 and body["queued"]["promoted"] is True
-    _, current = await _call(api, alice, "GET", f"/api/v1/chats/{chat_id}")
+    _, current = await call(api, alice, "GET", f"/api/v1/chats/{chat_id}")
     assert current["status"] == "running"
 
     # Idle: sent at once (200 Message).
     await worker.finish("waiting")
-    status, body = await _call(api, alice, "POST", promote)
+    status, body = await call(api, alice, "POST", promote)
     assert status == 200 and MessageOut.model_validate(body).role == "user"
-    _, current = await _call(api, alice, "GET", f"/api/v1/chats/{chat_id}")
+    _, current = await call(api, alice, "GET", f"/api/v1/chats/{chat_id}")
     assert current["status"] == "pending"
 
 
@@ -265,7 +258,7 @@ async def test_spend_limit_answers_409_with_its_body(api: ApiInstance, alice: Ap
         await factories.create_spend_limit(conn, limit_micros=100)
         chat = await factories.create_chat(conn, owner_id=alice.id)
         await factories.record_spend(conn, chat_id=chat["id"], cost_micros=100)
-    status, body = await _call(api, alice, "POST", "/api/v1/chats", {"content": "hello"})
+    status, body = await call(api, alice, "POST", "/api/v1/chats", {"content": "hello"})
     assert status == 409
     limit = SpendLimitBody.model_validate(body)
     assert (limit.spent_micros, limit.limit_micros) == (100, 100)
@@ -278,51 +271,51 @@ async def test_model_configs_admin_writes(api: ApiInstance, alice: ApiUser, admi
         "display_name": "Slow echo",
         "options": {"token_delay_ms": 5, "input_micros_per_mtok": 3},
     }
-    status, body = await _call(api, alice, "POST", "/api/v1/model-configs", new)
+    status, body = await call(api, alice, "POST", "/api/v1/model-configs", new)
     assert status == 403
 
-    status, body = await _call(api, admin, "POST", "/api/v1/model-configs", new)
+    status, body = await call(api, admin, "POST", "/api/v1/model-configs", new)
     assert status == 201
     created = ModelConfigOut.model_validate(body)
     assert created.options == {"token_delay_ms": 5, "input_micros_per_mtok": 3}
     assert not created.is_default
 
     path = f"/api/v1/model-configs/{created.id}"
-    status, body = await _call(api, alice, "PATCH", path, {"display_name": "x"})
+    status, body = await call(api, alice, "PATCH", path, {"display_name": "x"})
     assert status == 403
-    status, body = await _call(api, admin, "PATCH", path, {"is_default": True})
+    status, body = await call(api, admin, "PATCH", path, {"is_default": True})
     assert status == 200 and body["is_default"] is True
-    _, listing = await _call(api, alice, "GET", "/api/v1/model-configs")
+    _, listing = await call(api, alice, "GET", "/api/v1/model-configs")
     configs = ModelConfigList.model_validate(listing).model_configs
     assert [c.id for c in configs if c.is_default] == [created.id]
 
     # The default cannot be disabled or deleted; the old default can be, once unused.
-    status, body = await _call(api, admin, "PATCH", path, {"enabled": False})
+    status, body = await call(api, admin, "PATCH", path, {"enabled": False})
     assert status == 409
-    status, body = await _call(api, admin, "DELETE", path)
+    status, body = await call(api, admin, "DELETE", path)
     assert status == 409
     echo = f"/api/v1/model-configs/{factories.ECHO_MODEL_CONFIG_ID}"
-    status, body = await _call(api, admin, "PATCH", echo, {"enabled": False})
+    status, body = await call(api, admin, "PATCH", echo, {"enabled": False})
     assert status == 200 and body["enabled"] is False
-    _, listing = await _call(api, alice, "GET", "/api/v1/model-configs")
+    _, listing = await call(api, alice, "GET", "/api/v1/model-configs")
     assert factories.ECHO_MODEL_CONFIG_ID not in [
         c.id for c in ModelConfigList.model_validate(listing).model_configs
     ]
-    _, listing = await _call(api, admin, "GET", "/api/v1/model-configs")
+    _, listing = await call(api, admin, "GET", "/api/v1/model-configs")
     assert len(listing["model_configs"]) == 2
 
     # In use by a chat: 409 with the way out; unused: 204.
-    await _new_chat(api, alice)  # uses the new default
-    status, body = await _call(api, admin, "PATCH", echo, {"is_default": True, "enabled": True})
+    await new_chat(api, alice)  # uses the new default
+    status, body = await call(api, admin, "PATCH", echo, {"is_default": True, "enabled": True})
     assert status == 200
-    status, body = await _call(api, admin, "DELETE", path)
+    status, body = await call(api, admin, "DELETE", path)
     assert status == 409 and "disable it" in body["detail"]
-    status, body = await _call(
+    status, body = await call(
         api, admin, "POST", "/api/v1/model-configs", {"provider": "openai", "model": "gpt-x"}
     )
-    status, body = await _call(api, admin, "DELETE", f"/api/v1/model-configs/{body['id']}")
+    status, body = await call(api, admin, "DELETE", f"/api/v1/model-configs/{body['id']}")
     assert status == 204
-    status, body = await _call(api, admin, "DELETE", f"/api/v1/model-configs/{uuid.uuid4()}")
+    status, body = await call(api, admin, "DELETE", f"/api/v1/model-configs/{uuid.uuid4()}")
     assert status == 404
 
 
@@ -333,7 +326,7 @@ async def test_model_config_options_are_checked(api: ApiInstance, admin: ApiUser
         {"token_delay_ms": "slow"},
         {"token_delay_ms": 10**9},
     ):
-        status, body = await _call(
+        status, body = await call(
             api,
             admin,
             "POST",
@@ -352,11 +345,11 @@ async def test_replicas_lists_heartbeat_ages_to_admins_only(
         " VALUES ($1, 'host-a', 42, '10.0.0.7:8080', now() - interval '3 seconds')",
         replica_id,
     )
-    status, body = await _call(api, alice, "GET", "/api/v1/replicas")
+    status, body = await call(api, alice, "GET", "/api/v1/replicas")
     assert status == 403
     assert "host-a" not in str(body) and "10.0.0.7" not in str(body)
 
-    status, body = await _call(api, admin, "GET", "/api/v1/replicas")
+    status, body = await call(api, admin, "GET", "/api/v1/replicas")
     assert status == 200
     replicas = ReplicaList.model_validate(body).replicas
     mine = [r for r in replicas if r.id == replica_id]
@@ -364,14 +357,14 @@ async def test_replicas_lists_heartbeat_ages_to_admins_only(
 
 
 async def test_the_openapi_document_is_served(api: ApiInstance, alice: ApiUser) -> None:
-    status, body = await _call(api, alice, "GET", "/api/v1/openapi.json")
+    status, body = await call(api, alice, "GET", "/api/v1/openapi.json")
     assert status == 200 and body["openapi"].startswith("3.1")
 
 
 async def test_model_config_credentials_are_never_shown_and_survive_a_round_trip(
     api: ApiInstance, alice: ApiUser, admin: ApiUser
 ) -> None:
-    status, created = await _call(
+    status, created = await call(
         api,
         admin,
         "POST",
@@ -380,20 +373,20 @@ async def test_model_config_credentials_are_never_shown_and_survive_a_round_trip
     )
     assert status == 201
     assert created["options"] == {"api_key": "[redacted]", "x": 1}
-    status, listed = await _call(api, alice, "GET", "/api/v1/model-configs")
+    status, listed = await call(api, alice, "GET", "/api/v1/model-configs")
     assert status == 200
     assert "sk-secret" not in str(listed)
 
     # Sending back what was read keeps the stored key; a new key replaces it.
     config_path = f"/api/v1/model-configs/{created['id']}"
-    status, _ = await _call(api, admin, "PATCH", config_path, {"options": created["options"]})
+    status, _ = await call(api, admin, "PATCH", config_path, {"options": created["options"]})
     assert status == 200
     stored = await api.pool.fetchval(
         "SELECT options ->> 'api_key' FROM chat_model_configs WHERE id = $1",
         uuid.UUID(created["id"]),
     )
     assert stored == "sk-secret"
-    status, _ = await _call(api, admin, "PATCH", config_path, {"options": {"api_key": "sk-new"}})
+    status, _ = await call(api, admin, "PATCH", config_path, {"options": {"api_key": "sk-new"}})
     assert status == 200
     stored = await api.pool.fetchval(
         "SELECT options ->> 'api_key' FROM chat_model_configs WHERE id = $1",

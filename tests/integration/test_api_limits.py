@@ -13,7 +13,15 @@ import pytest
 
 from app.http.models import LimitBody, MessageEnvelope, QueuedEnvelope
 from tests import factories
-from tests.http_harness import ApiInstance, ApiUser, SimulatedWorker, api_instance, make_user
+from tests.http_harness import (
+    ApiInstance,
+    ApiUser,
+    SimulatedWorker,
+    api_instance,
+    call,
+    make_user,
+    new_chat,
+)
 
 
 @pytest.fixture
@@ -29,23 +37,9 @@ async def alice(api: ApiInstance) -> ApiUser:
     return await make_user(api.pool, name="alice")
 
 
-async def _call(
-    api: ApiInstance, user: ApiUser, method: str, path: str, body: Any = None
-) -> tuple[int, Any]:
-    async with api.client.request(method, path, json=body, headers=user.headers) as response:
-        payload = await response.json() if response.status != 204 else None
-        return response.status, payload
-
-
-async def _new_chat(api: ApiInstance, user: ApiUser, text: str = "hello") -> dict[str, Any]:
-    status, chat = await _call(api, user, "POST", "/api/v1/chats", {"content": text})
-    assert status == 201, chat
-    return dict(chat)
-
-
 async def _waiting_chat(api: ApiInstance, user: ApiUser, text: str = "hello") -> dict[str, Any]:
-    chat = await _new_chat(api, user, text)
-    status, chat = await _call(api, user, "POST", f"/api/v1/chats/{chat['id']}/interrupt")
+    chat = await new_chat(api, user, text)
+    status, chat = await call(api, user, "POST", f"/api/v1/chats/{chat['id']}/interrupt")
     assert status == 200 and chat["status"] == "waiting"
     return dict(chat)
 
@@ -75,39 +69,39 @@ async def _snapshot(api: ApiInstance, user: ApiUser) -> list[tuple[Any, ...]]:
 async def test_create_beyond_the_pending_limit_is_429_and_creates_nothing(
     api: ApiInstance, alice: ApiUser
 ) -> None:
-    await _new_chat(api, alice)
-    await _new_chat(api, alice)
+    await new_chat(api, alice)
+    await new_chat(api, alice)
     before = await _snapshot(api, alice)
-    status, body = await _call(api, alice, "POST", "/api/v1/chats", {"content": "third"})
+    status, body = await call(api, alice, "POST", "/api/v1/chats", {"content": "third"})
     assert status == 429
     _limit(body, "pending_chats_per_user", 2)
     assert await _snapshot(api, alice) == before
     # The limit is per user: someone else is not affected.
     bob = await make_user(api.pool, name="bob")
-    await _new_chat(api, bob)
+    await new_chat(api, bob)
 
 
 async def test_create_and_unarchive_beyond_the_chat_limit_are_429(
     api: ApiInstance, alice: ApiUser
 ) -> None:
     chats = [await _waiting_chat(api, alice) for _ in range(4)]
-    status, body = await _call(api, alice, "POST", "/api/v1/chats", {"content": "fifth"})
+    status, body = await call(api, alice, "POST", "/api/v1/chats", {"content": "fifth"})
     assert status == 429
     _limit(body, "chats_per_user", 4)
 
     # Archived chats do not count...
     path = f"/api/v1/chats/{chats[0]['id']}"
-    status, _ = await _call(api, alice, "PATCH", path, {"archived": True})
+    status, _ = await call(api, alice, "PATCH", path, {"archived": True})
     assert status == 200
     await _waiting_chat(api, alice)
     # ...so unarchiving counts as adding one (or archive/create/unarchive would get around it).
     before = await _snapshot(api, alice)
-    status, body = await _call(api, alice, "PATCH", path, {"archived": False, "title": "t"})
+    status, body = await call(api, alice, "PATCH", path, {"archived": False, "title": "t"})
     assert status == 429
     _limit(body, "chats_per_user", 4)
     assert await _snapshot(api, alice) == before
     # Retitling an archived chat is not adding one.
-    status, _ = await _call(api, alice, "PATCH", path, {"title": "still archived"})
+    status, _ = await call(api, alice, "PATCH", path, {"title": "still archived"})
     assert status == 200
 
 
@@ -118,8 +112,8 @@ async def test_every_transition_to_pending_respects_the_pending_limit(
     idle_id = uuid.UUID(idle["id"])
     async with api.pool.acquire() as conn:
         queued = await factories.create_queued_message(conn, chat_id=idle_id)
-    busy = [await _new_chat(api, alice) for _ in range(2)]  # the two pending chats allowed
-    _, page = await _call(api, alice, "GET", f"/api/v1/chats/{idle_id}/messages")
+    busy = [await new_chat(api, alice) for _ in range(2)]  # the two pending chats allowed
+    _, page = await call(api, alice, "GET", f"/api/v1/chats/{idle_id}/messages")
     first = page["messages"][0]["id"]
     before = await _snapshot(api, alice)
 
@@ -129,19 +123,19 @@ async def test_every_transition_to_pending_respects_the_pending_limit(
         ("POST", f"/api/v1/chats/{idle_id}/queue/{queued['id']}/promote", None),
     ]
     for method, path, body in refused:
-        status, answer = await _call(api, alice, method, path, body)
+        status, answer = await call(api, alice, method, path, body)
         assert status == 429, (path, answer)
         _limit(answer, "pending_chats_per_user", 2)
         assert await _snapshot(api, alice) == before, path
 
     # Sending to a chat that is already pending only queues: no new pending chat.
-    status, _ = await _call(
+    status, _ = await call(
         api, alice, "POST", f"/api/v1/chats/{busy[0]['id']}/messages", {"content": "q"}
     )
     assert status == 202
     # One pending chat fewer (stopped): the idle chat may go.
-    await _call(api, alice, "POST", f"/api/v1/chats/{busy[1]['id']}/interrupt")
-    status, _ = await _call(
+    await call(api, alice, "POST", f"/api/v1/chats/{busy[1]['id']}/interrupt")
+    status, _ = await call(
         api, alice, "PATCH", f"/api/v1/chats/{idle_id}/messages/{first}", {"content": "edit"}
     )
     assert status == 200
@@ -151,7 +145,7 @@ async def test_concurrent_creates_cannot_pass_the_limit_together(
     api: ApiInstance, alice: ApiUser
 ) -> None:
     results = await asyncio.gather(
-        *(_call(api, alice, "POST", "/api/v1/chats", {"content": f"c{i}"}) for i in range(8))
+        *(call(api, alice, "POST", "/api/v1/chats", {"content": f"c{i}"}) for i in range(8))
     )
     statuses = sorted(status for status, _ in results)
     assert statuses == [201, 201] + [429] * 6
@@ -168,29 +162,29 @@ async def test_concurrent_creates_cannot_pass_the_limit_together(
 async def test_a_message_sent_after_stop_queues_behind_the_earlier_ones(
     api: ApiInstance, alice: ApiUser
 ) -> None:
-    chat = await _new_chat(api, alice, "question")
+    chat = await new_chat(api, alice, "question")
     chat_id = uuid.UUID(chat["id"])
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     path = f"/api/v1/chats/{chat_id}/messages"
     for text in ("q1", "q2"):
-        status, _ = await _call(api, alice, "POST", path, {"content": text})
+        status, _ = await call(api, alice, "POST", path, {"content": text})
         assert status == 202
     # Stop: the run ends, the queue is left as it was (only a promoted message continues).
-    await _call(api, alice, "POST", f"/api/v1/chats/{chat_id}/interrupt")
+    await call(api, alice, "POST", f"/api/v1/chats/{chat_id}/interrupt")
     await worker.persist("partial answer")
     await worker.finish("waiting")
 
-    status, body = await _call(api, alice, "POST", path, {"content": "q3"})
+    status, body = await call(api, alice, "POST", path, {"content": "q3"})
 
     # q3 goes to the tail; q1, queued first, is sent first; the chat goes pending.
     assert status == 202
     assert QueuedEnvelope.model_validate(body).queued.content == [{"type": "text", "text": "q3"}]
-    _, page = await _call(api, alice, "GET", path)
+    _, page = await call(api, alice, "GET", path)
     users = [m["content"][0]["text"] for m in page["messages"] if m["role"] == "user"]
     assert users == ["question", "q1"]
     assert [q["content"][0]["text"] for q in page["queued"]] == ["q2", "q3"]
-    _, current = await _call(api, alice, "GET", f"/api/v1/chats/{chat_id}")
+    _, current = await call(api, alice, "GET", f"/api/v1/chats/{chat_id}")
     assert current["status"] == "pending"
 
 
@@ -198,7 +192,7 @@ async def test_a_message_sent_to_an_idle_chat_with_an_empty_queue_is_sent_at_onc
     api: ApiInstance, alice: ApiUser
 ) -> None:
     chat = await _waiting_chat(api, alice)
-    status, body = await _call(
+    status, body = await call(
         api, alice, "POST", f"/api/v1/chats/{chat['id']}/messages", {"content": "now"}
     )
     assert status == 201

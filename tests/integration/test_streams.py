@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -30,6 +29,8 @@ from tests.http_harness import (
     assemble,
     make_user,
     message_text,
+    new_chat_id,
+    open_sse,
 )
 
 
@@ -42,33 +43,6 @@ async def api(database_url: str) -> AsyncIterator[ApiInstance]:
 @pytest.fixture
 async def user(api: ApiInstance) -> ApiUser:
     return await make_user(api.pool)
-
-
-async def _create_chat(api: ApiInstance, user: ApiUser, text: str = "hello") -> uuid.UUID:
-    async with api.client.post(
-        "/api/v1/chats", json={"content": text}, headers=user.headers
-    ) as response:
-        assert response.status == 201
-        return uuid.UUID((await response.json())["id"])
-
-
-@contextlib.asynccontextmanager
-async def open_sse(
-    api: ApiInstance,
-    user: ApiUser,
-    chat_id: uuid.UUID,
-    *,
-    last_event_id: str | None = None,
-    after: str | None = None,
-) -> AsyncIterator[StreamReader]:
-    headers = dict(user.headers)
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = last_event_id
-    path = f"/api/v1/chats/{chat_id}/stream" + (f"?after={after}" if after else "")
-    async with api.client.get(path, headers=headers) as response:
-        assert response.status == 200, await response.text()
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        yield StreamReader(response)
 
 
 def _is_part(part_id: int) -> Any:
@@ -100,7 +74,7 @@ async def test_sse_resume_on_another_instance_has_no_gap_and_no_duplicate(
 ) -> None:
     async with api_instance(database_url) as a, api_instance(database_url) as b:
         user = await make_user(a.pool)
-        chat_id = await _create_chat(a, user)
+        chat_id = await new_chat_id(a, user)
         worker = SimulatedWorker(a.pool, chat_id)
         await worker.acquire()
         words = [f"w{i} " for i in range(60)]
@@ -136,7 +110,7 @@ async def test_sse_resume_on_another_instance_has_no_gap_and_no_duplicate(
 
 
 async def test_websocket_resume_with_after(api: ApiInstance, user: ApiUser) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     words = [f"v{i} " for i in range(30)]
@@ -187,7 +161,7 @@ async def test_joining_mid_answer_on_another_instance_gets_the_step_from_its_sta
 ) -> None:
     async with api_instance(database_url) as a, api_instance(database_url) as b:
         user = await make_user(a.pool)
-        chat_id = await _create_chat(a, user)
+        chat_id = await new_chat_id(a, user)
         worker = SimulatedWorker(a.pool, chat_id)
         await worker.acquire()
         before = [pid for i in range(5) for pid in await worker.parts(f"a{i} ", f"b{i} ")]
@@ -216,7 +190,7 @@ async def test_joining_mid_answer_on_another_instance_gets_the_step_from_its_sta
 async def test_a_retry_voids_the_live_parts_for_watching_and_joining_clients(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with open_sse(api, user, chat_id) as watching:
@@ -255,7 +229,7 @@ async def test_a_retry_voids_the_live_parts_for_watching_and_joining_clients(
 async def test_an_edit_resets_history_for_live_and_resuming_clients(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_id = await _create_chat(api, user, "first question")
+    chat_id = await new_chat_id(api, user, "first question")
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     answer_id = await worker.persist("first answer")
@@ -288,7 +262,7 @@ async def test_an_edit_resets_history_for_live_and_resuming_clients(
 async def test_a_step_voided_without_a_message_is_reset(api: ApiInstance, user: ApiUser) -> None:
     """The run failed or its replica died: the live parts vanish with no message; watchers drop
     them (history_reset step_discarded) and see the parts of the next run."""
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with open_sse(api, user, chat_id) as reader:
@@ -313,7 +287,7 @@ async def test_a_step_voided_without_a_message_is_reset(api: ApiInstance, user: 
 async def test_statuses_never_go_back_and_errors_carry_last_error(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     async with open_sse(api, user, chat_id) as reader:
         await reader.until(_is_status("pending"))
@@ -354,7 +328,7 @@ async def test_statuses_never_go_back_and_errors_carry_last_error(
 
 
 async def test_queue_changes_are_streamed(api: ApiInstance, user: ApiUser) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     async with open_sse(api, user, chat_id) as reader:
         first = await reader.until(lambda e: e.event == "queue")
         assert first.json()["queued"] == []
@@ -376,7 +350,7 @@ async def test_queue_changes_are_streamed(api: ApiInstance, user: ApiUser) -> No
 async def test_idle_streams_get_keepalives(database_url: str) -> None:
     async with api_instance(database_url, keepalive_interval_s=0.1) as api:
         user = await make_user(api.pool)
-        chat_id = await _create_chat(api, user)
+        chat_id = await new_chat_id(api, user)
         async with open_sse(api, user, chat_id) as reader:
             await reader.until(lambda e: e.event == "queue")
             reading = asyncio.create_task(reader.next(timeout_s=30))
@@ -388,7 +362,7 @@ async def test_idle_streams_get_keepalives(database_url: str) -> None:
 async def test_idle_hubs_are_reclaimed_and_their_channel_unlistened(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_ids = [await _create_chat(api, user) for _ in range(3)]
+    chat_ids = [await new_chat_id(api, user) for _ in range(3)]
     async with contextlib.AsyncExitStack() as stack:
         for chat_id in chat_ids:
             for _ in range(2):
@@ -405,7 +379,7 @@ async def test_idle_hubs_are_reclaimed_and_their_channel_unlistened(
 
 
 async def test_a_listener_reconnect_resyncs_the_hub(api: ApiInstance, user: ApiUser) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with open_sse(api, user, chat_id) as reader:
@@ -424,7 +398,7 @@ async def test_a_listener_reconnect_resyncs_the_hub(api: ApiInstance, user: ApiU
 
 
 async def test_a_deleted_chat_ends_its_streams(api: ApiInstance, user: ApiUser) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     async with open_sse(api, user, chat_id) as reader:
         await reader.until(lambda e: e.event == "queue")
         await api.pool.execute("DELETE FROM chats WHERE id = $1", chat_id)
@@ -439,7 +413,7 @@ async def test_shutdown_ends_sse_with_a_final_event_and_websockets_with_going_aw
 ) -> None:
     async with api_instance(database_url) as api:
         user = await make_user(api.pool)
-        chat_id = await _create_chat(api, user)
+        chat_id = await new_chat_id(api, user)
         async with (
             open_sse(api, user, chat_id) as reader,
             api.client.ws_connect(f"/api/v1/chats/{chat_id}/ws", headers=user.headers) as ws,
@@ -465,8 +439,8 @@ async def test_watch_streams_the_callers_chat_list_changes_only(
     async with api.client.get("/api/v1/chats/watch", headers=user.headers) as response:
         assert response.status == 200
         reader = StreamReader(response)
-        chat_id = await _create_chat(api, user)
-        await _create_chat(api, other)  # not ours: never shown
+        chat_id = await new_chat_id(api, user)
+        await new_chat_id(api, other)  # not ours: never shown
         created = await reader.next()
         assert (created.event, created.json()["chat_id"]) == ("created", str(chat_id))
         async with api.client.patch(
@@ -486,7 +460,7 @@ async def test_watch_streams_the_callers_chat_list_changes_only(
 async def test_metrics_show_hubs_clients_reads_and_listener_counters(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
 
     async def metrics() -> dict[str, float]:
         async with api.client.get("/metrics") as response:  # no token needed
@@ -522,7 +496,7 @@ async def test_metrics_show_hubs_clients_reads_and_listener_counters(
 async def test_a_client_that_leaves_while_its_snapshot_is_read_is_not_kept(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     entered, gate = asyncio.Event(), asyncio.Event()
 
     class GatedPool:

@@ -29,9 +29,8 @@ from tests.http_harness import (
     api_instance,
     assemble,
     make_user,
-)
-from tests.http_harness import (
-    StreamReader as SseReader,
+    new_chat_id,
+    open_sse,
 )
 
 
@@ -44,24 +43,6 @@ async def api(database_url: str) -> AsyncIterator[ApiInstance]:
 @pytest.fixture
 async def user(api: ApiInstance) -> ApiUser:
     return await make_user(api.pool)
-
-
-async def _create_chat(api: ApiInstance, user: ApiUser, text: str = "hello") -> uuid.UUID:
-    async with api.client.post(
-        "/api/v1/chats", json={"content": text}, headers=user.headers
-    ) as response:
-        assert response.status == 201
-        return uuid.UUID((await response.json())["id"])
-
-
-@contextlib.asynccontextmanager
-async def open_sse(
-    api: ApiInstance, user: ApiUser, chat_id: uuid.UUID, *, after: str | None = None
-) -> AsyncIterator[SseReader]:
-    path = f"/api/v1/chats/{chat_id}/stream" + (f"?after={after}" if after else "")
-    async with api.client.get(path, headers=user.headers) as response:
-        assert response.status == 200, await response.text()
-        yield SseReader(response)
 
 
 def _is_part(part_id: int) -> Any:
@@ -84,7 +65,7 @@ def _errors(events: list[SseEvent]) -> list[dict[str, Any]]:
 async def test_a_cursor_from_the_future_does_not_silence_the_other_watchers(
     api: ApiInstance, user: ApiUser, hostile_cursor: str
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with open_sse(api, user, chat_id, after=hostile_cursor) as hostile:
@@ -141,7 +122,7 @@ async def _blocked_stream_read(pool: asyncpg.Pool) -> int:
 async def test_a_hub_read_cut_by_an_outage_is_retried_and_its_clients_stay(
     api: ApiInstance, user: ApiUser, database_url: str
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with open_sse(api, user, chat_id) as reader:
@@ -171,7 +152,7 @@ async def test_a_stalled_hub_read_times_out_and_clients_are_told_after_a_bound(
     api.hubs.policy = ReadPolicy(
         deadline_s=0.2, retry_initial_s=0.05, retry_max_s=0.1, give_up_after_s=1.0
     )
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with open_sse(api, user, chat_id) as reader:
@@ -190,7 +171,7 @@ async def test_a_bug_in_a_hub_read_tells_its_clients_at_once(
     api: ApiInstance, user: ApiUser
 ) -> None:
     """Not an outage: no retry. (The statement fails with a data error on every try.)"""
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     async with open_sse(api, user, chat_id) as reader:
         await reader.until(lambda e: e.event == "queue")
         api.hubs.policy = ReadPolicy(page_messages=-2)  # LIMIT -1: a bad statement
@@ -227,7 +208,7 @@ async def _large_messages(
 async def test_a_snapshot_read_returns_at_most_one_page_per_statement(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     await _large_messages(api.pool, chat_id, 30, 50_000)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
@@ -264,7 +245,7 @@ async def test_a_client_from_the_start_gets_every_message_once_in_order_page_by_
     api: ApiInstance, user: ApiUser
 ) -> None:
     api.hubs.policy = ReadPolicy(page_messages=5, page_bytes=100_000)
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     await _large_messages(api.pool, chat_id, 40, 20_000)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
@@ -307,7 +288,7 @@ async def test_a_client_from_the_start_gets_every_message_once_in_order_page_by_
 
 async def test_sse_from_the_start_assembles_a_long_history(api: ApiInstance, user: ApiUser) -> None:
     api.hubs.policy = ReadPolicy(page_messages=3, page_bytes=50_000)
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     await _large_messages(api.pool, chat_id, 25, 30_000)
     async with open_sse(api, user, chat_id, after="0:0") as reader:
         await reader.until(lambda e: e.event == "queue")
@@ -324,7 +305,7 @@ async def test_sse_from_the_start_assembles_a_long_history(api: ApiInstance, use
 async def test_archiving_a_running_chat_discards_its_live_parts(
     api: ApiInstance, user: ApiUser
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with open_sse(api, user, chat_id) as watching:
@@ -358,8 +339,8 @@ async def test_open_streams_are_capped_per_user(database_url: str) -> None:
     async with api_instance(database_url, max_streams_per_user=2) as api:
         user = await make_user(api.pool)
         other = await make_user(api.pool)
-        chat_id = await _create_chat(api, user)
-        other_chat = await _create_chat(api, other)
+        chat_id = await new_chat_id(api, user)
+        other_chat = await new_chat_id(api, other)
 
         async def refused(path: str) -> None:
             async with api.client.get(path, headers=user.headers) as response:
@@ -447,7 +428,7 @@ class _StallingProxy:
 async def test_a_black_holed_database_cannot_wedge_a_hub_past_its_deadline(
     api: ApiInstance, user: ApiUser, database_url: str
 ) -> None:
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     async with _StallingProxy(database_url) as proxy:
@@ -485,7 +466,7 @@ async def test_a_hub_a_page_behind_catches_up_page_by_page(api: ApiInstance, use
     """A burst of messages larger than a page in one commit: the hub reads them page by page;
     its clients get every message once, in order, then what the last page brings (the queue)."""
     api.hubs.policy = ReadPolicy(page_messages=2)
-    chat_id = await _create_chat(api, user)
+    chat_id = await new_chat_id(api, user)
     async with open_sse(api, user, chat_id) as reader:
         await reader.until(lambda e: e.event == "queue")
         async with api.pool.acquire() as conn, conn.transaction():
