@@ -425,13 +425,20 @@ async def give_back_failed(pool: asyncpg.Pool, token: RunToken, *, max_failed_ru
 
 
 async def _fail_or_give_back(
-    conn: Conn, chat_id: uuid.UUID, *, failed_runs: int, stop_requested: bool, max_failed_runs: int
+    conn: Conn,
+    chat_id: uuid.UUID,
+    *,
+    failed_runs: int,
+    stop_requested: bool,
+    max_failed_runs: int,
+    counts: bool = True,
 ) -> asyncpg.Record:
-    if failed_runs >= max_failed_runs:
+    """`failed_runs`: the count including this run when it `counts` toward the guard."""
+    if counts and failed_runs >= max_failed_runs:
         row = await conn.fetchrow(Q.sql("run_fail"), chat_id, json.dumps(poison_error(failed_runs)))
         assert row is not None
         return row
-    return await _give_back(conn, chat_id, stop_requested=stop_requested, failed=True)
+    return await _give_back(conn, chat_id, stop_requested=stop_requested, failed=counts)
 
 
 async def requeue_orphans(
@@ -445,7 +452,8 @@ async def requeue_orphans(
     (and of no replica at all for longer than `orphan_grace_s`). Safe when several replicas do
     it at once: each chat is locked, and whoever comes second finds it no longer running. A
     replica that died while running a chat counts as a failed run of it (a chat that kills
-    every replica that runs it ends in `error`, kind "poison", at `max_failed_runs`)."""
+    every replica that runs it ends in `error`, kind "poison", at `max_failed_runs`), unless
+    the run began before the database server's last start (it died with the server)."""
     rows = await conn.fetch(Q.sql("run_lock_orphans"), list(gone_worker_ids), orphan_grace_s)
     if not rows:
         return []
@@ -459,6 +467,7 @@ async def requeue_orphans(
                 failed_runs=row["failed_runs"] + 1,
                 stop_requested=row["stop_requested"],
                 max_failed_runs=max_failed_runs,
+                counts=row["counts"],
             )
         )
         for row in rows

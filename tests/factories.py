@@ -48,8 +48,9 @@ async def create_chat(
     row = await conn.fetchrow(
         """
         INSERT INTO chats (owner_id, organization_id, title, status, model_config_id,
-                           parent_chat_id, root_chat_id, worker_id, client_type)
-        VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8)
+                           parent_chat_id, root_chat_id, worker_id, client_type, started_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8,
+                CASE WHEN $4 = 'running' THEN clock_timestamp() END)  -- as an acquire does
         RETURNING *
         """,
         owner_id,

@@ -290,7 +290,12 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
 -- order; replicas sweeping at the same time queue here and then skip what the first one
 -- already moved (the row no longer matches), so each chat is requeued once. Served by
 -- chats_running_worker_idx.
-SELECT c.id, c.interrupt_requested_at IS NOT NULL AS stop_requested, c.failed_runs
+--
+-- A run that began before the server's last start died with the server (a restart or a crash
+-- ends every session, and with it every replica's lock): that is an outage, which says nothing
+-- about the chat, so it does not count toward the guard (`counts`).
+SELECT c.id, c.interrupt_requested_at IS NOT NULL AS stop_requested, c.failed_runs,
+       coalesce(c.started_at > pg_postmaster_start_time(), true) AS counts
 FROM chats c
 WHERE c.status = 'running'
   AND (c.worker_id = ANY($1::uuid[])

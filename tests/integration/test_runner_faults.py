@@ -28,6 +28,7 @@ from app.providers.retry import RetryInfo
 from app.runs import RunToken
 from app.tools.registry import Tool, ToolContext, ToolRegistry
 from tests import engine, factories
+from tests.faults.pg_cluster import PgCluster
 
 HOSTILE_TEXT = "nul\x00 and lone \ud800 surrogate \udfff end"
 SAFE_TEXT = "nul\ufffd and lone \ufffd surrogate \ufffd end"
@@ -176,6 +177,36 @@ async def test_a_chat_that_kills_every_replica_running_it_ends_in_error(
     assert poisoned.last_error["kind"] == "poison"
     assert by_id[fine["id"]].status == "pending"
     assert await conn.fetchval("SELECT failed_runs FROM chats WHERE id = $1", fine["id"]) == 1
+
+
+async def test_a_run_that_died_with_the_database_server_does_not_count_toward_poison(
+    pg_cluster: PgCluster,
+) -> None:
+    # A restart (or crash) of PostgreSQL ends every session, so every replica's lock is free and
+    # the sweepers requeue all running chats: an outage, which says nothing about the chats.
+    conn = await asyncpg.connect(pg_cluster.dsn)
+    try:
+        dead_worker = uuid.uuid4()
+        before = await factories.create_chat(conn, status="running", worker_id=dead_worker)
+    finally:
+        await conn.close()
+    await pg_cluster.restart_fast()
+    conn = await asyncpg.connect(pg_cluster.dsn)
+    try:
+        after = await factories.create_chat(conn, status="running", worker_id=dead_worker)
+        async with conn.transaction():
+            handed_on = await runs.requeue_orphans(
+                conn, [dead_worker], orphan_grace_s=60, max_failed_runs=3
+            )
+        assert {chat.id for chat in handed_on} == {before["id"], after["id"]}
+        failed_runs = {
+            row["id"]: row["failed_runs"]
+            for row in await conn.fetch("SELECT id, failed_runs FROM chats")
+        }
+    finally:
+        await conn.close()
+    assert failed_runs[before["id"]] == 0  # it died with the server
+    assert failed_runs[after["id"]] == 1  # its replica died while the server was up
 
 
 async def test_one_replica_runs_two_generations_of_a_chat_apart(
