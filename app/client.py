@@ -364,7 +364,7 @@ class Conversation:
         return Turn(chat_id, chat["status"], chat["version"], cursor=f"{body['message']['id']}:0")
 
 
-def _apply(turn: Turn, event: SseEvent, renderer: Renderer) -> int | None:
+def _apply(turn: Turn, event: SseEvent, renderer: Renderer) -> int | None:  # noqa: PLR0911, PLR0912  one branch per stream event type
     data = event.json()
     kind = data.get("type")
     if turn.failed and kind != "error":

@@ -25,6 +25,7 @@ import socket
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import asyncpg
 
@@ -326,7 +327,7 @@ class Replica:
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, REGISTER_BACKOFF_MAX_S)
 
-    async def _hold_liveness(self) -> None:
+    async def _hold_liveness(self) -> NoReturn:
         """Heartbeat the row and check the connection until liveness is lost (raises)."""
         conn = self._liveness_conn
         if conn is None:
@@ -583,10 +584,6 @@ class Replica:
                 chat = await runs.give_back_failed(
                     self._pool, run.token, max_failed_runs=self.settings.max_failed_runs
                 )
-                if chat.status == "error":
-                    log.error("run.poison_chat", chat_id=run.chat_id, last_error=chat.last_error)
-                    return RunEnd.FAILED
-                return RunEnd.REQUEUED
             except FencedOut:
                 return RunEnd.LOST
             except Exception as exc:
@@ -595,6 +592,11 @@ class Replica:
                 log.warning("run.salvage_failed", chat_id=run.chat_id, error=repr(exc))
                 await asyncio.sleep(backoff_s)
                 backoff_s *= 2
+            else:
+                if chat.status == "error":
+                    log.error("run.poison_chat", chat_id=run.chat_id, last_error=chat.last_error)
+                    return RunEnd.FAILED
+                return RunEnd.REQUEUED
         log.error("replica.dropping_liveness", reason="a chat cannot be released", **self._fields())
         conn = self._liveness_conn
         if conn is not None:

@@ -566,24 +566,7 @@ class Run:
             if step_number == 1:
                 self._title_question = first_question(history)
             output = StepOutput()
-            self._step_output = output
-            step = asyncio.create_task(
-                self._step(config, provider, history, output),
-                name=f"run-step:{self.chat_id}:{self.token.generation}:{step_number}",
-            )
-            self._step_task = step
-            if self.stop_cause() is not None or self._interrupt_pending():
-                step.cancel()  # a stop that arrived while the prompt was being read
-            try:
-                await asyncio.wait({step})
-            finally:
-                # Only when this run itself is cancelled (the shutdown grace ran out) is the
-                # step still going here.
-                if not step.done():
-                    step.cancel()
-                    await asyncio.wait({step})
-                self._step_task = None
-
+            step = await self._run_step(config, provider, history, output, step_number)
             if step.cancelled():
                 if self.stop_cause() is not None:
                     return await self._abandon()
@@ -613,6 +596,34 @@ class Run:
         # A step that completed is kept whatever stop arrived meanwhile: ending the turn is as
         # good a hand-over as a requeue (and a run that lost its chat is fenced out here).
         return await self._end_turn(final, model_config_id, interrupted=self._interrupt_pending())
+
+    async def _run_step(
+        self,
+        config: ModelConfig,
+        provider: Provider,
+        history: list[Message],
+        output: StepOutput,
+        step_number: int,
+    ) -> asyncio.Task[None]:
+        """Run one step as a task that a stop or an interrupt can cancel; return it ended."""
+        self._step_output = output
+        step = asyncio.create_task(
+            self._step(config, provider, history, output),
+            name=f"run-step:{self.chat_id}:{self.token.generation}:{step_number}",
+        )
+        self._step_task = step
+        if self.stop_cause() is not None or self._interrupt_pending():
+            step.cancel()  # a stop that arrived while the prompt was being read
+        try:
+            await asyncio.wait({step})
+        finally:
+            # Only when this run itself is cancelled (the shutdown grace ran out) is the
+            # step still going here.
+            if not step.done():
+                step.cancel()
+                await asyncio.wait({step})
+            self._step_task = None
+        return step
 
     async def _step(
         self, config: ModelConfig, provider: Provider, history: list[Message], output: StepOutput
@@ -752,7 +763,8 @@ class Run:
             # A title request is spend like any other (chat_usage, kind "title"), also when it
             # failed after the provider reported usage. Shielded: the run may be cancelled.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._record_spend("title", spent or meter.take()))
+                spend = spent if spent is not None else meter.take()
+                await asyncio.shield(self._record_spend("title", spend))
         log.info("run.title_generated", kept_user_title=updated is None, **self._log)
 
     async def _end_turn(

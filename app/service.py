@@ -59,13 +59,14 @@ async def wait_for_database(dsn: str) -> None:
     while True:
         try:
             await migrate_dsn(dsn)
-            return
         except Exception as exc:
             if not is_outage(exc):
                 raise
             log.warning("service.database_unavailable", error=repr(exc), retry_in_s=backoff_s)
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, STARTUP_BACKOFF_MAX_S)
+        else:
+            return
 
 
 async def serve(settings: Settings, dsn: str) -> None:

@@ -334,7 +334,7 @@ class Position:
         return StreamCursor(self.message_id, self.part_id if self.in_step else 0)
 
 
-def advance(read: ChatRead, position: Position) -> list[Frame]:
+def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912  one pure protocol step; its order is the point
     """The frames that take `position` to the state of `read` (and move it there)."""
     cid = str(read.chat_id)
     if not read.exists:

@@ -298,7 +298,7 @@ async def run(dsn: str, result: ScenarioResult, scale: Scale = DEFAULT_SCALE) ->
                 await pool.close()
 
 
-async def _measure(
+async def _measure(  # noqa: PLR0915  one measurement, read top to bottom
     pool: asyncpg.Pool,
     *,
     session: aiohttp.ClientSession,

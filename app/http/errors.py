@@ -83,7 +83,7 @@ def error_body(error: ChatdError) -> dict[str, object]:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:  # noqa: PLR0911, PLR0912  one answer per kind of failure
     try:
         return await handler(request)
     except ChatdError as error:

@@ -147,7 +147,7 @@ class _StepState:
     stop_reason: _StopReason = "other"
     stopped: bool = False
 
-    def apply(self, event: anthropic.types.RawMessageStreamEvent) -> list[ProviderEvent]:
+    def apply(self, event: anthropic.types.RawMessageStreamEvent) -> list[ProviderEvent]:  # noqa: PLR0911, PLR0912  one branch per raw event type
         if event.type == "message_start":
             usage = event.message.usage
             self.input_tokens = usage.input_tokens

@@ -94,7 +94,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def classify(
+def classify(  # noqa: PLR0911  one return per exception family
     exc: Exception, provider: str, *, now: Callable[[], datetime] = utc_now
 ) -> ClassifiedError:
     """Classify `exc`, raised while `provider` streamed a step. `now` dates a Retry-After."""
@@ -235,7 +235,7 @@ def _from_api_error(
     )
 
 
-def _kind_for(
+def _kind_for(  # noqa: PLR0911  a decision table, one row per return
     status: int | None, error_type: str | None, error_code: str | None
 ) -> tuple[ErrorKind, bool]:
     if error_code in USAGE_LIMIT_CODES or error_type in USAGE_LIMIT_CODES or status == 402:

@@ -169,13 +169,14 @@ async def stream_step(
             async with _closing(_guarded(provider.stream(request), guards, provider.name)) as step:
                 async for event in step:
                     yield event
-            return
         except asyncio.CancelledError as cancelled:
             if _being_cancelled():
                 raise  # Stop, shutdown, a caller's deadline: never swallowed, never retried
             error = provider_cancellation(provider.name, cancelled)
         except Exception as exc:
             error = classify(exc, provider.name, now=now)
+        else:
+            return
         failed += 1
         if not error.retryable:
             raise ProviderError(error)

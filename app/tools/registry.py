@@ -145,32 +145,33 @@ class ToolRegistry:
             return ToolOutcome(f"tool {name!r} timed out after {tool.timeout_s:g}s", is_error=True)
         except FencedOut:
             raise  # the run lost its chat: it must stop, not tell the model
-        except asyncio.CancelledError as exc:
-            if _being_cancelled():
+        except (asyncio.CancelledError, Exception) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                 raise  # an interrupt or a shutdown: the run decides what it means
-            # Raised inside the tool (a cancelled scope of a library it uses) while nobody
-            # cancelled the run: the tool failed. Propagating it would end the step "cancelled
-            # without a cause", which fails the whole chat.
-            log.error(
-                "tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc), exc_info=True
-            )
-            return ToolOutcome(f"tool {name!r} failed: {INTERNAL_ERROR}", is_error=True)
-        except Exception as exc:
+            # A CancelledError here was raised inside the tool (a cancelled scope of a library
+            # it uses) while nobody cancelled the run: the tool failed. Propagating it would end
+            # the step "cancelled without a cause", which fails the whole chat.
             # The text of an unexpected exception is for the operator, never for the model.
             log.error(
                 "tool.failed", chat_id=context.chat_id, tool=name, error=repr(exc), exc_info=True
             )
             return ToolOutcome(f"tool {name!r} failed: {INTERNAL_ERROR}", is_error=True)
-        try:
-            encoded = json.dumps(result)
-        except (TypeError, ValueError):
-            return ToolOutcome(f"tool {name!r} returned a value that is not JSON", is_error=True)
-        if len(encoded) > MAX_RESULT_CHARS:
-            return ToolOutcome(
-                f"tool {name!r} returned {len(encoded)} characters, more than {MAX_RESULT_CHARS}",
-                is_error=True,
-            )
-        return ToolOutcome(result, is_error=False)
+        return _checked_result(name, result)
+
+
+def _checked_result(name: str, result: Any) -> ToolOutcome:
+    """The outcome of a tool that returned: its result if the model can be given it (JSON, and
+    not longer than MAX_RESULT_CHARS), else an error the model can read."""
+    try:
+        encoded = json.dumps(result)
+    except (TypeError, ValueError):
+        return ToolOutcome(f"tool {name!r} returned a value that is not JSON", is_error=True)
+    if len(encoded) > MAX_RESULT_CHARS:
+        return ToolOutcome(
+            f"tool {name!r} returned {len(encoded)} characters, more than {MAX_RESULT_CHARS}",
+            is_error=True,
+        )
+    return ToolOutcome(result, is_error=False)
 
 
 def _being_cancelled() -> bool:

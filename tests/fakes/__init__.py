@@ -191,7 +191,7 @@ class FakeProviderServer(ABC):
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0911  one return per scripted behaviour
         body = await request.json()
         headers = {name.lower(): value for name, value in request.headers.items()}
         recorded = RecordedRequest(request.path, headers, body)

@@ -84,7 +84,7 @@ class Generator:
             schema = self.schemas[schema["$ref"].rsplit("/", 1)[1]]
         return schema
 
-    def valid(self, schema: dict[str, Any], depth: int = 0) -> Any:
+    def valid(self, schema: dict[str, Any], depth: int = 0) -> Any:  # noqa: PLR0911, PLR0912  one branch per JSON-schema form
         schema = self.resolve(schema)
         rng = self.rng
         for key in ("anyOf", "oneOf"):

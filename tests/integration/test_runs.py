@@ -236,6 +236,9 @@ async def test_concurrent_acquirers_share_the_running_cap(
             assert over == 0
     finally:
         await asyncio.gather(*(acquirer.close() for acquirer in acquirers))
+    running = await conn.fetchval(
+        "SELECT count(*) FROM chats WHERE owner_id = $1 AND status = 'running'", heavy["id"]
+    )
     assert running == 5  # every other chat was taken: the cap, not a lack of slots, held it
     assert await conn.fetchval("SELECT count(*) FROM chats WHERE status = 'pending'") == 95
 

@@ -78,6 +78,7 @@ async def test_sse_resume_on_another_instance_has_no_gap_and_no_duplicate(
         worker = SimulatedWorker(a.pool, chat_id)
         await worker.acquire()
         words = [f"w{i} " for i in range(60)]
+        written: list[int] = []  # the part ids of the latest flush window
 
         async with open_sse(a, user, chat_id) as first:
             for i in range(0, 20, 2):
@@ -114,6 +115,7 @@ async def test_websocket_resume_with_after(api: ApiInstance, user: ApiUser) -> N
     worker = SimulatedWorker(api.pool, chat_id)
     await worker.acquire()
     words = [f"v{i} " for i in range(30)]
+    written: list[int] = []  # the part ids of the latest flush window
     received: list[dict[str, Any]] = []
 
     async def read_until(ws: aiohttp.ClientWebSocketResponse, predicate: Any) -> None:
