@@ -3,8 +3,9 @@ archive. Each operation is one transaction that first locks the chat row and rai
 error (NotFound, InvalidTransition, QueueFull, ValidationFailed) for what it does not allow,
 changing nothing. The worker's side of the machine (acquire, step, finish) is in runs.py.
 
-States (DESIGN.md §3): waiting (the user's turn), pending (needs a replica), running (owned by
-worker_id), error (failed; a new user message makes it pending again)."""
+States (docs/architecture.md, "Chat states"): waiting (the user's turn), pending (needs a
+replica), running (owned by worker_id), error (failed; a new user message makes it pending
+again)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class Chat:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The public Chat shape of DESIGN.md §8."""
+        """The public Chat shape (docs/api.md, "Routes")."""
         return {
             "id": str(self.id),
             "owner_id": str(self.owner_id),
@@ -156,7 +157,7 @@ class Message:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The public Message shape of DESIGN.md §8."""
+        """The public Message shape (docs/api.md, "Routes")."""
         body: dict[str, Any] = {
             "id": self.id,
             "chat_id": str(self.chat_id),

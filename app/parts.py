@@ -1,8 +1,8 @@
-"""The coalesced part flusher (DESIGN.md §5): one per replica. Runs hand it the live parts of
-the steps they stream; every `interval` window ONE statement (one multi-row INSERT) carries
-the buffered parts of ALL the runs of this replica, so the notification commit lock is taken
-about once per window per replica, not once per token or per chat. Nothing is written while
-the buffer is empty.
+"""The coalesced part flusher (docs/engine.md, "Coalesced flush"): one per replica. Runs hand
+it the live parts of the steps they stream; every `interval` window ONE statement (one
+multi-row INSERT) carries the buffered parts of ALL the runs of this replica, so the
+notification commit lock is taken about once per window per replica, not once per token or per
+chat. Nothing is written while the buffer is empty.
 
 Everything is keyed by the run's token (chat id + worker + generation), never by the chat id
 alone: one replica may briefly run two generations of the same chat (the old run still

@@ -1,7 +1,7 @@
-"""The chat loop of one run (DESIGN.md §6): build the prompt, stream one model step, write its
-live parts through the replica's flusher, run its tool calls, persist the step (fenced), repeat
-while the model asks for tools (up to a step limit), then end the turn, which may pop a queued
-message and go on.
+"""The chat loop of one run (docs/engine.md, "The chat loop"): build the prompt, stream one
+model step, write its live parts through the replica's flusher, run its tool calls, persist
+the step (fenced), repeat while the model asks for tools (up to a step limit), then end the
+turn, which may pop a queued message and go on.
 
 Cancellation is information. A run is stopped for one of four causes (`StopCause`), always set
 *before* anything is cancelled:
@@ -78,7 +78,8 @@ from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolCo
 
 log = get_logger(__name__)
 
-# The synthetic result of a tool call that an interrupt cut off (DESIGN.md §3).
+# The synthetic result of a tool call that an interrupt cut off (docs/architecture.md,
+# "Chat states").
 INTERRUPTED_RESULT = "interrupted"
 # Bound of the shielded give-back write of a stopping run.
 GIVE_BACK_TIMEOUT_S = 5.0

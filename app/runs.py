@@ -1,5 +1,6 @@
-"""The worker's side of the chat state machine (DESIGN.md §3): acquire, persist a step, finish a
-turn, complete an interrupt, give a chat back (shutdown, lost liveness, dead replica), fail.
+"""The worker's side of the chat state machine (docs/architecture.md, "Chat states"): acquire,
+persist a step, finish a turn, complete an interrupt, give a chat back (shutdown, lost
+liveness, dead replica), fail.
 
 A run is fenced by its `RunToken` (worker_id, generation). Every write below is one transaction
 that first locks the chat row on the condition "running, worker_id = me, generation = g"

@@ -1,4 +1,4 @@
-"""The stream room: per replica, ONE hub per chat that has local watchers (DESIGN.md §5).
+"""The stream room: per replica, ONE hub per chat that has local watchers (docs/api.md, "Streams").
 
 A hub subscribes to `chat:<id>` on the listener. Notifications only set "what to re-read" flags;
 the hub's loop then makes ONE read for everything that accumulated, whatever the number of local

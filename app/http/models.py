@@ -1,4 +1,4 @@
-"""The shapes of the HTTP API (DESIGN.md §8) as pydantic models. Request models validate every
+"""The shapes of the HTTP API (docs/api.md) as pydantic models. Request models validate every
 request and generate the OpenAPI document; response and event models only describe (the
 responses are built by the domain objects' `to_json`), and the tests check real responses
 against them, so the document cannot drift from the server."""

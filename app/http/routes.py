@@ -1,4 +1,4 @@
-"""The REST routes of DESIGN.md §8 and their declarations. Handlers translate HTTP to calls of
+"""The REST routes (docs/api.md) and their declarations. Handlers translate HTTP to calls of
 the state machine (app/chats.py) and the admin data (app/admin.py); they never pick an error
 status (the middleware does) and never run SQL."""
 

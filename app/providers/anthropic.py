@@ -2,9 +2,9 @@
 
 We read the raw events (`messages.create(stream=True)`) rather than the SDK's `messages.stream`
 helper because we map every event ourselves anyway (text, thinking, tool input fragments, usage),
-and the raw events make "the stream ended before message_stop" visible, which DESIGN.md §7
-classifies as a retryable timeout. The SDK's own retries are off (`max_retries=0`): chatd
-retries in retry.py, where each retry is published.
+and the raw events make "the stream ended before message_stop" visible, which chatd classifies
+as a retryable timeout (docs/providers.md, "Classification"). The SDK's own retries are off
+(`max_retries=0`): chatd retries in retry.py, where each retry is published.
 
 Prompt caching: Anthropic caches the prompt prefix up to each `cache_control` breakpoint, in
 the order tools → system → messages. We mark the end of the static part (the system prompt,

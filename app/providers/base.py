@@ -43,7 +43,7 @@ class ToolSpec:
 
 @dataclass(frozen=True)
 class PromptMessage:
-    """One message of the prompt, content as chatd parts (see DESIGN.md §8 for part shapes)."""
+    """One message of the prompt, content as chatd parts (part shapes: docs/api.md, "Routes")."""
 
     role: Literal["user", "assistant", "tool"]
     content: list[dict[str, Any]]

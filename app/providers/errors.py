@@ -1,4 +1,5 @@
-"""Turn whatever a provider call raised into a `ClassifiedError` (DESIGN.md §7).
+"""Turn whatever a provider call raised into a `ClassifiedError` (docs/providers.md,
+"Classification").
 
 Order of evidence, strongest first:
 1. structured SDK errors: HTTP status, `retry-after-ms`/`retry-after` headers, and the error
@@ -281,7 +282,8 @@ def _from_transport(provider: str, cause: BaseException, *, fallback: Exception)
         kind = "generic"
         message = "could not connect to the provider"
     else:
-        # Reset or closed mid-body: the stream ended before its terminal event (DESIGN.md §7).
+        # Reset or closed mid-body: the stream ended before its terminal event, a retryable
+        # timeout (docs/providers.md, "Classification").
         kind = "timeout"
         message = "the connection to the provider was lost mid-stream"
     return ClassifiedError(

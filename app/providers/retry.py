@@ -1,4 +1,5 @@
-"""Stream one model step with chatd's retries and stream guards (DESIGN.md §6, §7).
+"""Stream one model step with chatd's retries and stream guards (docs/providers.md,
+"Retry loop and guards").
 
 The SDKs' own retries are off; this loop retries instead, so that every retry is visible: it
 awaits `on_retry` before each one, which the chat loop publishes as a `retry` event.
@@ -73,7 +74,8 @@ class RetryInfo:
     error: ClassifiedError
 
     def as_json(self) -> dict[str, Any]:
-        """The fields of DESIGN.md §8's `retry` event, minus `type` and `chat_id`."""
+        """The fields of the `retry` stream event (docs/api.md, "Frames"), minus `type` and
+        `chat_id`."""
         return {
             "attempt": self.attempt,
             "delay_ms": self.delay_ms,

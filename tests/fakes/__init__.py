@@ -1,5 +1,5 @@
 """Local HTTP servers that speak the model providers' real wire formats, so tests drive the
-official SDKs over real HTTP (DESIGN.md §10).
+official SDKs over real HTTP (docs/architecture.md, "How chatd is tested").
 
 Each server answers every request with the next behaviour of its plan (`script(...)`): a model
 step to stream, or a fault. When the plan is empty, a `responder` (if set) decides from the

@@ -1,4 +1,4 @@
-"""The REST routes of DESIGN.md §8 over real HTTP against a real database: shapes (checked
+"""The REST routes of docs/api.md over real HTTP against a real database: shapes (checked
 against the models the OpenAPI document is generated from), statuses, paging, the state machine
 transitions they drive, and the admin-only model-config routes."""
 
