@@ -15,14 +15,14 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from app.paths import QUERIES_DIR
+from app.paths import QUERIES_DIR, sql_files
 
 # What a query function accepts: a plain connection or one borrowed from the pool.
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -46,9 +46,9 @@ class Queries:
         self._queries = queries
 
     @classmethod
-    def load(cls, directory: Path = QUERIES_DIR) -> Queries:
+    def load(cls, directory: Traversable = QUERIES_DIR) -> Queries:
         queries: dict[str, Query] = {}
-        for path in sorted(directory.glob("*.sql")):
+        for path in sql_files(directory):
             for query in _parse(path):
                 if query.name in queries:
                     raise ValueError(
@@ -75,7 +75,7 @@ def project_queries() -> Queries:
     return Queries.load()
 
 
-def _parse(path: Path) -> list[Query]:
+def _parse(path: Traversable) -> list[Query]:
     queries: list[Query] = []
     name: str | None = None
     kind = ""
@@ -88,7 +88,7 @@ def _parse(path: Path) -> list[Query]:
                 raise ValueError(f"query {name!r} in {path} is empty")
             queries.append(Query(name=name, kind=kind, sql=body, source=path.name))
 
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         header = _HEADER.match(line)
         if header:
             flush()

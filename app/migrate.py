@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
 from app.db import CONNECT_TIMEOUT_S
 from app.log import get_logger
-from app.paths import MIGRATIONS_DIR, PROJECT_ROOT, SQL_DIR
+from app.paths import MIGRATIONS_DIR, SQL_DIR, include_file, sql_files
 
 log = get_logger(__name__)
 
@@ -44,13 +44,13 @@ class MigrationError(Exception):
     pass
 
 
-def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def load_migrations(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     migrations: list[Migration] = []
-    for path in sorted(directory.glob("*.sql")):
+    for path in sql_files(directory):
         match = _FILE_NAME.match(path.name)
         if match is None:
             raise MigrationError(f"migration file {path.name} is not named NNNN_name.sql")
-        sql = expand_includes(path.read_text())
+        sql = expand_includes(path.read_text(encoding="utf-8"))
         migrations.append(Migration(int(match["version"]), match["name"], sql))
     versions = [m.version for m in migrations]
     if len(set(versions)) != len(versions):
@@ -65,14 +65,14 @@ def expand_includes(sql: str) -> str:
 
 def declared_schema_sql() -> str:
     """sql/schema.sql, the schema as declared (what all migrations together must produce)."""
-    return expand_includes((SQL_DIR / "schema.sql").read_text())
+    return expand_includes((SQL_DIR / "schema.sql").read_text(encoding="utf-8"))
 
 
 def _read_include(relative: str) -> str:
-    path = (PROJECT_ROOT / relative).resolve()
-    if PROJECT_ROOT not in path.parents:
-        raise MigrationError(f"include outside the project: {relative}")
-    return path.read_text()
+    path = include_file(relative)
+    if path is None:
+        raise MigrationError(f"an include names a file outside triggers/: {relative}")
+    return path.read_text(encoding="utf-8")
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:

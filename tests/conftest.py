@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
+from app.db import dsn_with_database
 from tests.faults.fixtures import pg_cluster, pg_cluster_module, pg_proxy  # noqa: F401
 from tests.pg import PgTestServer, start_pg_test_server
 
@@ -27,6 +29,19 @@ async def database_url(pg_server: PgTestServer) -> AsyncIterator[str]:
         yield dsn
     finally:
         await pg_server.drop_database(name)
+
+
+@pytest.fixture
+async def empty_database(pg_server: PgTestServer) -> AsyncIterator[str]:
+    """A database with nothing in it (not cloned from the migrated template)."""
+    admin = await asyncpg.connect(pg_server.admin_dsn)
+    name = f"chatd_empty_{os.getpid()}_{id(admin)}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        yield dsn_with_database(pg_server.admin_dsn, name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 @pytest.fixture

@@ -24,7 +24,19 @@ def free_port() -> int:
 
 
 class ReplicaProcess:
-    def __init__(self, *, log_dir: Path, env: dict[str, str], name: str = "replica") -> None:
+    def __init__(
+        self,
+        *,
+        log_dir: Path,
+        env: dict[str, str],
+        name: str = "replica",
+        command: list[str] | None = None,
+        cwd: Path = PROJECT_ROOT,
+    ) -> None:
+        # By default the checkout's code (`make run`); a test of an installed chatd passes its
+        # own `chatd serve` and a directory outside the checkout.
+        self._command = command or [sys.executable, "-m", "app.cli", "serve"]
+        self._cwd = cwd
         self.port = free_port()
         self.name = name
         self.log_path = log_dir / f"{name}-{self.port}.log"
@@ -38,8 +50,8 @@ class ReplicaProcess:
     def start(self) -> None:
         log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            cwd=PROJECT_ROOT,
+            self._command,
+            cwd=self._cwd,
             env=self._env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

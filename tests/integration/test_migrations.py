@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -16,19 +15,6 @@ from app.db import dsn_with_database
 from app.embedded_pg import EmbeddedPostgres
 from app.migrate import declared_schema_sql, load_migrations, migrate
 from tests.pg import PgTestServer
-
-
-@pytest.fixture
-async def empty_database(pg_server: PgTestServer) -> AsyncIterator[str]:
-    """A database with nothing in it (not cloned from the migrated template)."""
-    admin = await asyncpg.connect(pg_server.admin_dsn)
-    name = f"chatd_empty_{os.getpid()}_{id(admin)}"
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        yield dsn_with_database(pg_server.admin_dsn, name)
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 def _pg_dump_schema(dsn: str) -> str:
