@@ -274,7 +274,7 @@ def default_title(content: list[dict[str, Any]], max_words: int = 8) -> str:
 
 
 async def _lock_chat(conn: Conn, owner: Owner, chat_id: uuid.UUID) -> asyncpg.Record:
-    row = await conn.fetchrow(Q.sql("lock_chat_for_owner"), chat_id, owner.user_id)
+    row = await conn.fetchrow(Q.sql("chats_lock_for_owner"), chat_id, owner.user_id)
     if row is None:
         raise NotFound("chat not found")
     return row
@@ -299,13 +299,13 @@ async def _check_user_limits(
 ) -> None:
     """Before a transition adds a chat (not archived) and/or a pending chat for the user: raise
     LimitReached if the user is at a limit. Called before anything is written; the user row
-    lock serializes the checks of one user (sql/queries/chats.sql, lock_user_for_limits)."""
+    lock serializes the checks of one user (sql/queries/chats.sql, chats_lock_user_for_limits)."""
     check_chats = new_chat and limits.max_chats is not None
     check_pending = new_pending and limits.max_pending_chats is not None
     if not (check_chats or check_pending):
         return
-    await conn.execute(Q.sql("lock_user_for_limits"), user_id)
-    counts = await conn.fetchrow(Q.sql("count_user_chats"), user_id)
+    await conn.execute(Q.sql("chats_lock_user_for_limits"), user_id)
+    counts = await conn.fetchrow(Q.sql("chats_count_of_user"), user_id)
     assert counts is not None
     if check_chats and limits.max_chats is not None and counts["chats"] >= limits.max_chats:
         raise LimitReached(
@@ -328,14 +328,14 @@ async def _check_user_limits(
 
 async def _resolve_model_config(conn: Conn, model_config_id: uuid.UUID | None) -> uuid.UUID:
     if model_config_id is not None:
-        row = await conn.fetchrow(Q.sql("enabled_model_config"), model_config_id)
+        row = await conn.fetchrow(Q.sql("chats_enabled_model_config"), model_config_id)
         if row is None:
             raise ValidationFailed(
                 "unknown or disabled model config",
                 validations=[{"field": "model_config_id", "detail": "not found or disabled"}],
             )
     else:
-        row = await conn.fetchrow(Q.sql("default_model_config"))
+        row = await conn.fetchrow(Q.sql("chats_default_model_config"))
         if row is None:
             raise ValidationFailed("no default model config is enabled")
     model_id: uuid.UUID = row["id"]
@@ -380,7 +380,7 @@ async def create_chat(
         config_id = await _resolve_model_config(conn, model_config_id)
         await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=True)
         chat_row = await conn.fetchrow(
-            Q.sql("insert_chat"),
+            Q.sql("chats_insert"),
             owner.user_id,
             owner.organization_id,
             parent_chat_id,
@@ -391,7 +391,7 @@ async def create_chat(
         )
         assert chat_row is not None
         message_row = await conn.fetchrow(
-            Q.sql("insert_message"), chat_row["id"], "user", json.dumps(parts)
+            Q.sql("chats_insert_message"), chat_row["id"], "user", json.dumps(parts)
         )
         assert message_row is not None
     return Chat.from_record(chat_row), Message.from_record(message_row)
@@ -423,15 +423,17 @@ async def send_message(
         )
         if chat_row["status"] in ("waiting", "error"):
             await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
-            head = await conn.fetchrow(Q.sql("pop_queue_head"), chat_id)
+            head = await conn.fetchrow(Q.sql("chats_pop_queue_head"), chat_id)
             sent = head["content"] if head is not None else json.dumps(parts)
-            message_row = await conn.fetchrow(Q.sql("insert_message"), chat_id, "user", sent)
+            message_row = await conn.fetchrow(Q.sql("chats_insert_message"), chat_id, "user", sent)
             assert message_row is not None
             queued_row = None
             if head is not None:
-                queued_row = await conn.fetchrow(Q.sql("insert_queued"), chat_id, json.dumps(parts))
+                queued_row = await conn.fetchrow(
+                    Q.sql("chats_insert_queued"), chat_id, json.dumps(parts)
+                )
                 assert queued_row is not None
-            pending_row = await conn.fetchrow(Q.sql("make_pending"), chat_id)
+            pending_row = await conn.fetchrow(Q.sql("chats_make_pending"), chat_id)
             assert pending_row is not None
             if queued_row is not None:
                 return SendResult(
@@ -440,10 +442,10 @@ async def send_message(
             return SendResult(
                 Chat.from_record(pending_row), message=Message.from_record(message_row)
             )
-        queued_count = await conn.fetchval(Q.sql("count_queued"), chat_id)
+        queued_count = await conn.fetchval(Q.sql("chats_count_queued"), chat_id)
         if queued_count >= queue_limit:
             raise QueueFull(limit=queue_limit)
-        queued_row = await conn.fetchrow(Q.sql("insert_queued"), chat_id, json.dumps(parts))
+        queued_row = await conn.fetchrow(Q.sql("chats_insert_queued"), chat_id, json.dumps(parts))
         assert queued_row is not None
         return SendResult(Chat.from_record(chat_row), queued=QueuedMessage.from_record(queued_row))
 
@@ -455,11 +457,11 @@ async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Cha
         chat_row = await _lock_chat(conn, owner, chat_id)
         updated: asyncpg.Record | None = chat_row
         # Stop reaches the chat's sub-agents too (they work for the turn being stopped).
-        await conn.execute(Q.sql("interrupt_children"), chat_id)
+        await conn.execute(Q.sql("chats_interrupt_children"), chat_id)
         if chat_row["status"] == "pending":
-            updated = await conn.fetchrow(Q.sql("interrupt_pending"), chat_id)
+            updated = await conn.fetchrow(Q.sql("chats_interrupt_pending"), chat_id)
         elif chat_row["status"] == "running":
-            updated = await conn.fetchrow(Q.sql("request_interrupt"), chat_id)
+            updated = await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
         assert updated is not None
         return Chat.from_record(updated)
 
@@ -478,7 +480,9 @@ async def edit_message(
     parts = normalize_user_content(content)
     async with transaction(pool) as conn:
         chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "edit a message of")
-        message_row = await conn.fetchrow(Q.sql("get_user_message_for_edit"), message_id, chat_id)
+        message_row = await conn.fetchrow(
+            Q.sql("chats_get_user_message_for_edit"), message_id, chat_id
+        )
         if message_row is None:
             raise NotFound("message not found")
         if message_row["role"] != "user":
@@ -497,12 +501,14 @@ async def edit_message(
             new_chat=False,
             new_pending=chat_row["status"] != "pending",
         )
-        await conn.execute(Q.sql("soft_delete_messages_from"), chat_id, message_id)
-        await conn.execute(Q.sql("uncompress_for_deleted_summaries"), chat_id, message_id)
-        await conn.execute(Q.sql("clear_queue"), chat_id)
-        await conn.execute(Q.sql("clear_stream_parts"), chat_id)
-        new_row = await conn.fetchrow(Q.sql("insert_message"), chat_id, "user", json.dumps(parts))
-        await conn.fetchrow(Q.sql("reset_to_pending"), chat_id)
+        await conn.execute(Q.sql("chats_soft_delete_messages_from"), chat_id, message_id)
+        await conn.execute(Q.sql("chats_uncompress_for_deleted_summaries"), chat_id, message_id)
+        await conn.execute(Q.sql("chats_clear_queue"), chat_id)
+        await conn.execute(Q.sql("chats_clear_stream_parts"), chat_id)
+        new_row = await conn.fetchrow(
+            Q.sql("chats_insert_message"), chat_id, "user", json.dumps(parts)
+        )
+        await conn.fetchrow(Q.sql("chats_reset_to_pending"), chat_id)
         assert new_row is not None
         return Message.from_record(new_row)
 
@@ -512,7 +518,7 @@ async def delete_queued(
 ) -> None:
     async with transaction(pool) as conn:
         await _lock_chat(conn, owner, chat_id)
-        if await conn.fetchrow(Q.sql("delete_queued"), queued_id, chat_id) is None:
+        if await conn.fetchrow(Q.sql("chats_delete_queued"), queued_id, chat_id) is None:
             raise NotFound("queued message not found")
 
 
@@ -531,23 +537,23 @@ async def promote_queued(
     async with transaction(pool) as conn:
         chat_row = await _lock_chat(conn, owner, chat_id)
         if chat_row["status"] == "running":
-            queued_row = await conn.fetchrow(Q.sql("promote_queued"), queued_id, chat_id)
+            queued_row = await conn.fetchrow(Q.sql("chats_promote_queued"), queued_id, chat_id)
             if queued_row is None:
                 raise NotFound("queued message not found")
-            await conn.fetchrow(Q.sql("request_interrupt"), chat_id)
+            await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
             return QueuedMessage.from_record(queued_row)
         makes_pending = chat_row["status"] in ("waiting", "error") and not chat_row["archived"]
         if makes_pending:
             await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
-        queued_row = await conn.fetchrow(Q.sql("delete_queued"), queued_id, chat_id)
+        queued_row = await conn.fetchrow(Q.sql("chats_delete_queued"), queued_id, chat_id)
         if queued_row is None:
             raise NotFound("queued message not found")
         message_row = await conn.fetchrow(
-            Q.sql("insert_message"), chat_id, "user", queued_row["content"]
+            Q.sql("chats_insert_message"), chat_id, "user", queued_row["content"]
         )
         assert message_row is not None
         if makes_pending:
-            await conn.fetchrow(Q.sql("make_pending"), chat_id)
+            await conn.fetchrow(Q.sql("chats_make_pending"), chat_id)
         return Message.from_record(message_row)
 
 
@@ -575,16 +581,16 @@ async def update_chat(
         current = await _lock_chat(conn, owner, chat_id)
         if archived is False and current["archived"]:
             await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=False)
-        row = await conn.fetchrow(Q.sql("update_chat_fields"), chat_id, title, archived)
+        row = await conn.fetchrow(Q.sql("chats_update_fields"), chat_id, title, archived)
         if archived:
-            await conn.execute(Q.sql("archive_children"), chat_id)
-            await conn.execute(Q.sql("archive_drop_live_parts"), chat_id)
+            await conn.execute(Q.sql("chats_archive_children"), chat_id)
+            await conn.execute(Q.sql("chats_archive_drop_live_parts"), chat_id)
         assert row is not None
         return Chat.from_record(row)
 
 
 async def get_chat(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat:
-    row = await pool.fetchrow(Q.sql("get_chat_for_owner"), chat_id, owner.user_id)
+    row = await pool.fetchrow(Q.sql("chats_get_for_owner"), chat_id, owner.user_id)
     if row is None:
         raise NotFound("chat not found")
     return Chat.from_record(row)
@@ -600,7 +606,7 @@ async def list_chats(
     before: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[Chat]:
     rows = await pool.fetch(
-        Q.sql("list_chats_for_owner"),
+        Q.sql("chats_list_for_owner"),
         owner.user_id,
         before[0] if before else None,
         status,
@@ -615,10 +621,10 @@ async def list_messages(
     pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, *, after_id: int = 0, limit: int = 100
 ) -> tuple[list[Message], list[QueuedMessage]]:
     async with transaction(pool) as conn:
-        if await conn.fetchrow(Q.sql("get_chat_for_owner"), chat_id, owner.user_id) is None:
+        if await conn.fetchrow(Q.sql("chats_get_for_owner"), chat_id, owner.user_id) is None:
             raise NotFound("chat not found")
-        messages = await conn.fetch(Q.sql("list_messages"), chat_id, after_id, limit)
-        queued = await conn.fetch(Q.sql("list_queued"), chat_id)
+        messages = await conn.fetch(Q.sql("chats_list_messages"), chat_id, after_id, limit)
+        queued = await conn.fetch(Q.sql("chats_list_queued"), chat_id)
     return (
         [Message.from_record(row) for row in messages],
         [QueuedMessage.from_record(row) for row in queued],

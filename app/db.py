@@ -39,7 +39,7 @@ class Query:
 
 
 class Queries:
-    """Named SQL blocks: `-- name: acquire_chats :many` starts a block that ends at the next
+    """Named SQL blocks: `-- name: runs_acquire :many` starts a block that ends at the next
     header. Loaded once at import; a duplicate name anywhere is an error."""
 
     def __init__(self, queries: dict[str, Query]) -> None:

@@ -341,3 +341,9 @@ def _by_run(batch: Iterable[BufferedPart]) -> list[tuple[RunToken, list[Buffered
     for part in batch:
         groups.setdefault(part.token, []).append(part)
     return list(groups.items())
+
+
+async def delete_orphan_parts(pool: asyncpg.Pool) -> int:
+    """Remove live parts that belong to no run in progress; returns how many."""
+    count: int = await pool.fetchval(Q.sql("parts_delete_orphans"))
+    return count

@@ -29,7 +29,7 @@ from typing import NoReturn
 
 import asyncpg
 
-from app import runs
+from app import parts, runs
 from app.chats import Chat
 from app.config import Settings
 from app.db import (
@@ -247,10 +247,10 @@ class Replica:
         that order: a row others can see always has its lock held while its session lives)."""
         conn = await connect(self._dsn)
         try:
-            await conn.execute(Q.sql("replica_advance_part_ids"))
+            await conn.execute(Q.sql("replicas_advance_part_ids"))
             candidate = await _lock_free_id(conn, first_id or uuid.uuid4())
             await conn.execute(
-                Q.sql("replica_insert"), candidate, self._hostname, os.getpid(), self._address
+                Q.sql("replicas_insert"), candidate, self._hostname, os.getpid(), self._address
             )
         except (Exception, asyncio.CancelledError):
             conn.terminate()
@@ -277,7 +277,7 @@ class Replica:
             async with asyncio.timeout(timeout_s):
                 async with conn.transaction():
                     released = await runs.requeue_unrun(conn, self.id, [])
-                    await conn.execute(Q.sql("replica_delete"), self.id)
+                    await conn.execute(Q.sql("replicas_delete"), self.id)
                 await conn.close()  # ends the session: the advisory lock is released
         except (Exception, asyncio.CancelledError) as exc:
             conn.terminate()
@@ -345,13 +345,13 @@ class Replica:
                 raise LivenessLost("liveness connection closed", outage=True)
             async with asyncio.timeout(query_timeout_s):
                 if loop.time() >= next_heartbeat:
-                    if await conn.fetchval(Q.sql("replica_heartbeat"), self.id) is None:
+                    if await conn.fetchval(Q.sql("replicas_heartbeat"), self.id) is None:
                         raise LivenessLost(
                             "replica row deleted: declared dead by another replica", outage=False
                         )
                     next_heartbeat = loop.time() + settings.heartbeat_interval_s
                 else:
-                    await conn.fetchval(Q.sql("replica_keepalive"))
+                    await conn.fetchval(Q.sql("replicas_keepalive"))
 
     # --- the sweeper: requeue the chats of replicas that are gone ----------------------------
 
@@ -371,7 +371,7 @@ class Replica:
                     await self.sweep(orphans=check_orphans)
                     if check_orphans:
                         next_orphan_check = loop.time() + self.settings.stale_threshold_s
-                        if removed := await runs.delete_orphan_parts(self._pool):
+                        if removed := await parts.delete_orphan_parts(self._pool):
                             log.info("parts.orphans_deleted", parts=removed, **self._fields())
                 backoff.reset()
             except Exception as exc:
@@ -386,7 +386,7 @@ class Replica:
         chats handed on. Costs one query when every replica is alive."""
         stale_s = self.settings.stale_threshold_s
         gone = await self._pool.fetch(
-            Q.sql("replica_find_gone"), self.id, LIVENESS_LOCK_NAMESPACE, stale_s
+            Q.sql("replicas_find_gone"), self.id, LIVENESS_LOCK_NAMESPACE, stale_s
         )
         if not gone and not orphans:
             return []
@@ -396,13 +396,13 @@ class Replica:
             # A stuck replica may hold a chat row lock in a transaction it cannot finish: wait
             # a bounded time and retry at the next check rather than wedge the sweeper (the
             # server ends such transactions, see ENGINE_SERVER_SETTINGS).
-            await conn.execute(Q.sql("replica_sweep_lock_timeout"), f"{SWEEP_LOCK_TIMEOUT_MS}ms")
+            await conn.execute(Q.sql("replicas_sweep_lock_timeout"), f"{SWEEP_LOCK_TIMEOUT_MS}ms")
             deleted: list[uuid.UUID] = []
             if gone_ids:
                 deleted = [
                     row["id"]
                     for row in await conn.fetch(
-                        Q.sql("replica_delete_gone"), gone_ids, lock_free_ids, stale_s
+                        Q.sql("replicas_delete_gone"), gone_ids, lock_free_ids, stale_s
                     )
                 ]
             requeued = await runs.requeue_orphans(
@@ -630,7 +630,7 @@ class _Backoff:
 async def _lock_free_id(conn: asyncpg.Connection, candidate: uuid.UUID) -> uuid.UUID:
     """Take the liveness lock of `candidate`, or of another fresh id when its key is taken."""
     for _attempt in range(REGISTER_ATTEMPTS):
-        if await conn.fetchval(Q.sql("replica_try_lock"), candidate, LIVENESS_LOCK_NAMESPACE):
+        if await conn.fetchval(Q.sql("replicas_try_lock"), candidate, LIVENESS_LOCK_NAMESPACE):
             return candidate
         candidate = uuid.uuid4()
     raise RuntimeError("could not find a free replica lock key")

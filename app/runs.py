@@ -4,7 +4,7 @@ liveness, dead replica), fail.
 
 A run is fenced by its `RunToken` (worker_id, generation). Every write below is one transaction
 that first locks the chat row on the condition "running, worker_id = me, generation = g"
-(`run_lock_owned`); when that matches nothing the run has lost its chat (an edit, an archive, a
+(`runs_lock_owned`); when that matches nothing the run has lost its chat (an edit, an archive, a
 requeue by another replica, a re-acquire) and `FencedOut` is raised with nothing written. The
 user's side of the machine is in chats.py."""
 
@@ -81,7 +81,7 @@ class UsageRecord:
 
 async def record_usage(conn: Conn | asyncpg.Pool, chat_id: uuid.UUID, record: UsageRecord) -> None:
     await conn.execute(
-        Q.sql("run_record_usage"),
+        Q.sql("runs_record_usage"),
         chat_id,
         record.kind,
         record.model_config_id,
@@ -102,7 +102,7 @@ async def acquire(
     pool: asyncpg.Pool, worker_id: uuid.UUID, limit: int, *, max_running_per_user: int = 25
 ) -> list[Chat]:
     """pending -> running for up to `limit` chats in one statement, fair across users and
-    keeping each user under `max_running_per_user` (sql/queries/runs.sql, run_acquire)."""
+    keeping each user under `max_running_per_user` (sql/queries/runs.sql, runs_acquire)."""
     chats, _held_back = await acquire_fairly(
         pool, worker_id, limit, max_running_per_user=max_running_per_user
     )
@@ -116,13 +116,13 @@ async def acquire_fairly(
     (then the end of a run may let it in: try again when one ends)."""
     if limit <= 0:
         return [], False
-    rows = await pool.fetch(Q.sql("run_acquire"), worker_id, limit, max_running_per_user)
+    rows = await pool.fetch(Q.sql("runs_acquire"), worker_id, limit, max_running_per_user)
     held_back = bool(rows and rows[0]["held_back"])
     return [Chat.from_record(row) for row in rows if row["id"] is not None], held_back
 
 
 async def read_chat(pool: asyncpg.Pool, chat_id: uuid.UUID) -> Chat | None:
-    row = await pool.fetchrow(Q.sql("run_read_chat"), chat_id)
+    row = await pool.fetchrow(Q.sql("runs_read_chat"), chat_id)
     return Chat.from_record(row) if row is not None else None
 
 
@@ -137,7 +137,7 @@ def owns(chat: Chat | None, token: RunToken) -> bool:
 
 
 async def load_model_config(pool: asyncpg.Pool, model_config_id: uuid.UUID | None) -> ModelConfig:
-    row = await pool.fetchrow(Q.sql("run_model_config"), model_config_id)
+    row = await pool.fetchrow(Q.sql("runs_model_config"), model_config_id)
     if row is None:
         raise LookupError(f"model config {model_config_id} does not exist")
     return ModelConfig(
@@ -152,13 +152,13 @@ async def load_model_config(pool: asyncpg.Pool, model_config_id: uuid.UUID | Non
 
 
 async def prompt_messages(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[Message]:
-    rows = await pool.fetch(Q.sql("run_prompt_messages"), chat_id)
+    rows = await pool.fetch(Q.sql("runs_prompt_messages"), chat_id)
     return [Message.from_record(row) for row in rows]
 
 
 async def _lock_owned(conn: Conn, token: RunToken) -> asyncpg.Record:
     row = await conn.fetchrow(
-        Q.sql("run_lock_owned"), token.chat_id, token.worker_id, token.generation
+        Q.sql("runs_lock_owned"), token.chat_id, token.worker_id, token.generation
     )
     if row is None:
         raise FencedOut(
@@ -172,7 +172,7 @@ async def _made_progress(conn: Conn, locked: asyncpg.Record) -> None:
     """The run persisted something: reset the poison-chat guard's count (a statement skipped
     when the count is zero, the usual case)."""
     if locked["failed_runs"]:
-        await conn.execute(Q.sql("run_reset_failed_runs"), locked["id"])
+        await conn.execute(Q.sql("runs_reset_failed_runs"), locked["id"])
 
 
 async def check_owned(pool: asyncpg.Pool, token: RunToken) -> Chat:
@@ -182,7 +182,7 @@ async def check_owned(pool: asyncpg.Pool, token: RunToken) -> Chat:
 
 
 def _step_arrays(step: StepRecord | None) -> list[list[Any]]:
-    """A step's messages as the array arguments of run_insert_messages (and of the statements
+    """A step's messages as the array arguments of runs_insert_messages (and of the statements
     shaped like it): roles, contents, then the five usage columns. The assistant's message
     carries the step's usage and cost; the tool results' message none."""
     roles: list[str] = []
@@ -224,7 +224,7 @@ async def persist_step(
     async with transaction(pool) as conn:
         await _made_progress(conn, await _lock_owned(conn, token))
         rows = await conn.fetch(
-            Q.sql("run_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
+            Q.sql("runs_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
         )
         return [Message.from_record(row) for row in rows]
 
@@ -244,9 +244,9 @@ async def compact(
     a `system` message carrying the summarizing call's usage and cost."""
     async with transaction(pool) as conn:
         await _made_progress(conn, await _lock_owned(conn, token))
-        await conn.execute(Q.sql("run_compress_messages"), token.chat_id, list(compressed_ids))
+        await conn.execute(Q.sql("runs_compress_messages"), token.chat_id, list(compressed_ids))
         rows = await conn.fetch(
-            Q.sql("run_insert_messages"),
+            Q.sql("runs_insert_messages"),
             token.chat_id,
             model_config_id,
             ["system"],
@@ -265,7 +265,7 @@ async def set_generated_title(
 ) -> Chat | None:
     """Replace the fallback title by a generated one, unless the title changed meanwhile (then
     None). Not fenced: metadata, written after the turn it describes has ended."""
-    row = await pool.fetchrow(Q.sql("run_set_generated_title"), chat_id, fallback, title)
+    row = await pool.fetchrow(Q.sql("runs_set_generated_title"), chat_id, fallback, title)
     return Chat.from_record(row) if row is not None else None
 
 
@@ -282,11 +282,11 @@ async def void_step(
     `usage`: what the provider reported for the failed attempt (it is spend all the same)."""
     async with transaction(pool) as conn:
         await _lock_owned(conn, token)
-        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        await conn.execute(Q.sql("runs_delete_parts"), token.chat_id)
         if usage is not None:
             await record_usage(conn, token.chat_id, usage)
         part_id: int = await conn.fetchval(
-            Q.sql("run_insert_control_part"),
+            Q.sql("runs_insert_control_part"),
             token.chat_id,
             token.generation,
             role,
@@ -298,10 +298,10 @@ async def void_step(
 async def _pop_next_message(
     conn: Conn, chat_id: uuid.UUID, *, promoted_only: bool
 ) -> Message | None:
-    queued = await conn.fetchrow(Q.sql("run_pop_queue_head"), chat_id, promoted_only)
+    queued = await conn.fetchrow(Q.sql("runs_pop_queue_head"), chat_id, promoted_only)
     if queued is None:
         return None
-    row = await conn.fetchrow(Q.sql("run_insert_user_message"), chat_id, queued["content"])
+    row = await conn.fetchrow(Q.sql("runs_insert_user_message"), chat_id, queued["content"])
     assert row is not None
     return Message.from_record(row)
 
@@ -314,8 +314,8 @@ async def end_turn(
     step: StepRecord | None = None,
     model_config_id: uuid.UUID | None = None,
 ) -> TurnOutcome:
-    """The end of a turn, in one fenced transaction of two statements (run_lock_owned, then
-    run_end_turn, which says why it must not be one):
+    """The end of a turn, in one fenced transaction of two statements (runs_lock_owned, then
+    runs_end_turn, which says why it must not be one):
 
     - `step` (the turn's last step, or an interrupted step's output so far) is persisted
       first, and the chat's live parts are deleted.
@@ -328,7 +328,7 @@ async def end_turn(
         locked = await _lock_owned(conn, token)
         await _made_progress(conn, locked)
         row = await conn.fetchrow(
-            Q.sql("run_end_turn"),
+            Q.sql("runs_end_turn"),
             token.chat_id,
             model_config_id,
             *_step_arrays(step),
@@ -354,7 +354,7 @@ async def _give_back(
     status = "pending"
     if stop_requested and await _pop_next_message(conn, chat_id, promoted_only=True) is None:
         status = "waiting"
-    row = await conn.fetchrow(Q.sql("run_release"), chat_id, status, 1 if failed else 0)
+    row = await conn.fetchrow(Q.sql("runs_release"), chat_id, status, 1 if failed else 0)
     assert row is not None
     return row
 
@@ -364,7 +364,7 @@ async def requeue(pool: asyncpg.Pool, token: RunToken) -> Chat:
     caller discards its buffered parts first."""
     async with transaction(pool) as conn:
         row = await _lock_owned(conn, token)
-        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        await conn.execute(Q.sql("runs_delete_parts"), token.chat_id)
         released = await _give_back(
             conn, token.chat_id, stop_requested=row["interrupt_requested_at"] is not None
         )
@@ -382,10 +382,10 @@ async def fail(
     usage the provider reported for the failed attempt, if any."""
     async with transaction(pool) as conn:
         await _lock_owned(conn, token)
-        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        await conn.execute(Q.sql("runs_delete_parts"), token.chat_id)
         if usage is not None:
             await record_usage(conn, token.chat_id, usage)
-        row = await conn.fetchrow(Q.sql("run_fail"), token.chat_id, json.dumps(error))
+        row = await conn.fetchrow(Q.sql("runs_fail"), token.chat_id, json.dumps(error))
         assert row is not None
         return Chat.from_record(row)
 
@@ -413,7 +413,7 @@ async def give_back_failed(pool: asyncpg.Pool, token: RunToken, *, max_failed_ru
     requeue (another run tries again); at it, the chat ends in `error` with kind "poison"."""
     async with transaction(pool) as conn:
         row = await _lock_owned(conn, token)
-        await conn.execute(Q.sql("run_delete_parts"), token.chat_id)
+        await conn.execute(Q.sql("runs_delete_parts"), token.chat_id)
         return Chat.from_record(
             await _fail_or_give_back(
                 conn,
@@ -436,7 +436,9 @@ async def _fail_or_give_back(
 ) -> asyncpg.Record:
     """`failed_runs`: the count including this run when it `counts` toward the guard."""
     if counts and failed_runs >= max_failed_runs:
-        row = await conn.fetchrow(Q.sql("run_fail"), chat_id, json.dumps(poison_error(failed_runs)))
+        row = await conn.fetchrow(
+            Q.sql("runs_fail"), chat_id, json.dumps(poison_error(failed_runs))
+        )
         assert row is not None
         return row
     return await _give_back(conn, chat_id, stop_requested=stop_requested, failed=counts)
@@ -455,11 +457,11 @@ async def requeue_orphans(
     replica that died while running a chat counts as a failed run of it (a chat that kills
     every replica that runs it ends in `error`, kind "poison", at `max_failed_runs`), unless
     the run began before the database server's last start (it died with the server)."""
-    rows = await conn.fetch(Q.sql("run_lock_orphans"), list(gone_worker_ids), orphan_grace_s)
+    rows = await conn.fetch(Q.sql("runs_lock_orphans"), list(gone_worker_ids), orphan_grace_s)
     if not rows:
         return []
     chat_ids = [row["id"] for row in rows]
-    await conn.execute(Q.sql("run_delete_parts_of"), chat_ids)
+    await conn.execute(Q.sql("runs_delete_parts_of"), chat_ids)
     return [
         Chat.from_record(
             await _fail_or_give_back(
@@ -475,24 +477,18 @@ async def requeue_orphans(
     ]
 
 
-async def delete_orphan_parts(pool: asyncpg.Pool) -> int:
-    """Remove live parts that belong to no run in progress; returns how many."""
-    count: int = await pool.fetchval(Q.sql("parts_delete_orphans"))
-    return count
-
-
 async def requeue_unrun(conn: Conn, worker_id: uuid.UUID, live: Sequence[RunToken]) -> list[Chat]:
     """Inside the caller's transaction: give back the running chats of `worker_id` that none of
     its `live` runs drives (pending, or waiting when a Stop was asked)."""
     rows = await conn.fetch(
-        Q.sql("run_lock_unrun"),
+        Q.sql("runs_lock_unrun"),
         worker_id,
         [token.chat_id for token in live],
         [token.generation for token in live],
     )
     if not rows:
         return []
-    await conn.execute(Q.sql("run_delete_parts_of"), [row["id"] for row in rows])
+    await conn.execute(Q.sql("runs_delete_parts_of"), [row["id"] for row in rows])
     return [
         Chat.from_record(await _give_back(conn, row["id"], stop_requested=row["stop_requested"]))
         for row in rows

@@ -4,7 +4,7 @@ A hub subscribes to `chat:<id>` on the listener. Notifications only set "what to
 the hub's loop then makes ONE read for everything that accumulated, whatever the number of local
 clients, and fans the resulting frames out to every client's bounded queue. Frames are encoded
 once and shared by all clients. The reads of all the hubs that need one at the same moment share
-ONE statement (`StreamReader`, `stream_read`): a worker's flush notifies every chat it streams at
+ONE statement (`StreamReader`, `streams_read`): a worker's flush notifies every chat it streams at
 once, and their hubs here then cost one statement, not one each.
 
 Joining is serialized with the live reads: a new client is handed to the hub's loop, whose next
@@ -172,7 +172,7 @@ class LivePart:
 
 @dataclass(frozen=True)
 class ChatRead:
-    """What one read (a row of `stream_read`) returned, with every payload prepared once."""
+    """What one read (a row of `streams_read`) returned, with every payload prepared once."""
 
     chat_id: uuid.UUID
     exists: bool
@@ -455,7 +455,7 @@ def notice_frame(chat_id: uuid.UUID, cursor: StreamCursor | None, kind: str, mes
 class StreamClient:
     """One connected watcher: a bounded queue of frames that its connection's writer drains.
 
-    A client joins with a snapshot from its cursor, read page by page (`stream_read`): the next
+    A client joins with a snapshot from its cursor, read page by page (`streams_read`): the next
     page is read only once the writer has taken every frame of the previous one, and live frames
     start after the last page. So the queue holds at most one snapshot page (not counted against
     the bound: a page is bounded by itself, and its frames are shared) plus the live frames,
@@ -567,7 +567,7 @@ class StreamClient:
 
 @dataclass(frozen=True)
 class ReadRequest:
-    """What one hub asks of one read (see `stream_read`)."""
+    """What one hub asks of one read (see `streams_read`)."""
 
     chat_id: uuid.UUID
     history: bool
@@ -746,8 +746,8 @@ class StreamReader:
     async def _fetch(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
         # A lone request (the usual case at low load) reads its one row with fetchrow.
         if single:
-            return [await self._pool.fetchrow(Q.sql("stream_read"), *args)]
-        return list(await self._pool.fetch(Q.sql("stream_read"), *args))
+            return [await self._pool.fetchrow(Q.sql("streams_read"), *args)]
+        return list(await self._pool.fetch(Q.sql("streams_read"), *args))
 
     async def aclose(self) -> None:
         for task in list(self._in_flight):
@@ -762,7 +762,7 @@ class StreamReader:
 
 @dataclass
 class HubCounters:
-    reads: int = 0  # reads of this hub (each one row of a `stream_read` statement)
+    reads: int = 0  # reads of this hub (each one row of a `streams_read` statement)
     notifications: int = 0  # notices received on the chat's channel
     resyncs: int = 0  # listener resyncs (reconnect, subscription overflow)
     overflows: int = 0  # clients dropped because they fell behind
@@ -1083,7 +1083,7 @@ class StreamStats:
     notifications: int
     resyncs: int
     overflows: int
-    statements: int = 0  # the `stream_read` statements that served them (shared by hubs)
+    statements: int = 0  # the `streams_read` statements that served them (shared by hubs)
     read_failures: int = 0  # hub reads that failed and were retried
 
 

@@ -9,7 +9,7 @@ a sleep loop.
 
 Fencing: the tools act for the parent's run, so every write (spawn, message, close) first takes
 the run's fence, in the same transaction as the write: the parent row must still say
-"running, worker_id = the run's replica, generation = the run's" (`run_lock_owned`, locked FOR
+"running, worker_id = the run's replica, generation = the run's" (`runs_lock_owned`, locked FOR
 UPDATE). A run that lost its chat (edited, archived, requeued, re-acquired) gets `FencedOut`
 with nothing written, and stops like on any other fenced write."""
 
@@ -51,7 +51,7 @@ class Parent:
 async def _lock_parent_run(conn: Conn, parent: Parent) -> None:
     """The run's fence, first in the transaction of every sub-agent write."""
     run = parent.run
-    row = await conn.fetchrow(Q.sql("run_lock_owned"), run.chat_id, run.worker_id, run.generation)
+    row = await conn.fetchrow(Q.sql("runs_lock_owned"), run.chat_id, run.worker_id, run.generation)
     if row is None:
         raise FencedOut(
             "the run no longer owns its chat",
@@ -69,7 +69,7 @@ def _fence(parent: Parent) -> Fence:
 def _spawn_fence(parent: Parent, max_children: int) -> Fence:
     async def fence(conn: Conn) -> None:
         await _lock_parent_run(conn, parent)
-        open_children = await conn.fetchval(Q.sql("count_open_children"), parent.chat_id)
+        open_children = await conn.fetchval(Q.sql("subagents_count_open_children"), parent.chat_id)
         if open_children >= max_children:
             raise SubagentError(
                 f"this chat already has {open_children} open sub-agents, the most it may have "
@@ -101,7 +101,7 @@ async def spawn(
 
 
 async def _child(pool: asyncpg.Pool, parent: Parent, child_id: uuid.UUID) -> asyncpg.Record:
-    row = await pool.fetchrow(Q.sql("get_child_chat"), child_id, parent.chat_id)
+    row = await pool.fetchrow(Q.sql("subagents_get_child_chat"), child_id, parent.chat_id)
     if row is None:
         raise SubagentError(f"no sub-agent {child_id} of this chat")
     return row
@@ -113,7 +113,7 @@ async def child(pool: asyncpg.Pool, parent: Parent, child_id: uuid.UUID) -> Chat
 
 
 async def result(pool: asyncpg.Pool, child: asyncpg.Record) -> dict[str, Any]:
-    answer = await pool.fetchval(Q.sql("last_assistant_text"), child["id"])
+    answer = await pool.fetchval(Q.sql("subagents_last_assistant_text"), child["id"])
     body: dict[str, Any] = {"chat_id": str(child["id"]), "status": child["status"]}
     if child["status"] in FINISHED:
         body["answer"] = answer or ""

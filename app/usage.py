@@ -17,13 +17,13 @@ Q = project_queries()
 
 async def check_spend_limit(conn: Conn, *, organization_id: uuid.UUID, user_id: uuid.UUID) -> None:
     """Raise SpendLimitReached when the user may not start another turn."""
-    limit = await conn.fetchrow(Q.sql("effective_spend_limit"), organization_id, user_id)
+    limit = await conn.fetchrow(Q.sql("usage_effective_spend_limit"), organization_id, user_id)
     if limit is None:
         return
-    bounds = await conn.fetchrow(Q.sql("period_bounds"), limit["period"])
+    bounds = await conn.fetchrow(Q.sql("usage_period_bounds"), limit["period"])
     assert bounds is not None
     spent: int = await conn.fetchval(
-        Q.sql("spent_since"), organization_id, user_id, bounds["starts_at"]
+        Q.sql("usage_spent_since"), organization_id, user_id, bounds["starts_at"]
     )
     if spent >= limit["limit_micros"]:
         raise SpendLimitReached(

@@ -6,7 +6,7 @@ On a fresh database of the test suite's embedded PostgreSQL: one chat with `--me
 assistant messages of `--size` characters (what anyone can build with the free echo model).
 Measures, for a client reconnecting with `after=0:0`:
 
-- one `stream_read` from 0:0 (what a joining client's first read costs): the bytes of the
+- one `streams_read` from 0:0 (what a joining client's first read costs): the bytes of the
   message payloads it returned, its wall time, and the longest event-loop stall during it (a
   1 ms ticker measures how late it wakes: the statement's decoding and the payloads' building
   run on the event loop, delaying every other stream and request of the replica);

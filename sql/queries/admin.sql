@@ -6,9 +6,6 @@ SELECT * FROM chat_model_configs
 WHERE enabled OR $1
 ORDER BY is_default DESC, created_at, id;
 
--- name: admin_get_model_config :one
-SELECT * FROM chat_model_configs WHERE id = $1;
-
 -- name: admin_lock_model_config :one
 SELECT * FROM chat_model_configs WHERE id = $1 FOR UPDATE;
 

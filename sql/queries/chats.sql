@@ -1,15 +1,15 @@
 -- Queries of the chat state machine as driven by users (app/chats.py). Every transition first
--- locks the chat row (lock_chat_for_owner), so transitions of one chat are serialized and the
+-- locks the chat row (chats_lock_for_owner), so transitions of one chat are serialized and the
 -- message ids of one chat commit in id order (a safe "after id X" cursor for streams).
 
--- name: default_model_config :one
+-- name: chats_default_model_config :one
 -- The partial unique index chat_model_configs_one_default makes this at most one row.
 SELECT * FROM chat_model_configs WHERE is_default AND enabled;
 
--- name: enabled_model_config :one
+-- name: chats_enabled_model_config :one
 SELECT * FROM chat_model_configs WHERE id = $1 AND enabled;
 
--- name: insert_chat :one
+-- name: chats_insert :one
 -- A chat is born pending with its first message in the same transaction, so it is only
 -- visible (and acquirable) once it is durable.
 INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
@@ -17,7 +17,7 @@ INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, titl
 VALUES ($1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5, 'pending', $6, $7)
 RETURNING *;
 
--- name: lock_user_for_limits :exec
+-- name: chats_lock_user_for_limits :exec
 -- Serializes the per-user limit checks of one user (max_chats_per_user,
 -- max_pending_chats_per_user): two concurrent creates of the same user would otherwise both
 -- count N-1 and both pass. The count is a separate, later statement so that its snapshot sees
@@ -26,7 +26,7 @@ RETURNING *;
 -- a transition locks its chat row first, then the user row, never the other way.
 SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE;
 
--- name: count_user_chats :one
+-- name: chats_count_of_user :one
 -- What the per-user limits count: chats not archived, and chats waiting for a replica. Served
 -- by chats_owner_created_idx (owner_id first).
 SELECT count(*) FILTER (WHERE NOT archived) AS chats,
@@ -34,15 +34,15 @@ SELECT count(*) FILTER (WHERE NOT archived) AS chats,
 FROM chats
 WHERE owner_id = $1;
 
--- name: lock_chat_for_owner :one
+-- name: chats_lock_for_owner :one
 -- FOR UPDATE serializes every transition (and every message insert) of one chat. The owner
 -- condition makes another user's chat indistinguishable from a missing one.
 SELECT * FROM chats WHERE id = $1 AND owner_id = $2 FOR UPDATE;
 
--- name: get_chat_for_owner :one
+-- name: chats_get_for_owner :one
 SELECT * FROM chats WHERE id = $1 AND owner_id = $2;
 
--- name: list_chats_for_owner :many
+-- name: chats_list_for_owner :many
 -- Newest first, paged by the (created_at, id) of the last row of the previous page; served by
 -- chats_owner_created_idx. $3/$4 filter when not null.
 SELECT * FROM chats
@@ -53,33 +53,33 @@ WHERE owner_id = $1
 ORDER BY created_at DESC, id DESC
 LIMIT $6;
 
--- name: insert_message :one
+-- name: chats_insert_message :one
 INSERT INTO chat_messages (chat_id, role, content)
 VALUES ($1, $2, $3::jsonb)
 RETURNING *;
 
--- name: make_pending :one
+-- name: chats_make_pending :one
 -- waiting/error -> pending: a new user turn. Clears the error and any stale interrupt mark.
 UPDATE chats
 SET status = 'pending', worker_id = NULL, last_error = NULL, interrupt_requested_at = NULL
 WHERE id = $1
 RETURNING *;
 
--- name: count_queued :one
+-- name: chats_count_queued :one
 SELECT count(*) FROM chat_queued_messages WHERE chat_id = $1;
 
--- name: insert_queued :one
+-- name: chats_insert_queued :one
 INSERT INTO chat_queued_messages (chat_id, content)
 VALUES ($1, $2::jsonb)
 RETURNING *;
 
--- name: list_queued :many
+-- name: chats_list_queued :many
 -- Queue order: promoted first, then FIFO by id (the same order the worker pops in).
 SELECT * FROM chat_queued_messages WHERE chat_id = $1 ORDER BY promoted DESC, id;
 
--- name: pop_queue_head :one
--- The head of the queue (promoted first, then FIFO: the order list_queued shows and the worker
--- pops in). A message sent to an idle chat whose queue is not empty (left behind by a Stop, or
+-- name: chats_pop_queue_head :one
+-- The head of the queue (promoted first, then FIFO: the order chats_list_queued shows and the
+-- worker pops in). A message sent to an idle chat whose queue is not empty (left behind by a Stop, or
 -- by an error) goes to the tail, and this head is sent instead: what was queued first is
 -- answered first.
 DELETE FROM chat_queued_messages
@@ -91,16 +91,16 @@ WHERE id = (
 )
 RETURNING *;
 
--- name: delete_queued :one
+-- name: chats_delete_queued :one
 DELETE FROM chat_queued_messages WHERE id = $1 AND chat_id = $2 RETURNING *;
 
--- name: promote_queued :one
+-- name: chats_promote_queued :one
 UPDATE chat_queued_messages SET promoted = true WHERE id = $1 AND chat_id = $2 RETURNING *;
 
--- name: clear_queue :exec
+-- name: chats_clear_queue :exec
 DELETE FROM chat_queued_messages WHERE chat_id = $1;
 
--- name: interrupt_pending :one
+-- name: chats_interrupt_pending :one
 -- A pending chat has no worker yet: Stop takes it straight back to waiting. Acquire locks the
 -- row too, so a Stop racing an acquire is serialized with it: either the chat is still pending
 -- here, or it is running and the worker gets the mark below.
@@ -109,7 +109,7 @@ SET status = 'waiting', interrupt_requested_at = NULL
 WHERE id = $1
 RETURNING *;
 
--- name: request_interrupt :one
+-- name: chats_request_interrupt :one
 -- A running chat: mark it; the owning worker learns it from the chat row's notification,
 -- flushes its partial output and completes the transition to waiting.
 UPDATE chats
@@ -117,15 +117,15 @@ SET interrupt_requested_at = coalesce(interrupt_requested_at, clock_timestamp())
 WHERE id = $1
 RETURNING *;
 
--- name: get_user_message_for_edit :one
+-- name: chats_get_user_message_for_edit :one
 SELECT * FROM chat_messages
 WHERE id = $1 AND chat_id = $2 AND NOT deleted;
 
--- name: soft_delete_messages_from :exec
+-- name: chats_soft_delete_messages_from :exec
 -- An edit removes the edited message and everything after it from the visible history.
 UPDATE chat_messages SET deleted = true WHERE chat_id = $1 AND id >= $2 AND NOT deleted;
 
--- name: uncompress_for_deleted_summaries :exec
+-- name: chats_uncompress_for_deleted_summaries :exec
 -- An edit soft-deleted every message from $2 on, compaction summaries included: the messages
 -- those summaries had compressed go back into the prompt, or the model would lose them. A
 -- summary's part records the id range [first, last] it compressed, and every visible message in
@@ -139,10 +139,10 @@ WHERE s.chat_id = $1 AND s.id >= $2 AND s.deleted AND s.role = 'system'
   AND m.id BETWEEN (part -> 'compressed_message_ids' ->> 0)::bigint
                AND (part -> 'compressed_message_ids' ->> 1)::bigint;
 
--- name: clear_stream_parts :exec
+-- name: chats_clear_stream_parts :exec
 DELETE FROM chat_stream_parts WHERE chat_id = $1;
 
--- name: reset_to_pending :one
+-- name: chats_reset_to_pending :one
 -- Edit: whatever the chat was doing, it starts over from the edited message. Clearing worker_id
 -- fences out a run in progress (its writes require status = running and its worker id).
 UPDATE chats
@@ -150,7 +150,7 @@ SET status = 'pending', worker_id = NULL, last_error = NULL, interrupt_requested
 WHERE id = $1
 RETURNING *;
 
--- name: update_chat_fields :one
+-- name: chats_update_fields :one
 -- PATCH: title and archived, each only when given. Archiving a busy chat stops it: status goes
 -- to waiting and worker_id is cleared, which fences out the run in progress.
 UPDATE chats
@@ -165,19 +165,39 @@ SET title = coalesce($2, title),
 WHERE id = $1
 RETURNING *;
 
--- name: archive_drop_live_parts :exec
--- Archiving stops the chat and its children (update_chat_fields, archive_children): the live
+-- name: chats_archive_drop_live_parts :exec
+-- Archiving stops the chat and its children (chats_update_fields, chats_archive_children): the live
 -- parts of their runs in progress are void. They go in the archive transaction, so no client
--- joining afterwards gets them in its snapshot (stream_read also shows live parts only while a
+-- joining afterwards gets them in its snapshot (streams_read also shows live parts only while a
 -- chat is running: a part flush that commits after this delete is never shown). Hubs following
 -- the step learn it from the status change: `history_reset` with reason `step_discarded`.
 DELETE FROM chat_stream_parts
 WHERE chat_id = $1
    OR chat_id IN (SELECT id FROM chats WHERE parent_chat_id = $1);
 
--- name: list_messages :many
+-- name: chats_list_messages :many
 -- The visible history after a cursor, in id order (never created_at order).
 SELECT * FROM chat_messages
 WHERE chat_id = $1 AND id > $2 AND NOT deleted
 ORDER BY id
 LIMIT $3;
+
+-- name: chats_interrupt_children :exec
+-- Stop reaches the children of a chat: pending ones go back to waiting, running ones are
+-- marked for their workers (the same two transitions as a user's Stop).
+UPDATE chats
+SET status = CASE WHEN status = 'pending' THEN 'waiting' ELSE status END,
+    interrupt_requested_at = CASE WHEN status = 'running'
+                                  THEN coalesce(interrupt_requested_at, clock_timestamp())
+                                  ELSE NULL END
+WHERE parent_chat_id = $1 AND status IN ('pending', 'running');
+
+-- name: chats_archive_children :exec
+-- Archiving a chat archives its children and stops the busy ones (clearing worker_id fences
+-- out their runs).
+UPDATE chats
+SET archived = true,
+    status = CASE WHEN status IN ('pending', 'running') THEN 'waiting' ELSE status END,
+    worker_id = NULL,
+    interrupt_requested_at = NULL
+WHERE parent_chat_id = $1 AND NOT archived;

@@ -11,23 +11,23 @@
 -- it is taken, so a live replica's key is always its own. The migration lock uses the bigint
 -- form (objsubid 1) and never collides with these.
 -- The expression ('x' || left(replace(id::text, '-', ''), 8))::bit(32)::int is the objid; it is
--- written out in both queries that need it (replica_try_lock, replica_find_gone).
+-- written out in both queries that need it (replicas_try_lock, replicas_find_gone).
 
--- name: replica_try_lock :one
+-- name: replicas_try_lock :one
 -- On the replica's dedicated liveness connection, BEFORE its row is inserted: a row that others
 -- can see always has its lock held, unless its session is gone.
 SELECT pg_try_advisory_lock($2::int, ('x' || left(replace($1::uuid::text, '-', ''), 8))::bit(32)::int);
 
--- name: replica_insert :exec
+-- name: replicas_insert :exec
 INSERT INTO chat_replicas (id, hostname, pid, address)
 VALUES ($1, $2, $3, $4);
 
--- name: replica_heartbeat :one
+-- name: replicas_heartbeat :one
 -- No row means another replica declared this one dead (stale heartbeat) and requeued its chats:
 -- the replica stops its runs and registers again under a new id.
 UPDATE chat_replicas SET heartbeat_at = clock_timestamp() WHERE id = $1 RETURNING id;
 
--- name: replica_find_gone :many
+-- name: replicas_find_gone :many
 -- Other replicas that are gone: their advisory lock is free (their session ended: crash,
 -- SIGKILL, lost connection) or their heartbeat is older than $3 seconds (connected but stuck).
 -- pg_locks is read live, not from a snapshot, so a free lock is free now. Reading pg_locks takes
@@ -46,7 +46,7 @@ LEFT JOIN pg_locks l
 WHERE r.id <> $1
   AND (l.pid IS NULL OR r.heartbeat_at < clock_timestamp() - make_interval(secs => $3));
 
--- name: replica_delete_gone :many
+-- name: replicas_delete_gone :many
 -- Delete the rows of replicas found gone, re-checking the heartbeat under the row lock: a stuck
 -- replica that resumed and heartbeated meanwhile keeps its row (its UPDATE and this DELETE
 -- serialize on the row, and the DELETE re-evaluates its condition on the newest version). A
@@ -56,18 +56,18 @@ WHERE id = ANY($1::uuid[])
   AND (id = ANY($2::uuid[]) OR heartbeat_at < clock_timestamp() - make_interval(secs => $3))
 RETURNING id;
 
--- name: replica_delete :exec
+-- name: replicas_delete :exec
 -- Graceful unregister, on the liveness connection just before it closes.
 DELETE FROM chat_replicas WHERE id = $1;
 
--- name: replica_keepalive :one
+-- name: replicas_keepalive :one
 SELECT 1;
 
--- name: replica_sweep_lock_timeout :exec
+-- name: replicas_sweep_lock_timeout :exec
 -- SET LOCAL lock_timeout for the sweep's transaction ($1 like '1000ms').
 SELECT set_config('lock_timeout', $1, true);
 
--- name: replica_advance_part_ids :exec
+-- name: replicas_advance_part_ids :exec
 -- At registration, on the liveness connection: move the live-part id sequence 2^24 past any
 -- value it handed out. The sequence is logged, but the part flush commits asynchronously, so a
 -- server crash may lose the WAL of its last few advances; a replica registers after every crash

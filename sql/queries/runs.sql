@@ -1,10 +1,10 @@
 -- Queries of the worker's side of the chat state machine (app/runs.py). A run is fenced by
--- (worker_id, generation): every write of a run first locks the chat row with run_lock_owned,
+-- (worker_id, generation): every write of a run first locks the chat row with runs_lock_owned,
 -- and a run whose row no longer says "running, worker_id = me, generation = g" writes nothing.
 -- Locking the row first also serializes message inserts of one chat, so its message ids
 -- commit in id order (the cursor of every stream).
 
--- name: run_acquire :many
+-- name: runs_acquire :many
 -- pending -> running for up to $2 chats in one statement, FAIR across users: no user may run
 -- more than $3 chats at once (max_running_chats_per_user), and the slots go round-robin over
 -- the users who wait, fewest running chats first. Each pending chat gets the rank
@@ -87,7 +87,7 @@ SELECT a.*, EXISTS (SELECT 1 FROM ranked WHERE running_after > $3) AS held_back
 FROM (SELECT) AS one
 LEFT JOIN acquired a ON true;
 
--- name: run_lock_owned :one
+-- name: runs_lock_owned :one
 -- The fence. Every write transaction of a run starts here; no row means the run lost its chat
 -- (edited, archived, requeued after its replica was declared dead, re-acquired) and the caller
 -- raises FencedOut without writing anything else.
@@ -95,25 +95,25 @@ SELECT * FROM chats
 WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'
 FOR UPDATE;
 
--- name: run_read_chat :one
+-- name: runs_read_chat :one
 -- An unlocked read of the row: the ownership check of a run after it subscribed to the chat's
 -- channel, and after every listener resync.
 SELECT * FROM chats WHERE id = $1;
 
--- name: run_model_config :one
+-- name: runs_model_config :one
 -- The chat's model config, or the default one when the chat names none.
 SELECT * FROM chat_model_configs
 WHERE id = $1 OR ($1::uuid IS NULL AND is_default)
 ORDER BY is_default DESC
 LIMIT 1;
 
--- name: run_prompt_messages :many
+-- name: runs_prompt_messages :many
 -- What the model sees: the visible, uncompressed history in id order (chat_messages_chat_id_idx).
 SELECT * FROM chat_messages
 WHERE chat_id = $1 AND NOT deleted AND NOT compressed
 ORDER BY id;
 
--- name: run_insert_messages :many
+-- name: runs_insert_messages :many
 -- A step's messages (the assistant's, then the tool results') in ONE statement: the statement-
 -- level trigger sends one "message" notification for the step. WITH ORDINALITY + ORDER BY make
 -- the ids follow the array order.
@@ -127,11 +127,11 @@ FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], 
 ORDER BY m.n
 RETURNING *;
 
--- name: run_persist_step :many
--- A finished step, in ONE statement after run_lock_owned in the same transaction: its messages
+-- name: runs_persist_step :many
+-- A finished step, in ONE statement after runs_lock_owned in the same transaction: its messages
 -- (the assistant's, then the tool results', in array order, one "message" notification) and the
 -- deletion of the chat's live parts, so a reader sees either the parts or the messages. Same
--- arguments as run_insert_messages.
+-- arguments as runs_insert_messages.
 WITH deleted_parts AS (
     DELETE FROM chat_stream_parts WHERE chat_id = $1
 )
@@ -145,19 +145,19 @@ FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], 
 ORDER BY m.n
 RETURNING *;
 
--- name: run_end_turn :one
--- The end of a turn, in ONE statement after run_lock_owned in the same transaction (the lock
+-- name: runs_end_turn :one
+-- The end of a turn, in ONE statement after runs_lock_owned in the same transaction (the lock
 -- is taken by an earlier statement on purpose: this statement's snapshot then includes every
 -- transaction that held the row before us, e.g. a message queued just before the lock was
 -- granted; one statement that locked and read at once would miss it). $1 chat, $2 model config
--- of the step, $3..$9 the step's messages as in run_insert_messages (empty arrays: no step),
+-- of the step, $3..$9 the step's messages as in runs_insert_messages (empty arrays: no step),
 -- $10 the run was interrupted.
 --   - the live parts of the chat are deleted;
 --   - the queue's head is popped (promoted first, then FIFO); after a Stop (the run was
 --     interrupted, or the mark is on the row) only a promoted message may continue the run;
 --   - the step's messages and the popped message become messages in ONE insert, in that order
 --     (ids follow ORDER BY; one "message" notification carries the highest id);
---   - nothing popped: -> waiting, worker_id and the Stop mark cleared (run_release); popped
+--   - nothing popped: -> waiting, worker_id and the Stop mark cleared (runs_release); popped
 --     after a Stop mark: the mark is cleared (run_continue); popped without one: the row is
 --     not touched (no version bump, no notification), the chat stays running.
 -- Returns the row as updated (NULL when untouched) and the popped message as inserted.
@@ -208,22 +208,22 @@ WITH chat AS (
 SELECT (SELECT u::chats FROM updated u) AS chat,
        (SELECT i::chat_messages FROM inserted i WHERE i.role = 'user') AS next_message;
 
--- name: run_delete_parts :exec
+-- name: runs_delete_parts :exec
 -- All live parts of the chat: those of the step being persisted (or voided) and any orphan of an
 -- earlier generation. Sends no notification; the message notification of the same transaction
 -- tells readers the step became durable.
 DELETE FROM chat_stream_parts WHERE chat_id = $1;
 
--- name: run_insert_control_part :one
+-- name: runs_insert_control_part :one
 -- A control part (today: a retry notice) written directly, not through the flusher, because it
 -- must commit after the deletion of the step's void parts in the same transaction.
 INSERT INTO chat_stream_parts (chat_id, generation, message_role, part)
 VALUES ($1, $2, $3, $4::jsonb)
 RETURNING id;
 
--- name: run_pop_queue_head :one
--- The head of the queue: promoted first, then FIFO (the order list_queued shows). $2 = true pops
--- only a promoted message (after an interrupt only a promoted message may continue the run).
+-- name: runs_pop_queue_head :one
+-- The head of the queue: promoted first, then FIFO (the order chats_list_queued shows). $2 = true
+-- pops only a promoted message (after an interrupt only a promoted message may continue the run).
 DELETE FROM chat_queued_messages
 WHERE id = (
     SELECT id FROM chat_queued_messages
@@ -233,19 +233,12 @@ WHERE id = (
 )
 RETURNING *;
 
--- name: run_insert_user_message :one
+-- name: runs_insert_user_message :one
 INSERT INTO chat_messages (chat_id, role, content)
 VALUES ($1, 'user', $2::jsonb)
 RETURNING *;
 
--- name: run_continue :one
--- The run goes on with the next user message: clear a Stop that was just honoured.
-UPDATE chats
-SET interrupt_requested_at = NULL, heartbeat_at = clock_timestamp()
-WHERE id = $1
-RETURNING *;
-
--- name: run_release :one
+-- name: runs_release :one
 -- The run gives the chat up: $2 is 'waiting' (end of a turn, an honoured Stop) or 'pending'
 -- (graceful shutdown, lost liveness, a dead replica's chat: another replica continues it).
 -- Clearing worker_id ends the ownership, as the chats_running_has_worker check demands. $3 is
@@ -257,32 +250,32 @@ SET status = $2, worker_id = NULL, interrupt_requested_at = NULL,
 WHERE id = $1
 RETURNING *;
 
--- name: run_fail :one
+-- name: runs_fail :one
 -- A terminal provider error, or the poison-chat guard: running -> error with the classified
 -- error. The guard's count starts again: a new user message makes the chat pending again
--- (make_pending clears last_error) with the full number of attempts.
+-- (chats_make_pending clears last_error) with the full number of attempts.
 UPDATE chats
 SET status = 'error', worker_id = NULL, interrupt_requested_at = NULL, last_error = $2::jsonb,
     failed_runs = 0
 WHERE id = $1
 RETURNING *;
 
--- name: run_reset_failed_runs :exec
+-- name: runs_reset_failed_runs :exec
 -- The run made progress (a step persisted, a turn ended): the poison-chat guard's count starts
 -- again. Only run when the locked row's count is not zero, so an ordinary step never touches
 -- (or bumps the version of) the chat row.
 UPDATE chats SET failed_runs = 0 WHERE id = $1 AND failed_runs <> 0;
 
--- name: run_record_usage :exec
+-- name: runs_record_usage :exec
 -- Usage that has no message of its own (a title request, an attempt that failed after the
 -- provider reported usage): one row of the chat_usage ledger, summed with the messages' usage
--- by the chat_spend view and by spend limits (spent_since). Not fenced: the call was made and
+-- by the chat_spend view and by spend limits (usage_spent_since). Not fenced: the call was made and
 -- paid for whoever owns the chat now.
 INSERT INTO chat_usage (chat_id, kind, model_config_id, input_tokens, output_tokens,
                         cache_read_tokens, cache_write_tokens, cost_micros)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
 
--- name: run_lock_orphans :many
+-- name: runs_lock_orphans :many
 -- Running chats whose replica is gone (with the poison-chat guard's count: a replica that died
 -- while running a chat counts as a failed run of it): named in $1 (its advisory lock was free or its heartbeat
 -- stale, and its row was just deleted), or with no replica row at all for longer than $2
@@ -304,81 +297,18 @@ WHERE c.status = 'running'
 ORDER BY c.id
 FOR UPDATE;
 
--- name: run_delete_parts_of :exec
+-- name: runs_delete_parts_of :exec
 DELETE FROM chat_stream_parts WHERE chat_id = ANY($1::uuid[]);
 
--- name: parts_flush :one
--- One window of live parts of ALL the chats a replica runs, in ONE autocommit statement: one
--- trigger firing, one NOTIFY commit, one round trip, and no transaction left open between
--- round trips (a replica paused mid-window holds no lock). Fenced like every write of a run: a
--- part is written only while its chat is running under the part's run token (worker_id,
--- generation) in this statement's snapshot. Returns the number of parts written.
---
--- No row lock (no FOR SHARE): a user transition holding one chat row (e.g. someone flooding
--- POST /messages at their own running chat, which runs the spend sum and the queue check under
--- FOR UPDATE) must not stall the live parts of every other chat in the batch. The fence without
--- a lock is enough because:
---   - the run's OWN writes are ordered in the process, not by the row: a run settles or
---     discards its parts (PartFlusher.settle / discard waits for the flush in flight) before it
---     persists a step, ends a turn, fails or gives the chat back, so no part of a step commits
---     after the step's message;
---   - a transition by someone else (requeue, edit, archive, re-acquire) may commit between our
---     snapshot and our commit, and the part then lands after the transition deleted the
---     chat's parts: such a late part names a generation that is no longer running, so
---     stream_read never returns it (live parts only while the chat is running that
---     generation) and the orphan-parts janitor (parts_delete_orphans) deletes it.
---
--- The commit does not wait for the WAL flush (synchronous_commit off for this transaction
--- only): nothing it writes outlives a server crash anyway (the parts table is UNLOGGED), so
--- waiting for the disk would only add the fsync to every token's latency and hold the NOTIFY
--- commit lock, which every notifying commit of the cluster queues on, through it. Messages and
--- state changes keep synchronous commits.
---
--- At most once: each part carries its key within its run ($6, seq). When a flush fails with an
--- outage, the flusher cannot know whether the statement committed (the connection may have died
--- after the commit, before the answer) and sends the same parts again; ON CONFLICT DO NOTHING on
--- (chat_id, generation, seq) makes the second write of a part that committed a no-op, so no
--- watcher sees a delta twice (migration 0005).
-WITH parts AS (
-    SELECT *
-    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
-         WITH ORDINALITY AS p(chat_id, worker_id, generation, message_role, part, seq, n)
-), inserted AS (
-    INSERT INTO chat_stream_parts (chat_id, generation, message_role, part, seq)
-    SELECT p.chat_id, p.generation, p.message_role, p.part::jsonb, p.seq
-    FROM parts p
-    JOIN chats c ON c.id = p.chat_id AND c.status = 'running' AND c.worker_id = p.worker_id
-                AND c.generation = p.generation
-    ORDER BY p.n
-    ON CONFLICT (chat_id, generation, seq) DO NOTHING
-    RETURNING 1
-)
-SELECT count(*), set_config('synchronous_commit', 'off', true) FROM inserted;
-
--- name: parts_delete_orphans :one
--- The janitor: live parts whose chat is not running that generation any more. A run that lost
--- its chat (archive, edit, requeue) writes nothing, so the parts it flushed before may linger;
--- this removes them. Only rows committed before the statement are seen, and a part a running
--- owner just committed always matches its chat, so nothing live is ever removed.
-WITH deleted AS (
-    DELETE FROM chat_stream_parts p
-    WHERE NOT EXISTS (
-        SELECT 1 FROM chats c
-        WHERE c.id = p.chat_id AND c.status = 'running' AND c.generation = p.generation
-    )
-    RETURNING 1
-)
-SELECT count(*) FROM deleted;
-
--- name: run_compress_messages :exec
+-- name: runs_compress_messages :exec
 -- Compaction, inside the fenced transaction that also inserts the summary: the summarized
--- messages leave the prompt (run_prompt_messages skips them) but stay in the user's history.
+-- messages leave the prompt (runs_prompt_messages skips them) but stay in the user's history.
 -- Only visible, not yet compressed rows of this chat; sends no notification (the update
 -- trigger speaks only of soft deletes), the summary's insert sends the "message" one.
 UPDATE chat_messages SET compressed = true
 WHERE chat_id = $1 AND id = ANY($2::bigint[]) AND NOT deleted AND NOT compressed;
 
--- name: run_set_generated_title :one
+-- name: runs_set_generated_title :one
 -- A generated title replaces the fallback only while the fallback is still there ($2): a title
 -- the user set meanwhile wins. Not fenced: a title is metadata, not state of the run, and may
 -- land after the run released the chat. Returns nothing when the title had changed.
@@ -386,11 +316,11 @@ UPDATE chats SET title = $3
 WHERE id = $1 AND title = $2
 RETURNING *;
 
--- name: run_lock_unrun :many
+-- name: runs_lock_unrun :many
 -- Running chats that the table assigns to replica $1 but that none of its live runs, given as
 -- (chat id $2, generation $3) pairs, drives: an acquire whose answer was lost with its
 -- connection (the UPDATE committed, the replica never saw the rows), or a run that ended
--- without being able to release its chat. Locked like run_lock_orphans; served by
+-- without being able to release its chat. Locked like runs_lock_orphans; served by
 -- chats_running_worker_idx.
 SELECT c.id, c.interrupt_requested_at IS NOT NULL AS stop_requested
 FROM chats c

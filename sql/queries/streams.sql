@@ -4,7 +4,7 @@
 -- snapshot: a step's message and the deletion of its live parts commit together, so a
 -- statement that reads both sees either the parts or the message, never neither.
 
--- name: stream_read :many
+-- name: streams_read :many
 -- The reads of every hub of this replica that needs one at the same moment, in ONE statement:
 -- one row per request, in request order (a flush of a worker notifies many chats at once; their
 -- hubs here share this statement instead of one each; a hub's own read and the snapshot pages of

@@ -1,19 +1,16 @@
 -- Sub-agents (app/subagents.py): child chats of a chat, created and driven by its tools.
 
--- name: get_child_chat :one
+-- name: subagents_get_child_chat :one
 -- A chat reaches only its own children: the parent condition is the access check.
 SELECT * FROM chats WHERE id = $1 AND parent_chat_id = $2;
 
--- name: list_child_chats :many
-SELECT * FROM chats WHERE parent_chat_id = $1 ORDER BY created_at, id;
-
--- name: count_open_children :one
+-- name: subagents_count_open_children :one
 -- The sub-agents a chat has open (not closed: close_agent archives), which
 -- max_children_per_chat bounds. Run under the parent run's fence (its row locked FOR UPDATE),
 -- so two spawns of one parent cannot both pass the check.
 SELECT count(*) FROM chats WHERE parent_chat_id = $1 AND NOT archived;
 
--- name: last_assistant_text :one
+-- name: subagents_last_assistant_text :one
 -- The child's answer: the text parts of its newest visible assistant message.
 SELECT coalesce(string_agg(part ->> 'text', '' ORDER BY ordinality), '') AS text
 FROM (
@@ -24,23 +21,3 @@ FROM (
 ) last_message,
 LATERAL jsonb_array_elements(last_message.content) WITH ORDINALITY AS parts(part, ordinality)
 WHERE part ->> 'type' = 'text';
-
--- name: interrupt_children :exec
--- Stop reaches the children of a chat: pending ones go back to waiting, running ones are
--- marked for their workers (the same two transitions as a user's Stop).
-UPDATE chats
-SET status = CASE WHEN status = 'pending' THEN 'waiting' ELSE status END,
-    interrupt_requested_at = CASE WHEN status = 'running'
-                                  THEN coalesce(interrupt_requested_at, clock_timestamp())
-                                  ELSE NULL END
-WHERE parent_chat_id = $1 AND status IN ('pending', 'running');
-
--- name: archive_children :exec
--- Archiving a chat archives its children and stops the busy ones (clearing worker_id fences
--- out their runs).
-UPDATE chats
-SET archived = true,
-    status = CASE WHEN status IN ('pending', 'running') THEN 'waiting' ELSE status END,
-    worker_id = NULL,
-    interrupt_requested_at = NULL
-WHERE parent_chat_id = $1 AND NOT archived;

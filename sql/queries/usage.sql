@@ -1,6 +1,6 @@
 -- Usage and spend limits (app/usage.py).
 
--- name: effective_spend_limit :one
+-- name: usage_effective_spend_limit :one
 -- The user's own limit wins over the organization default (user_id NULL sorts last).
 SELECT limit_micros, period
 FROM spend_limits
@@ -8,7 +8,7 @@ WHERE organization_id = $1 AND (user_id = $2 OR user_id IS NULL)
 ORDER BY user_id NULLS LAST
 LIMIT 1;
 
--- name: spent_since :one
+-- name: usage_spent_since :one
 -- Spend of one user in one organization since a period start: the cost of their messages
 -- (steps, interrupted steps, compaction summaries) plus the usage no message carries (title
 -- requests, failed attempts: chat_usage), the same sum as the chat_spend view. chats_org_owner_idx
@@ -23,7 +23,7 @@ SELECT ((SELECT coalesce(sum(m.cost_micros), 0)
         JOIN chat_usage u ON u.chat_id = c.id
         WHERE c.organization_id = $1 AND c.owner_id = $2 AND u.created_at >= $3))::bigint;
 
--- name: period_bounds :one
+-- name: usage_period_bounds :one
 -- Period start and end in UTC, computed by the database so every replica agrees.
 SELECT date_trunc($1, now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS starts_at,
        (date_trunc($1, now() AT TIME ZONE 'UTC') + ('1 ' || $1)::interval) AT TIME ZONE 'UTC'

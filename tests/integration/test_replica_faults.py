@@ -93,7 +93,7 @@ async def test_a_chat_acquired_with_its_answer_lost_is_given_back_and_answered(
 ) -> None:
     owner = await engine.create_owner(pool)
     async with engine.running_replica(database_url, pool, stale_threshold_s=2.0) as replica:
-        # What run_acquire leaves when its connection drops after the commit: the chat is
+        # What runs_acquire leaves when its connection drops after the commit: the chat is
         # running under this replica's id, and the replica never saw the row.
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL session_replication_role = replica")  # no wake

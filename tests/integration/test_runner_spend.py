@@ -59,7 +59,10 @@ async def _usage_rows(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[tuple[Any,
 
 async def _spent(pool: asyncpg.Pool, chat: chats.Chat) -> int:
     spent: int = await pool.fetchval(
-        Q.sql("spent_since"), chat.organization_id, chat.owner_id, datetime(2000, 1, 1, tzinfo=UTC)
+        Q.sql("usage_spent_since"),
+        chat.organization_id,
+        chat.owner_id,
+        datetime(2000, 1, 1, tzinfo=UTC),
     )
     return spent
 

@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from app import runs
+from app import parts, runs
 from app.chats import Chat
 from app.errors import FencedOut
 from app.providers.base import Usage
@@ -216,7 +216,7 @@ async def test_concurrent_acquirers_share_the_running_cap(
         for _round in range(5):
             await asyncio.gather(
                 *(
-                    acquirer.fetch(runs.Q.sql("run_acquire"), uuid.uuid4(), 7, 5)
+                    acquirer.fetch(runs.Q.sql("runs_acquire"), uuid.uuid4(), 7, 5)
                     for acquirer in acquirers
                 )
             )
@@ -320,7 +320,7 @@ async def test_fenced_writes_after_an_edit_and_an_archive(
     edited = await _acquired(pool, conn)
     await conn.execute(
         "UPDATE chats SET status = 'pending', worker_id = NULL WHERE id = $1", edited.id
-    )  # what chats.edit_message's reset_to_pending does
+    )  # what chats.edit_message's chats_reset_to_pending does
     with pytest.raises(FencedOut):
         await runs.end_turn(pool, runs.token_of(edited), interrupted=False, step=STEP)
 
@@ -525,7 +525,7 @@ async def test_the_janitor_removes_only_parts_of_no_run_in_progress(
     idle = await factories.create_chat(conn, status="waiting")
     await factories.create_stream_part(conn, chat_id=idle["id"], generation=0)
 
-    assert await runs.delete_orphan_parts(pool) == 2
+    assert await parts.delete_orphan_parts(pool) == 2
     remaining = await conn.fetch("SELECT id FROM chat_stream_parts")
     assert [r["id"] for r in remaining] == [live_part["id"]]
 

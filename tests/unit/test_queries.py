@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.db import Queries
-from app.paths import PROJECT_ROOT
+from app.paths import PROJECT_ROOT, QUERIES_DIR, sql_files
 
 
 def test_named_blocks_are_split_at_headers(tmp_path: Path) -> None:
@@ -36,6 +36,52 @@ def test_an_unknown_name_fails_loudly(tmp_path: Path) -> None:
 
 def test_the_project_queries_load() -> None:
     Queries.load()
+
+
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)", re.MULTILINE)
+_QUERY_CALL = re.compile(r"""\bQ\.sql\(\s*["'](\w+)["']\s*\)""")
+
+
+def _misplaced_names(files: dict[str, str]) -> list[str]:
+    """`file.sql: name` for each query whose name does not start with its file's name and `_`
+    (the name alone then says which file holds the query, and which room runs it)."""
+    return [
+        f"{file}: {name}"
+        for file, text in files.items()
+        for name in _QUERY_HEADER.findall(text)
+        if not name.startswith(file.removesuffix(".sql") + "_")
+    ]
+
+
+def _unused_names(files: dict[str, str], sources: list[str]) -> list[str]:
+    """The queries no `Q.sql("<name>")` of the given source texts runs."""
+    called = {name for source in sources for name in _QUERY_CALL.findall(source)}
+    return sorted(
+        name
+        for text in files.values()
+        for name in _QUERY_HEADER.findall(text)
+        if name not in called
+    )
+
+
+def _project_query_files() -> dict[str, str]:
+    return {path.name: path.read_text() for path in sql_files(QUERIES_DIR)}
+
+
+def test_every_query_name_starts_with_its_file_name() -> None:
+    assert _misplaced_names(_project_query_files()) == []
+    # The check itself sees a misplaced name.
+    planted = {"runs.sql": "-- name: runs_ok :one\n-- name: run_bad :one\n"}
+    assert _misplaced_names(planted) == ["runs.sql: run_bad"]
+
+
+def test_every_query_is_run_by_the_application() -> None:
+    """A query only tests or benchmarks use is dead code: the application never runs it."""
+    sources = [path.read_text() for path in (PROJECT_ROOT / "app").rglob("*.py")]
+    assert _unused_names(_project_query_files(), sources) == []
+    # The check itself sees an unused query, and a call split over lines.
+    planted = {"a.sql": "-- name: a_used :one\n-- name: a_unused :many\n"}
+    assert _unused_names(planted, ['Q.sql(\n    "a_used"\n)']) == ["a_unused"]
 
 
 def _code_strings(source: str) -> list[tuple[int, str]]:
