@@ -158,7 +158,7 @@ RETURNING *;
 --   - the step's messages and the popped message become messages in ONE insert, in that order
 --     (ids follow ORDER BY; one "message" notification carries the highest id);
 --   - nothing popped: -> waiting, worker_id and the Stop mark cleared (runs_release); popped
---     after a Stop mark: the mark is cleared (run_continue); popped without one: the row is
+--     after a Stop mark: the mark is cleared, the chat runs on; popped without one: the row is
 --     not touched (no version bump, no notification), the chat stays running.
 -- Returns the row as updated (NULL when untouched) and the popped message as inserted.
 WITH chat AS (
