@@ -45,7 +45,8 @@ from app.listener import Listener
 from app.log import get_logger
 from app.parts import PartFlusher
 from app.runner import Run, RunDeps, RunEnd, StepStreamer, StopCause, stream_step
-from app.tools.registry import ToolRegistry, default_registry
+from app.tools.defaults import default_registry
+from app.tools.registry import ToolRegistry
 
 Q = project_queries()
 log = get_logger(__name__)
