@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from app.aio import wait_event
 from app.db import connect, is_outage
 from app.log import get_logger
 
@@ -249,9 +250,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         next_keepalive = loop.time() + self._keepalive_interval_s
         while not self._lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(next_keepalive - loop.time(), 0.0)):
-                    await self._attention.wait()
+            await wait_event(self._attention, next_keepalive - loop.time())
             self._attention.clear()
             if self._lost.is_set():
                 return

@@ -30,6 +30,7 @@ from typing import NoReturn
 import asyncpg
 
 from app import parts, runs
+from app.aio import wait_event
 from app.chats import Chat
 from app.config import Settings
 from app.db import (
@@ -45,7 +46,8 @@ from app.listener import Listener
 from app.log import get_logger
 from app.parts import PartFlusher
 from app.runner import Run, RunDeps, RunEnd, StepStreamer, StopCause, stream_step
-from app.tools.registry import ToolRegistry, default_registry
+from app.tools.defaults import default_registry
+from app.tools.registry import ToolRegistry
 
 Q = project_queries()
 log = get_logger(__name__)
@@ -338,10 +340,7 @@ class Replica:
         next_heartbeat = loop.time() + settings.heartbeat_interval_s
         while True:
             wait_s = min(settings.liveness_check_interval_s, next_heartbeat - loop.time())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(wait_s, 0.0)):
-                    await self._liveness_conn_lost.wait()
-            if self._liveness_conn_lost.is_set():
+            if await wait_event(self._liveness_conn_lost, wait_s):
                 raise LivenessLost("liveness connection closed", outage=True)
             async with asyncio.timeout(query_timeout_s):
                 if loop.time() >= next_heartbeat:
@@ -479,12 +478,11 @@ class Replica:
             if not self.accepting():
                 return
             # The slow fallback poll covers lost notifications; while the database fails, the
-            # backoff keeps this loop from spinning.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.acquire_poll_interval_s):
-                    if backoff.delay_s:
-                        await asyncio.sleep(backoff.delay_s)
-                    await self._poke.wait()
+            # backoff keeps this loop from spinning (its sleep counts against the poll interval).
+            poll_until = loop.time() + self.settings.acquire_poll_interval_s
+            if backoff.delay_s:
+                await asyncio.sleep(min(backoff.delay_s, self.settings.acquire_poll_interval_s))
+            await wait_event(self._poke, poll_until - loop.time())
 
     async def reconcile(self) -> list[Chat]:
         """Give back the chats the table says this replica runs but none of its runs drives

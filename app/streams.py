@@ -70,6 +70,7 @@ from typing import Any
 
 import asyncpg
 
+from app.aio import wait_event
 from app.chats import Message, QueuedMessage
 from app.db import classify_db_error, is_transient, project_queries
 from app.errors import LimitReached, ValidationFailed
@@ -280,19 +281,42 @@ def _live_part(chat_id: str, record: asyncpg.Record) -> LivePart:
     )
 
 
-def _error_payload(chat_id: str, last_error: Any) -> Payload:
-    error = last_error if isinstance(last_error, dict) else {}
+def error_event(
+    chat_id: str,
+    *,
+    message: str,
+    kind: Any,
+    retryable: bool,
+    provider: Any = None,
+    status_code: Any = None,
+    detail: Any = None,
+) -> Payload:
+    """The payload of a stream's `error` event, the one shape every error event has: a chat
+    that failed, a deleted chat, and the notices that tell a client to reconnect."""
     return Payload(
         {
             "type": "error",
             "chat_id": chat_id,
-            "message": str(error.get("message") or "the chat failed"),
-            "kind": error.get("kind", "generic"),
-            "provider": error.get("provider"),
-            "retryable": bool(error.get("retryable", False)),
-            "status_code": error.get("status_code"),
-            "detail": error.get("detail"),
+            "message": message,
+            "kind": kind,
+            "provider": provider,
+            "retryable": retryable,
+            "status_code": status_code,
+            "detail": detail,
         }
+    )
+
+
+def _error_payload(chat_id: str, last_error: Any) -> Payload:
+    error = last_error if isinstance(last_error, dict) else {}
+    return error_event(
+        chat_id,
+        message=str(error.get("message") or "the chat failed"),
+        kind=error.get("kind", "generic"),
+        provider=error.get("provider"),
+        retryable=bool(error.get("retryable", False)),
+        status_code=error.get("status_code"),
+        detail=error.get("detail"),
     )
 
 
@@ -341,18 +365,7 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
         return [
             Frame(
                 "error",
-                Payload(
-                    {
-                        "type": "error",
-                        "chat_id": cid,
-                        "message": "the chat was deleted",
-                        "kind": "deleted",
-                        "provider": None,
-                        "retryable": False,
-                        "status_code": None,
-                        "detail": None,
-                    }
-                ),
+                error_event(cid, message="the chat was deleted", kind="deleted", retryable=False),
                 position.cursor,
                 final=True,
             )
@@ -431,17 +444,12 @@ def notice_frame(chat_id: uuid.UUID, cursor: StreamCursor | None, kind: str, mes
     after an overflow, `shutdown` when the replica stops, `unavailable` when the hub failed)."""
     return Frame(
         "error",
-        Payload(
-            {
-                "type": "error",
-                "chat_id": str(chat_id),
-                "message": message,
-                "kind": kind,
-                "provider": None,
-                "retryable": True,
-                "status_code": None,
-                "detail": f"reconnect with cursor {cursor}" if cursor is not None else None,
-            }
+        error_event(
+            str(chat_id),
+            message=message,
+            kind=kind,
+            retryable=True,
+            detail=f"reconnect with cursor {cursor}" if cursor is not None else None,
         ),
         cursor,
         final=True,
@@ -550,9 +558,7 @@ class StreamClient:
             if self.closed:
                 return None
             self._ready.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._ready.wait()
+            await wait_event(self._ready, timeout_s)
             if not self._frames:
                 return None
         frame = self._frames.popleft()

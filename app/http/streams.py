@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -19,7 +20,7 @@ from app.http.api import Call
 from app.http.models import StreamQuery
 from app.listener import Notice, Resync, Subscription
 from app.log import get_logger
-from app.streams import SSE_KEEPALIVE, StreamClient, StreamCursor, owner_channel, owner_frame
+from app.streams import SSE_KEEPALIVE, Frame, StreamClient, StreamCursor, owner_channel, owner_frame
 
 log = get_logger(__name__)
 
@@ -90,14 +91,27 @@ def _stream_slot(call: Call) -> contextlib.AbstractContextManager[None]:
 
 
 async def _send_sse(call: Call, response: web.StreamResponse, client: StreamClient) -> None:
+    await _write_sse_frames(call, response, client.next, lambda: client.closed)
+
+
+async def _write_sse_frames(
+    call: Call,
+    response: web.StreamResponse,
+    next_frame: Callable[[float], Awaitable[Frame | None]],
+    finished: Callable[[], bool],
+) -> None:
+    """The SSE writer loop both SSE endpoints share: write each frame `next_frame` gives, and a
+    keep-alive comment when nothing was written for `keepalive_interval_s`; stop after a final
+    frame, or when nothing came and the source is `finished()` or the client is gone (checked
+    every DISCONNECT_CHECK_INTERVAL_S at most)."""
     loop = asyncio.get_running_loop()
     keepalive_s = call.settings.keepalive_interval_s
     check_s = min(keepalive_s, DISCONNECT_CHECK_INTERVAL_S)
     last_write = loop.time()
     while True:
-        frame = await client.next(check_s)
+        frame = await next_frame(check_s)
         if frame is None:
-            if client.closed or _gone(call.request):
+            if finished() or _gone(call.request):
                 return
             if loop.time() - last_write >= keepalive_s:
                 await _write(call.request, response, SSE_KEEPALIVE)
@@ -193,26 +207,19 @@ async def watch_chats(call: Call) -> web.StreamResponse:
 async def _send_watch(
     call: Call, response: web.StreamResponse, subscription: Subscription, shutdown: asyncio.Event
 ) -> None:
-    loop = asyncio.get_running_loop()
-    keepalive_s = call.settings.keepalive_interval_s
-    check_s = min(keepalive_s, DISCONNECT_CHECK_INTERVAL_S)
-    last_write = loop.time()
-    while not shutdown.is_set():
-        event = await _next_event(subscription, shutdown, check_s)
-        if event is None:
-            if _gone(call.request):
-                return
-            if loop.time() - last_write >= keepalive_s:
-                await _write(call.request, response, SSE_KEEPALIVE)
-                last_write = loop.time()
-            continue
-        frame = owner_frame(event)
-        if frame is None:
-            continue
-        await _write(call.request, response, frame.sse())
-        last_write = loop.time()
-        if frame.final:
-            return
+    async def next_frame(timeout_s: float) -> Frame | None:
+        """The next chat-list frame (notices that are not one are skipped); None when nothing
+        came within timeout_s or the replica is shutting down."""
+        while not shutdown.is_set():
+            event = await _next_event(subscription, shutdown, timeout_s)
+            if event is None:
+                return None
+            frame = owner_frame(event)
+            if frame is not None:
+                return frame
+        return None
+
+    await _write_sse_frames(call, response, next_frame, shutdown.is_set)
 
 
 async def _next_event(

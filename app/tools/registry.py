@@ -17,7 +17,9 @@ and a child that calls it anyway gets an error result.
 
 Plug-in point: a distribution may declare an entry point in the group `chatd.tools` whose object
 is a callable taking the registry (`def register(registry: ToolRegistry) -> None`);
-`default_registry()` loads the built-ins and then every such plug-in."""
+`app.tools.defaults.default_registry()` loads the built-ins and then every such plug-in. This
+module defines the types and the registry only and imports no tool module, so tool modules can
+import it without a circle."""
 
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any
 
 import asyncpg
@@ -178,18 +179,3 @@ def _being_cancelled() -> bool:
     """Whether someone asked to cancel the task we run in (the cause of a CancelledError)."""
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
-
-
-def default_registry() -> ToolRegistry:
-    """The built-in tools plus every plug-in of the `chatd.tools` entry point group."""
-    # Imported here: these modules import this one (hence the noqa).
-    from app.tools.builtin import register_builtin_tools  # noqa: PLC0415
-    from app.tools.subagents import register_subagent_tools  # noqa: PLC0415
-
-    registry = ToolRegistry()
-    register_builtin_tools(registry)
-    register_subagent_tools(registry)
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        entry_point.load()(registry)
-        log.info("tools.plugin_loaded", plugin=entry_point.name)
-    return registry

@@ -18,7 +18,8 @@ from app.chats import Owner
 from app.errors import FencedOut
 from app.listener import Listener
 from app.providers.registry import close_providers
-from app.tools.registry import DEFAULT_MAX_CHILDREN, ToolContext, ToolOutcome, default_registry
+from app.tools.defaults import default_registry
+from app.tools.registry import DEFAULT_MAX_CHILDREN, ToolContext, ToolOutcome
 from app.tools.subagents import MAX_WAIT_S
 from tests import engine
 from tests.fakes import running

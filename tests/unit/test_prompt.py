@@ -12,7 +12,7 @@ from app.compaction import HistoryMessage, messages_to_compact, summary_part
 from app.providers import anthropic, openai
 from app.providers.base import ModelConfig
 from app.runner import SUMMARY_PREAMBLE, build_request, first_question, history_view
-from app.tools.registry import default_registry
+from app.tools.defaults import default_registry
 
 CHAT_ID = uuid.uuid4()
 CONFIG = ModelConfig(id=str(uuid.uuid4()), provider="anthropic", model="claude")
