@@ -272,11 +272,6 @@ def is_transient(exc: BaseException) -> bool:
     return classify_db_error(exc) in (DbFailure.OUTAGE, DbFailure.CONTENTION)
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """True for errors that mean "the connection is gone", as opposed to a bad statement."""
-    return is_outage(exc)
-
-
 def dsn_with_database(dsn: str, database: str) -> str:
     """The same server and credentials, another database (works for socket DSNs too)."""
     parts = urlsplit(dsn)

@@ -30,7 +30,7 @@ from typing import NoReturn
 import asyncpg
 
 from app import parts, runs
-from app.aio import wait_event
+from app.aio import Backoff, wait_event
 from app.chats import Chat
 from app.config import Settings
 from app.db import (
@@ -58,8 +58,8 @@ LIVENESS_LOCK_NAMESPACE = 0x63686174
 # would mean something else holds our namespace).
 REGISTER_ATTEMPTS = 8
 REGISTER_BACKOFF_MAX_S = 2.0
-# Bound of the liveness connection's setup and of the final unregister.
-CONNECT_TIMEOUT_S = 10.0
+# Bound of the final unregister, and of the wait for an acquire in flight when shutdown begins.
+SHUTDOWN_STEP_TIMEOUT_S = 10.0
 # Bound of the graceful unregister after liveness was lost: the connection is most likely dead
 # (the server restarted, the network is cut), so it is not worth waiting for.
 LOST_UNREGISTER_TIMEOUT_S = 2.0
@@ -71,7 +71,9 @@ LIVENESS_QUERY_TIMEOUT_S = 5.0
 ACQUIRE_TIMEOUT_S = 10.0
 SWEEP_TIMEOUT_S = 10.0
 # Backoff of the acquire and sweeper loops while the database is unreachable.
+LOOP_BACKOFF_INITIAL_S = 0.1
 LOOP_BACKOFF_MAX_S = 2.0
+REGISTER_BACKOFF_INITIAL_S = 0.05
 # After the shutdown grace, runs still going are cancelled and get this long to unwind.
 HARD_CANCEL_WAIT_S = 1.0
 # How long a sweep waits for a chat row lock before it gives up until the next check.
@@ -213,7 +215,7 @@ class Replica:
                 self._poke.set()
                 if not self._registered.is_set():
                     acquiring.cancel()  # waiting for liveness: nothing in flight
-                await asyncio.wait({acquiring}, timeout=CONNECT_TIMEOUT_S)
+                await asyncio.wait({acquiring}, timeout=SHUTDOWN_STEP_TIMEOUT_S)
                 await self._stop_runs(StopCause.SHUTDOWN)
                 for task in long_lived:
                     task.cancel()
@@ -266,7 +268,7 @@ class Replica:
         self._poke.set()
         log.info("replica.registered", backend_pid=conn.get_server_pid(), **self._fields())
 
-    async def _unregister(self, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    async def _unregister(self, *, timeout_s: float = SHUTDOWN_STEP_TIMEOUT_S) -> None:
         """Give back every chat still running under this replica's id, delete its row and end
         the liveness session, in that order. A run that outlived the shutdown grace (cancelled)
         or could not release its chat leaves it running; without this, it would stay running
@@ -293,7 +295,7 @@ class Replica:
             )
 
     async def _liveness_loop(self) -> None:
-        backoff_s = 0.05
+        backoff = Backoff(initial_s=REGISTER_BACKOFF_INITIAL_S, max_s=REGISTER_BACKOFF_MAX_S)
         while True:
             try:
                 await self._hold_liveness()
@@ -320,14 +322,16 @@ class Replica:
             while True:
                 try:
                     await self._register()
-                    backoff_s = 0.05
+                    backoff.reset()
                     break
                 except Exception as exc:
                     if not _is_transient(exc):
                         raise
-                    log.warning("replica.register_failed", error=repr(exc), retry_in_s=backoff_s)
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, REGISTER_BACKOFF_MAX_S)
+                    backoff.grow()
+                    log.warning(
+                        "replica.register_failed", error=repr(exc), retry_in_s=backoff.delay_s
+                    )
+                    await asyncio.sleep(backoff.delay_s)
 
     async def _hold_liveness(self) -> NoReturn:
         """Heartbeat the row and check the connection until liveness is lost (raises)."""
@@ -359,7 +363,7 @@ class Replica:
         # Orphans (running chats of no replica) and orphan parts only exist after rare races
         # and become eligible after the stale threshold: looking once per threshold is enough.
         next_orphan_check = loop.time()
-        backoff = _Backoff()
+        backoff = Backoff(initial_s=LOOP_BACKOFF_INITIAL_S, max_s=LOOP_BACKOFF_MAX_S)
         while True:
             await asyncio.sleep(self.settings.liveness_check_interval_s + backoff.delay_s)
             if not self._registered.is_set():
@@ -453,7 +457,7 @@ class Replica:
 
     async def _acquire_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        backoff = _Backoff()
+        backoff = Backoff(initial_s=LOOP_BACKOFF_INITIAL_S, max_s=LOOP_BACKOFF_MAX_S)
         next_reconcile = loop.time() + self.settings.stale_threshold_s
         while True:
             await self._registered.wait()
@@ -608,21 +612,6 @@ SALVAGE_ATTEMPTS = 4
 def _is_transient(exc: BaseException) -> bool:
     """Database trouble that may pass: an outage or contention (app/db.py), as opposed to a bug."""
     return is_transient(exc)
-
-
-class _Backoff:
-    """The extra wait of a loop while the database fails: 0, then 0.1 s doubling to a cap."""
-
-    def __init__(self, *, initial_s: float = 0.1, max_s: float = LOOP_BACKOFF_MAX_S) -> None:
-        self._initial_s = initial_s
-        self._max_s = max_s
-        self.delay_s = 0.0
-
-    def grow(self) -> None:
-        self.delay_s = min(max(self.delay_s * 2, self._initial_s), self._max_s)
-
-    def reset(self) -> None:
-        self.delay_s = 0.0
 
 
 async def _lock_free_id(conn: asyncpg.Connection, candidate: uuid.UUID) -> uuid.UUID:

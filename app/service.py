@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
+from app.aio import Backoff
 from app.auth import ensure_local_token
 from app.config import Settings
 from app.db import create_pool, is_outage
@@ -49,22 +50,23 @@ def database(settings: Settings) -> Iterator[str]:
 
 
 # Backoff of the start-up wait for the database.
+STARTUP_BACKOFF_INITIAL_S = 0.2
 STARTUP_BACKOFF_MAX_S = 5.0
 
 
 async def wait_for_database(dsn: str) -> None:
     """Migrate, waiting with backoff while the database is unreachable (a replica started
     before its database, or during a restart or failover, waits rather than exits)."""
-    backoff_s = 0.2
+    backoff = Backoff(initial_s=STARTUP_BACKOFF_INITIAL_S, max_s=STARTUP_BACKOFF_MAX_S)
     while True:
         try:
             await migrate_dsn(dsn)
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            log.warning("service.database_unavailable", error=repr(exc), retry_in_s=backoff_s)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, STARTUP_BACKOFF_MAX_S)
+            backoff.grow()
+            log.warning("service.database_unavailable", error=repr(exc), retry_in_s=backoff.delay_s)
+            await asyncio.sleep(backoff.delay_s)
         else:
             return
 
