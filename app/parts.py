@@ -44,7 +44,7 @@ from typing import Any
 
 import asyncpg
 
-from app.db import DbFailure, classify_db_error, project_queries
+from app.db import is_transient, project_queries
 from app.log import get_logger
 from app.runs import RunToken
 
@@ -251,7 +251,9 @@ class PartFlusher:
                 self._keep(batch)
                 raise
             except Exception as exc:
-                if _retryable(exc):
+                # An outage or contention: the same batch may go through later. Anything else
+                # (the database refused the data) fails the same way again.
+                if is_transient(exc):
                     return self._failed(batch, exc)
                 log.warning("parts.flush_refused", parts=len(batch), error=repr(exc))
                 return await self._flush_one_run_at_a_time(batch)
@@ -270,7 +272,7 @@ class PartFlusher:
                 self._keep([p for _token, rest in groups[index:] for p in rest])
                 raise
             except Exception as exc:
-                if _retryable(exc):
+                if is_transient(exc):
                     return self._failed([p for _token, rest in groups[index:] for p in rest], exc)
                 self.stats.parts_rejected += len(parts)
                 log.error(
@@ -326,13 +328,6 @@ class PartFlusher:
                 [p.seq for p in batch],
             )
         return written
-
-
-def _retryable(exc: Exception) -> bool:
-    """An outage or contention: the same batch may go through later. Anything else (the
-    database refused the data, or it could not even be encoded) fails the same way again."""
-    failure = classify_db_error(exc)
-    return failure is not None and failure is not DbFailure.BUG
 
 
 def _by_run(batch: Iterable[BufferedPart]) -> list[tuple[RunToken, list[BufferedPart]]]:
