@@ -47,6 +47,7 @@ from typing import Any, Literal, Protocol
 import asyncpg
 
 from app import compaction, runs, titles
+from app.aio import Backoff
 from app.chats import Chat, Message, Owner, default_title
 from app.db import is_outage
 from app.errors import FencedOut
@@ -472,17 +473,19 @@ class Run:
         run gives the chat back rather than run deaf to Stop and to loss of ownership."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + RESYNC_GIVE_UP_S
-        pause_s = 0.1
+        backoff = Backoff(initial_s=0.1, max_s=RESYNC_READ_TIMEOUT_S)
         while True:
             try:
                 async with asyncio.timeout(RESYNC_READ_TIMEOUT_S):
                     return await runs.read_chat(self._deps.pool, self.chat_id)
             except Exception as exc:
-                if not is_outage(exc) or loop.time() + pause_s >= give_up_at:
+                backoff.grow()
+                if not is_outage(exc) or loop.time() + backoff.delay_s >= give_up_at:
                     raise
-                log.warning("run.resync_failed", error=repr(exc), retry_in_s=pause_s, **self._log)
-            await asyncio.sleep(pause_s)
-            pause_s = min(pause_s * 2, RESYNC_READ_TIMEOUT_S)
+                log.warning(
+                    "run.resync_failed", error=repr(exc), retry_in_s=backoff.delay_s, **self._log
+                )
+            await asyncio.sleep(backoff.delay_s)
 
     # --- the loop --------------------------------------------------------------------------
 
