@@ -44,6 +44,7 @@ from typing import Any
 
 import asyncpg
 
+from app.aio import Backoff
 from app.db import is_transient, project_queries
 from app.log import get_logger
 from app.runs import RunToken
@@ -211,7 +212,7 @@ class PartFlusher:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         last_flush = loop.time() - self._interval_s
-        backoff_s = self._retry_backoff_s
+        backoff = Backoff(initial_s=self._retry_backoff_s, max_s=RETRY_BACKOFF_MAX_S)
         while True:
             await self._nonempty.wait()
             # Wait out the rest of the window so one statement carries everything in it, unless
@@ -221,10 +222,10 @@ class PartFlusher:
                 await asyncio.sleep(delay_s)
             last_flush = loop.time()
             if await self.flush():
-                backoff_s = self._retry_backoff_s
+                backoff.reset()
             else:
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_MAX_S)
+                backoff.grow()
+                await asyncio.sleep(backoff.delay_s)
 
     async def flush(self) -> bool:
         """Write everything buffered. False when the database is out (or past the deadline);
