@@ -10,14 +10,14 @@ from collections.abc import Iterator, Sequence
 
 import asyncpg
 
-from app.auth import create_token
-from app.client import run_chat
 from app.config import Settings
-from app.db import create_pool
-from app.embedded_pg import start_embedded_postgres
+from app.db.connections import create_pool
+from app.db.embedded import start_embedded_postgres
+from app.db.migrate import migrate_dsn
 from app.errors import ValidationFailed
+from app.http.auth import create_token
 from app.log import configure_logging
-from app.migrate import migrate_dsn
+from app.terminal import run_chat
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -116,3 +116,20 @@ class Settings:
                 "CHATD_KEEPALIVE_INTERVAL_S", defaults.keepalive_interval_s
             ),
         )
+
+
+# The local admin token of an embedded installation lives in the data directory, where
+# `chatd serve` writes it and `chatd chat` finds it with no flags (mode 0600).
+LOCAL_TOKEN_FILE = "local-token"
+
+
+def local_token_path(data_dir: Path) -> Path:
+    return data_dir / LOCAL_TOKEN_FILE
+
+
+def read_local_token(data_dir: Path) -> str | None:
+    try:
+        token = local_token_path(data_dir).read_text().strip()
+    except (FileNotFoundError, PermissionError, NotADirectoryError):
+        return None
+    return token or None

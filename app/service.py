@@ -16,18 +16,19 @@ from collections.abc import Iterator
 from aiohttp import web
 
 from app.aio import Backoff
-from app.auth import ensure_local_token
 from app.config import Settings
-from app.db import create_pool, is_outage
-from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
-from app.engine_metrics import engine_metrics
+from app.db.connections import create_pool
+from app.db.embedded import EmbeddedPostgres, start_embedded_postgres
+from app.db.failures import is_outage
+from app.db.listener import Listener
+from app.db.migrate import migrate_dsn
+from app.engine.replica import ENGINE_SERVER_SETTINGS, Replica
+from app.http.auth import ensure_local_token
 from app.http.server import build_app
-from app.listener import Listener
 from app.log import get_logger
-from app.migrate import migrate_dsn
+from app.metrics import engine_metrics
 from app.providers import retry
-from app.providers.registry import close_providers
-from app.replica import ENGINE_SERVER_SETTINGS, Replica
+from app.providers.catalog import close_providers
 
 log = get_logger(__name__)
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import asyncpg
 
-from app import chats
-from app.chats import Owner
-from app.db import Conn
+from app.db.queries import Conn
+from app.state import chats
+from app.state.model import Owner
 from bench.harness import ScenarioResult, percentile
 from tests.e2e.replicas import ReplicaProcess
 

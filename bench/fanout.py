@@ -44,8 +44,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from app.auth import create_token
-from app.chats import Owner
+from app.http.auth import create_token
+from app.state.model import Owner
 from bench.chatd_engine import BenchReplica, replica_set
 from bench.harness import ScenarioResult, percentile
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import asyncpg
 
-from app.db import dsn_with_database
-from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
-from app.migrate import migrate
+from app.db.connections import dsn_with_database
+from app.db.embedded import EmbeddedPostgres, start_embedded_postgres
+from app.db.migrate import migrate
 
 
 @dataclass

@@ -21,12 +21,12 @@ from collections import Counter
 
 import asyncpg
 
-from app.chats import Owner
 from app.config import Settings
-from app.db import Queries
-from app.listener import Listener
-from app.replica import ENGINE_SERVER_SETTINGS, Replica
+from app.db.listener import Listener
+from app.db.queries import Queries
+from app.engine.replica import ENGINE_SERVER_SETTINGS, Replica
 from app.service import POOL_MAX_SIZE
+from app.state.model import Owner
 from bench.chatd_engine import insert_chats, new_owner
 from bench.harness import ScenarioResult
 from tests.conditions import wait_for

@@ -6,7 +6,7 @@ On a fresh database of the test suite's embedded PostgreSQL: one chat with `--me
 assistant messages of `--size` characters (what anyone can build with the free echo model).
 Measures, for a client reconnecting with `after=0:0`:
 
-- one `streams_read` from 0:0 (what a joining client's first read costs): the bytes of the
+- one `stream_read` from 0:0 (what a joining client's first read costs): the bytes of the
   message payloads it returned, its wall time, and the longest event-loop stall during it (a
   1 ms ticker measures how late it wakes: the statement's decoding and the payloads' building
   run on the event loop, delaying every other stream and request of the replica);
@@ -28,8 +28,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from app.listener import Listener
-from app.streams import ReadRequest, StreamCursor, StreamHubs, StreamReader
+from app.db.listener import Listener
+from app.stream.hub import StreamHubs
+from app.stream.protocol import StreamCursor
+from app.stream.reader import ReadRequest, StreamReader
 from tests.pg import start_pg_test_server
 
 T = TypeVar("T")

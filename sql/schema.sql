@@ -1,6 +1,6 @@
 -- The declared schema of chatd: what the database looks like after every migration in
 -- sql/migrations/ has run. Edit this file together with each new migration;
--- tests/integration/test_migrations.py applies both to fresh databases and asserts that the
+-- tests/db/test_migrations.py applies both to fresh databases and asserts that the
 -- results are identical, so the two can never drift apart.
 
 CREATE TABLE organizations (

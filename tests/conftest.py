@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from app.db import dsn_with_database
+from app.db.connections import dsn_with_database
 from tests.faults.fixtures import pg_cluster, pg_cluster_module, pg_proxy  # noqa: F401
 from tests.pg import PgTestServer, start_pg_test_server
 

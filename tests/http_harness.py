@@ -18,33 +18,14 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from app.auth import create_token
-from app.client import SseEvent, SseParser, iter_sse
 from app.config import Settings
+from app.db.listener import Listener
 from app.http.keys import STREAM_HUBS
 from app.http.server import build_app
-from app.listener import Listener
-from app.streams import StreamHubs
-
-
-@dataclass
-class ApiUser:
-    id: uuid.UUID
-    organization_id: uuid.UUID
-    name: str
-    token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
-async def make_user(pool: asyncpg.Pool, *, name: str | None = None, admin: bool = False) -> ApiUser:
-    name = name or f"user-{uuid.uuid4().hex[:8]}"
-    token = await create_token(pool, name, admin=admin)
-    row = await pool.fetchrow("SELECT id, organization_id FROM users WHERE name = $1", name)
-    assert row is not None
-    return ApiUser(row["id"], row["organization_id"], name, token)
+from app.stream.hub import StreamHubs
+from app.terminal import SseEvent, SseParser, iter_sse
+from tests import factories
+from tests.factories import ApiUser
 
 
 @dataclass
@@ -185,7 +166,8 @@ class SimulatedWorker:
         return int(generation)
 
     async def parts(self, *texts: str, role: str = "assistant") -> list[int]:
-        """One flush window: one multi-row insert (one notification)."""
+        """One flush window: one multi-row insert (one notification), written here rather than
+        with the factories because the one statement is what it simulates."""
         rows = await self.pool.fetch(
             """
             INSERT INTO chat_stream_parts (chat_id, generation, message_role, part)
@@ -204,26 +186,24 @@ class SimulatedWorker:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", self.chat_id)
             await conn.execute("DELETE FROM chat_stream_parts WHERE chat_id = $1", self.chat_id)
-            part_id: int = await conn.fetchval(
-                """
-                INSERT INTO chat_stream_parts (chat_id, generation, message_role, part)
-                VALUES ($1, $2, 'system', $3::jsonb) RETURNING id
-                """,
-                self.chat_id,
-                self.generation,
-                json.dumps(
-                    {
-                        "type": "retry",
-                        "attempt": attempt,
-                        "delay_ms": 1000,
-                        "retrying_at": "2030-01-01T00:00:00+00:00",
-                        "kind": "overloaded",
-                        "provider": "anthropic",
-                        "status_code": 529,
-                        "error": "overloaded",
-                    }
-                ),
+            retry = {
+                "type": "retry",
+                "attempt": attempt,
+                "delay_ms": 1000,
+                "retrying_at": "2030-01-01T00:00:00+00:00",
+                "kind": "overloaded",
+                "provider": "anthropic",
+                "status_code": 529,
+                "error": "overloaded",
+            }
+            row = await factories.create_stream_part(
+                conn,
+                chat_id=self.chat_id,
+                generation=self.generation,
+                part=retry,
+                message_role="system",
             )
+            part_id: int = row["id"]
             return part_id
 
     async def persist(self, text: str) -> int:
@@ -231,14 +211,10 @@ class SimulatedWorker:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", self.chat_id)
             await conn.execute("DELETE FROM chat_stream_parts WHERE chat_id = $1", self.chat_id)
-            message_id: int = await conn.fetchval(
-                """
-                INSERT INTO chat_messages (chat_id, role, content, output_tokens)
-                VALUES ($1, 'assistant', $2::jsonb, 7) RETURNING id
-                """,
-                self.chat_id,
-                json.dumps([{"type": "text", "text": text}]),
+            row = await factories.create_message(
+                conn, chat_id=self.chat_id, role="assistant", text=text, output_tokens=7
             )
+            message_id: int = row["id"]
             return message_id
 
     async def finish(

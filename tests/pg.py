@@ -12,9 +12,9 @@ from pathlib import Path
 
 import asyncpg
 
-from app.db import dsn_with_database
-from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
-from app.migrate import migrate
+from app.db.connections import dsn_with_database
+from app.db.embedded import EmbeddedPostgres, start_embedded_postgres
+from app.db.migrate import migrate
 
 # Durability is worthless for throwaway test databases; these make commits cheap. Only applied
 # to the embedded server the suite starts itself, never to a server given by URL.

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 from aiohttp import web
 
 from app.config import Settings
-from app.listener import Listener
-from app.streams import StreamHubs
+from app.db.listener import Listener
+from app.metrics import Collector
+from app.stream.hub import StreamHubs
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -19,3 +21,7 @@ STREAM_HUBS = web.AppKey("stream_hubs", StreamHubs)
 WEBSOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("websockets")
 # Set when the application shuts down: long-lived handlers (the chat-list watch) end.
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
+# The OpenAPI document, built once from the route declarations.
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
+# What `/metrics` collects (app/metrics.py).
+METRICS: web.AppKey[list[Collector]] = web.AppKey("metrics")

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from app.chats import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, NON_BLANK_PATTERN
+from app.state.model import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, NON_BLANK_PATTERN
 
 MAX_INT4 = 2**31 - 1
 MAX_LIST_LIMIT = 200
@@ -45,7 +45,7 @@ UserContent = (
             max_length=MAX_PARTS,
             description=f"At least one part with a character that is not blank; at most"
             f" {MAX_TEXT_CHARS} characters over all parts.",
-            # What the server checks (app.chats.normalize_user_content), said in JSON Schema.
+            # What the server checks (app.state.model.normalize_user_content), said in JSON Schema.
             json_schema_extra={
                 "contains": {
                     "type": "object",

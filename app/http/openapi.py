@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from app.http.api import Route
+from app.http.routing import Route
 
 REF = "#/components/schemas/{model}"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")

@@ -1,27 +1,21 @@
-"""The REST routes (docs/api.md) and their declarations. Handlers translate HTTP to calls of
-the state machine (app/chats.py) and the admin data (app/admin.py); they never pick an error
-status (the middleware does) and never run SQL."""
+"""Every route of the HTTP API, declared once (docs/api.md): method, path, handler, request models
+and documented answers. The router, the authentication and admin checks and the OpenAPI document
+are all derived from these declarations (app/http/routing.py); the handlers live in the
+*_endpoints.py modules beside this one."""
 
 from __future__ import annotations
 
-import re
-import uuid
-from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from aiohttp import web
-
-from app import admin, chats
-from app.errors import ValidationFailed
-from app.http.api import Answer, Call, PathParamKind, Route, json_response
+from app.http import admin_endpoints, chat_endpoints, ops_endpoints, stream_endpoints
 from app.http.models import (
-    PAGE_CURSOR_PATTERN,
     ChatList,
+    ChatListChangeEvent,
     ChatOut,
+    ChatStreamEvent,
     CreateChatRequest,
     CreateModelConfigRequest,
     EditMessageRequest,
     ErrorBody,
+    Health,
     LimitBody,
     ListChatsQuery,
     ListMessagesQuery,
@@ -34,32 +28,47 @@ from app.http.models import (
     ReplicaList,
     SendMessageRequest,
     SpendLimitBody,
-    TextPart,
+    StreamQuery,
     UpdateChatRequest,
     UpdateModelConfigRequest,
 )
-from app.providers.pricing import validate_prices
-
-# --------------------------------------------------------------------------------------------
-# Common answers.
+from app.http.routing import Answer, PathParamKind, Route
 
 E400 = Answer("invalid input (validations lists each problem)", ErrorBody)
+
+
 E401 = Answer("missing or invalid bearer token", ErrorBody)
+
+
 E403 = Answer("admins only", ErrorBody)
+
+
 E404 = Answer("no such chat (or not yours), or no such item", ErrorBody)
+
+
 E409 = Answer("not allowed in the chat's current state", ErrorBody)
+
+
 E413 = Answer("request body too large", ErrorBody)
+
+
 E409_SPEND = Answer("spend limit reached", SpendLimitBody)
+
+
 E409_OR_SPEND = Answer(
     "not allowed in the chat's current state (e.g. archived), or spend limit reached",
     ErrorBody,
     alternatives=(SpendLimitBody,),
 )
+
+
 E429_QUEUE_OR_LIMIT = Answer(
     "the chat's queue is full (QueueFull), or a per-user limit is reached (LimitReached)",
     ErrorBody,
     alternatives=(LimitBody,),
 )
+
+
 E429_LIMIT = Answer("a per-user limit is reached; the body names it", LimitBody)
 
 
@@ -68,258 +77,26 @@ def _errors(*statuses: int) -> dict[int, Answer]:
     return {status: table[status] for status in statuses}
 
 
-def _content(value: str | tuple[TextPart, ...] | list[TextPart]) -> str | list[dict[str, Any]]:
-    if isinstance(value, str):
-        return value
-    return [part.model_dump() for part in value]
-
-
-# --------------------------------------------------------------------------------------------
-# Chats.
-
-PAGE_CURSOR = re.compile(PAGE_CURSOR_PATTERN)
-
-
-def _limits(call: Call) -> chats.UserLimits:
-    """The per-user limits of docs/operations.md, from this replica's settings."""
-    return chats.UserLimits(
-        max_chats=call.settings.max_chats_per_user,
-        max_pending_chats=call.settings.max_pending_chats_per_user,
-    )
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MICROSECOND = timedelta(microseconds=1)
-
-
-def encode_page_cursor(chat: chats.Chat) -> str:
-    """`<created_at in microseconds since the epoch>:<id>`: exact (PostgreSQL keeps
-    microseconds), and of a shape the document states (PAGE_CURSOR_PATTERN), so that any string
-    the document accepts is a cursor the server accepts."""
-    return f"{(chat.created_at - EPOCH) // MICROSECOND}:{chat.id}"
-
-
-def decode_page_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """The query model already checked PAGE_CURSOR_PATTERN; this only splits it."""
-    micros, _, chat_id = cursor.partition(":")
-    if not PAGE_CURSOR.fullmatch(cursor):
-        raise ValidationFailed(
-            "invalid page cursor",
-            validations=[{"field": "before", "detail": "pass the `next` value of a page"}],
-        )
-    return EPOCH + int(micros) * MICROSECOND, uuid.UUID(chat_id)
-
-
-async def create_chat(call: Call) -> web.StreamResponse:
-    body = await call.body(CreateChatRequest)
-    chat, _message = await chats.create_chat(
-        call.pool,
-        call.owner,
-        _content(body.content),
-        title=body.title,
-        model_config_id=body.model_config_id,
-        client_type=body.client_type,
-        limits=_limits(call),
-    )
-    return json_response(chat.to_json(), status=201)
-
-
-async def list_chats(call: Call) -> web.StreamResponse:
-    query = call.query(ListChatsQuery)
-    before = decode_page_cursor(query.before) if query.before else None
-    found = await chats.list_chats(
-        call.pool,
-        call.owner,
-        status=query.status,
-        archived=query.archived,
-        limit=query.limit + 1,
-        before=before,
-    )
-    page = found[: query.limit]
-    next_cursor = encode_page_cursor(page[-1]) if len(found) > query.limit else None
-    return json_response({"chats": [chat.to_json() for chat in page], "next": next_cursor})
-
-
-async def get_chat(call: Call) -> web.StreamResponse:
-    chat = await chats.get_chat(call.pool, call.owner, call.path_uuid("id"))
-    return json_response(chat.to_json())
-
-
-async def update_chat(call: Call) -> web.StreamResponse:
-    chat_id = call.path_uuid("id")
-    body = await call.body(UpdateChatRequest)
-    chat = await chats.update_chat(
-        call.pool,
-        call.owner,
-        chat_id,
-        title=body.title,
-        archived=body.archived,
-        limits=_limits(call),
-    )
-    return json_response(chat.to_json())
-
-
-async def list_messages(call: Call) -> web.StreamResponse:
-    chat_id = call.path_uuid("id")
-    query = call.query(ListMessagesQuery)
-    messages, queued = await chats.list_messages(
-        call.pool, call.owner, chat_id, after_id=query.after_id, limit=query.limit
-    )
-    return json_response(
-        {
-            "messages": [message.to_json() for message in messages],
-            "queued": [item.to_json() for item in queued],
-            "next": messages[-1].id if len(messages) == query.limit else None,
-        }
-    )
-
-
-async def send_message(call: Call) -> web.StreamResponse:
-    chat_id = call.path_uuid("id")
-    body = await call.body(SendMessageRequest)
-    result = await chats.send_message(
-        call.pool,
-        call.owner,
-        chat_id,
-        _content(body.content),
-        queue_limit=call.settings.queue_limit,
-        limits=_limits(call),
-    )
-    if result.message is not None:
-        return json_response({"message": result.message.to_json()}, status=201)
-    assert result.queued is not None
-    return json_response({"queued": result.queued.to_json()}, status=202)
-
-
-async def edit_message(call: Call) -> web.StreamResponse:
-    chat_id = call.path_uuid("id")
-    message_id = call.path_id("mid")
-    body = await call.body(EditMessageRequest)
-    message = await chats.edit_message(
-        call.pool, call.owner, chat_id, message_id, _content(body.content), limits=_limits(call)
-    )
-    return json_response(message.to_json())
-
-
-async def interrupt(call: Call) -> web.StreamResponse:
-    chat = await chats.interrupt(call.pool, call.owner, call.path_uuid("id"))
-    return json_response(chat.to_json())
-
-
-async def delete_queued(call: Call) -> web.StreamResponse:
-    await chats.delete_queued(call.pool, call.owner, call.path_uuid("id"), call.path_id("qid"))
-    return web.Response(status=204)
-
-
-async def promote_queued(call: Call) -> web.StreamResponse:
-    promoted = await chats.promote_queued(
-        call.pool, call.owner, call.path_uuid("id"), call.path_id("qid"), limits=_limits(call)
-    )
-    if isinstance(promoted, chats.Message):
-        return json_response(promoted.to_json())
-    return json_response({"queued": promoted.to_json()}, status=202)
-
-
-# --------------------------------------------------------------------------------------------
-# Model configs and replicas.
-
-_NUMERIC_OPTIONS = {
-    "token_delay_ms": (0.0, 60_000.0),
-    "startup_timeout_s": (0.0, 86_400.0),
-    "silence_timeout_s": (0.0, 86_400.0),
-}
-
-
-def _check_options(options: dict[str, Any] | None) -> None:
-    if options is None:
-        return
-    try:
-        validate_prices(options)
-    except ValueError as exc:
-        raise ValidationFailed(
-            "invalid price option", validations=[{"field": "options", "detail": str(exc)[:200]}]
-        ) from None
-    for name, (low, high) in _NUMERIC_OPTIONS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not low <= value <= high
-        ):
-            raise ValidationFailed(
-                f"options.{name} must be a number between {low:g} and {high:g}",
-                validations=[{"field": f"options.{name}", "detail": "out of range"}],
-            )
-
-
-async def list_model_configs(call: Call) -> web.StreamResponse:
-    configs = await admin.list_model_configs(call.pool, include_disabled=call.me.is_admin)
-    return json_response({"model_configs": [config.to_json() for config in configs]})
-
-
-async def create_model_config(call: Call) -> web.StreamResponse:
-    body = await call.body(CreateModelConfigRequest)
-    _check_options(body.options)
-    config = await admin.create_model_config(
-        call.pool,
-        provider=body.provider,
-        model=body.model,
-        display_name=body.display_name,
-        context_limit=body.context_limit,
-        compression_threshold=body.compression_threshold,
-        is_default=body.is_default,
-        enabled=body.enabled,
-        options=body.options,
-    )
-    return json_response(config.to_json(), status=201)
-
-
-async def update_model_config(call: Call) -> web.StreamResponse:
-    config_id = call.path_uuid("id")
-    body = await call.body(UpdateModelConfigRequest)
-    _check_options(body.options)
-    config = await admin.update_model_config(
-        call.pool,
-        config_id,
-        admin.ModelConfigChanges(
-            provider=body.provider,
-            model=body.model,
-            display_name=body.display_name,
-            context_limit=body.context_limit,
-            compression_threshold=body.compression_threshold,
-            is_default=body.is_default,
-            enabled=body.enabled,
-            options=body.options,
-        ),
-    )
-    return json_response(config.to_json())
-
-
-async def delete_model_config(call: Call) -> web.StreamResponse:
-    await admin.delete_model_config(call.pool, call.path_uuid("id"))
-    return web.Response(status=204)
-
-
-async def list_replicas(call: Call) -> web.StreamResponse:
-    return json_response({"replicas": await admin.list_replicas(call.pool)})
-
-
-# --------------------------------------------------------------------------------------------
-# Declarations.
-
 _CHAT: dict[str, PathParamKind] = {"id": "uuid"}
+
+
 _CHAT_MESSAGE: dict[str, PathParamKind] = {"id": "uuid", "mid": "id"}
+
+
 _CHAT_QUEUED: dict[str, PathParamKind] = {"id": "uuid", "qid": "id"}
+
+
 _CONFIG: dict[str, PathParamKind] = {"id": "uuid"}
+
+
 V1 = "/api/v1"
+
 
 REST_ROUTES: list[Route] = [
     Route(
         "POST",
         f"{V1}/chats",
-        create_chat,
+        chat_endpoints.create_chat,
         "createChat",
         "Create a chat with its first message (it starts pending)",
         body=CreateChatRequest,
@@ -333,7 +110,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "GET",
         f"{V1}/chats",
-        list_chats,
+        chat_endpoints.list_chats,
         "listChats",
         "The caller's chats, newest first, paged by `before`",
         query=ListChatsQuery,
@@ -342,7 +119,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "GET",
         f"{V1}/chats/{{id}}",
-        get_chat,
+        chat_endpoints.get_chat,
         "getChat",
         "One chat",
         path_params=_CHAT,
@@ -351,7 +128,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "PATCH",
         f"{V1}/chats/{{id}}",
-        update_chat,
+        chat_endpoints.update_chat,
         "updateChat",
         "Change the title or archive (archiving a busy chat stops it)",
         path_params=_CHAT,
@@ -365,7 +142,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "GET",
         f"{V1}/chats/{{id}}/messages",
-        list_messages,
+        chat_endpoints.list_messages,
         "listMessages",
         "Visible messages after `after_id` (id order) and the queue",
         path_params=_CHAT,
@@ -375,7 +152,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "POST",
         f"{V1}/chats/{{id}}/messages",
-        send_message,
+        chat_endpoints.send_message,
         "sendMessage",
         "Send a user message: 201 when the chat was idle, 202 queued while it is busy",
         path_params=_CHAT,
@@ -391,7 +168,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "PATCH",
         f"{V1}/chats/{{id}}/messages/{{mid}}",
-        edit_message,
+        chat_endpoints.edit_message,
         "editMessage",
         "Edit a user message: later history is dropped and the chat starts over",
         path_params=_CHAT_MESSAGE,
@@ -406,7 +183,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "POST",
         f"{V1}/chats/{{id}}/interrupt",
-        interrupt,
+        chat_endpoints.interrupt,
         "interruptChat",
         "Stop: a pending chat goes back to waiting, a running one is stopped by its worker",
         path_params=_CHAT,
@@ -415,7 +192,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "DELETE",
         f"{V1}/chats/{{id}}/queue/{{qid}}",
-        delete_queued,
+        chat_endpoints.delete_queued,
         "deleteQueued",
         "Remove a queued message",
         path_params=_CHAT_QUEUED,
@@ -424,7 +201,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "POST",
         f"{V1}/chats/{{id}}/queue/{{qid}}/promote",
-        promote_queued,
+        chat_endpoints.promote_queued,
         "promoteQueued",
         "Send a queued message now",
         description="On an idle chat the message is sent at once (200). On a running chat the"
@@ -441,7 +218,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "GET",
         f"{V1}/model-configs",
-        list_model_configs,
+        admin_endpoints.list_model_configs,
         "listModelConfigs",
         "Model configs (admins also see disabled ones)",
         tag="model-configs",
@@ -450,7 +227,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "POST",
         f"{V1}/model-configs",
-        create_model_config,
+        admin_endpoints.create_model_config,
         "createModelConfig",
         "Create a model config (admins)",
         tag="model-configs",
@@ -461,7 +238,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "PATCH",
         f"{V1}/model-configs/{{id}}",
-        update_model_config,
+        admin_endpoints.update_model_config,
         "updateModelConfig",
         "Change a model config (admins)",
         description="The default config cannot be disabled or stop being the default (409):"
@@ -475,7 +252,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "DELETE",
         f"{V1}/model-configs/{{id}}",
-        delete_model_config,
+        admin_endpoints.delete_model_config,
         "deleteModelConfig",
         "Delete a model config (admins)",
         description="A config that chats or messages still use, and the default config, are"
@@ -488,7 +265,7 @@ REST_ROUTES: list[Route] = [
     Route(
         "GET",
         f"{V1}/replicas",
-        list_replicas,
+        admin_endpoints.list_replicas,
         "listReplicas",
         "Replicas with heartbeat ages and running chats (admins)",
         description="Hostnames, process ids and addresses are operational details: only"
@@ -498,3 +275,118 @@ REST_ROUTES: list[Route] = [
         answers={200: Answer("the replicas", ReplicaList), **_errors(401, 403)},
     ),
 ]
+
+
+SYSTEM_ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/healthz",
+        ops_endpoints.healthz,
+        "healthz",
+        "Liveness",
+        tag="operations",
+        auth=False,
+        answers={200: Answer("the process serves HTTP", Health)},
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        ops_endpoints.readyz,
+        "readyz",
+        "Readiness: database reachable and listener connected",
+        tag="operations",
+        auth=False,
+        answers={
+            200: Answer("ready", Health),
+            503: Answer("not ready", Health),
+        },
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        ops_endpoints.metrics,
+        "metrics",
+        "Prometheus metrics (text format 0.0.4)",
+        tag="operations",
+        auth=False,
+        answers={200: Answer("metrics", None, media_type="text/plain")},
+    ),
+    Route(
+        "GET",
+        f"{V1}/openapi.json",
+        ops_endpoints.openapi,
+        "openapi",
+        "This document",
+        tag="operations",
+        answers={200: Answer("the OpenAPI document"), 401: E401},
+    ),
+]
+
+
+# Every stream counts against the caller's `max_streams_per_user` on this replica.
+E429_STREAMS = Answer(
+    "too many open streams for this user on this replica (limit streams_per_user)", ErrorBody
+)
+
+
+STREAM_ROUTES: list[Route] = [
+    # Before /chats/{id}: "watch" is not a chat id.
+    Route(
+        "GET",
+        f"{V1}/chats/watch",
+        stream_endpoints.watch_chats,
+        "watchChats",
+        "Server-Sent Events of the caller's chat-list changes",
+        description="Events `created`, `updated` (status, title or archived changed) and"
+        " `deleted` with the chat's summary; `resync` when changes may have been missed"
+        " (list again). Subscribe first, then list.",
+        tag="streams",
+        answers={
+            200: Answer("an SSE stream", ChatListChangeEvent, media_type="text/event-stream"),
+            401: E401,
+            429: E429_STREAMS,
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/chats/{{id}}/stream",
+        stream_endpoints.chat_stream,
+        "streamChat",
+        "Server-Sent Events of one chat, resumable from any cursor",
+        description="Frames: `id: <message id>:<part id>`, `event: <type>`, `data: <JSON>`;"
+        " types status, message, message_part, queue, retry, error, history_reset;"
+        " keep-alive comments. See docs/api.md.",
+        tag="streams",
+        path_params={"id": "uuid"},
+        query=StreamQuery,
+        headers={"Last-Event-ID": "Resume after this cursor (wins over ?after=)."},
+        answers={
+            200: Answer("an SSE stream", ChatStreamEvent, media_type="text/event-stream"),
+            400: E400,
+            401: E401,
+            404: E404,
+            429: E429_STREAMS,
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/chats/{{id}}/ws",
+        stream_endpoints.chat_websocket,
+        "streamChatWebSocket",
+        "The same events over a WebSocket: one JSON event per text frame, with `cursor`",
+        tag="streams",
+        path_params={"id": "uuid"},
+        query=StreamQuery,
+        answers={
+            101: Answer("switching to the WebSocket protocol", ChatStreamEvent),
+            400: E400,
+            401: E401,
+            404: Answer("no such chat (or not yours)", ErrorBody),
+            429: E429_STREAMS,
+        },
+    ),
+]
+
+
+def all_routes() -> list[Route]:
+    return [*SYSTEM_ROUTES, *STREAM_ROUTES, *REST_ROUTES]

@@ -48,7 +48,7 @@ from app.providers.base import (
     parse_tool_arguments,
     tool_result_text,
 )
-from app.providers.errors import classify, utc_now
+from app.providers.classify import classify, utc_now
 
 PROVIDER = "anthropic"
 EPHEMERAL: CacheControlEphemeralParam = {"type": "ephemeral"}

@@ -45,7 +45,7 @@ from app.providers.base import (
     StreamEvent,
     StreamProgress,
 )
-from app.providers.errors import classify, provider_cancellation, utc_now
+from app.providers.classify import classify, provider_cancellation, utc_now
 
 T = TypeVar("T")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from app.log import get_logger
+from app.tools.agent_tools import register_subagent_tools
 from app.tools.builtin import register_builtin_tools
 from app.tools.registry import ENTRY_POINT_GROUP, ToolRegistry
-from app.tools.subagents import register_subagent_tools
 
 log = get_logger(__name__)
 

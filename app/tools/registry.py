@@ -32,12 +32,12 @@ from typing import Any
 
 import asyncpg
 
-from app.chats import Owner
+from app.db.listener import Listener
 from app.errors import FencedOut
-from app.listener import Listener
 from app.log import get_logger
 from app.providers.base import ToolSpec
-from app.runs import RunToken
+from app.state.model import Owner
+from app.state.runs import RunToken
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
--- Queries of the operator-facing routes (app/admin.py): model configs and the replica list.
+-- Queries of the operator-facing routes (app/state/admin.py): model configs and the replica list.
 
 -- name: admin_list_model_configs :many
 -- The default first, then by creation. $1 = include disabled configs (admins see them all).

@@ -1,4 +1,4 @@
--- Queries of users and API tokens (app/auth.py). A token is random and shown once; only its
+-- Queries of users and API tokens (app/http/auth.py). A token is random and shown once; only its
 -- SHA-256 is stored, so the unique index on api_tokens.token_hash is the lookup path of every
 -- authenticated request.
 

@@ -1,4 +1,4 @@
--- Queries of the chat state machine as driven by users (app/chats.py). Every transition first
+-- Queries of the chat state machine as driven by users (app/state/chats.py). Every transition first
 -- locks the chat row (chats_lock_for_owner), so transitions of one chat are serialized and the
 -- message ids of one chat commit in id order (a safe "after id X" cursor for streams).
 
@@ -129,7 +129,7 @@ UPDATE chat_messages SET deleted = true WHERE chat_id = $1 AND id >= $2 AND NOT 
 -- An edit soft-deleted every message from $2 on, compaction summaries included: the messages
 -- those summaries had compressed go back into the prompt, or the model would lose them. A
 -- summary's part records the id range [first, last] it compressed, and every visible message in
--- that range was compressed by it (app/compaction.py). Served by chat_messages_chat_id_idx.
+-- that range was compressed by it (app/engine/compaction.py). Served by chat_messages_chat_id_idx.
 UPDATE chat_messages m
 SET compressed = false
 FROM chat_messages s, jsonb_array_elements(s.content) AS part

@@ -1,4 +1,4 @@
--- Queries of the live parts of running chats (app/parts.py): the batched flush of every chat a
+-- Queries of the live parts of running chats (app/engine/parts.py): the batched flush of every chat a
 -- replica runs, and the janitor of the parts no run will settle.
 
 -- name: parts_flush :one

@@ -1,4 +1,4 @@
--- Queries of the worker's side of the chat state machine (app/runs.py). A run is fenced by
+-- Queries of the worker's side of the chat state machine (app/state/runs.py). A run is fenced by
 -- (worker_id, generation): every write of a run first locks the chat row with runs_lock_owned,
 -- and a run whose row no longer says "running, worker_id = me, generation = g" writes nothing.
 -- Locking the row first also serializes message inserts of one chat, so its message ids

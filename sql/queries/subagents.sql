@@ -1,4 +1,4 @@
--- Sub-agents (app/subagents.py): child chats of a chat, created and driven by its tools.
+-- Sub-agents (app/state/subagents.py): child chats of a chat, created and driven by its tools.
 
 -- name: subagents_get_child_chat :one
 -- A chat reaches only its own children: the parent condition is the access check.

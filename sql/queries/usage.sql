@@ -1,4 +1,4 @@
--- Usage and spend limits (app/usage.py).
+-- Usage and spend limits (app/state/usage.py).
 
 -- name: usage_effective_spend_limit :one
 -- The user's own limit wins over the organization default (user_id NULL sorts last).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from app.paths import PROJECT_ROOT
+from app.db.sql_files import PROJECT_ROOT
 
 
 def free_port() -> int:

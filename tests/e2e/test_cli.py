@@ -18,8 +18,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from app.auth import create_token, local_token_path
-from app.paths import PROJECT_ROOT
+from app.config import local_token_path
+from app.db.sql_files import PROJECT_ROOT
+from app.http.auth import create_token
+from tests import factories
 from tests.conditions import wait_for
 from tests.e2e.replicas import ReplicaProcess
 
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 if not (PROJECT_ROOT / "app" / "replica.py").exists():
     pytest.skip(
-        "`chatd chat` needs the replica engine (app/replica.py) wired into `chatd serve`",
+        "`chatd chat` needs the replica engine (app/engine/replica.py) wired into `chatd serve`",
         allow_module_level=True,
     )
 
@@ -91,12 +93,7 @@ async def server(tmp_path: Path, database_url: str) -> AsyncIterator[ReplicaProc
 async def _slow_default_model(pool: asyncpg.Pool, token_delay_ms: int) -> None:
     """What demos use: the echo model, slowed down so that streaming is visible."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("UPDATE chat_model_configs SET is_default = false")
-        await conn.execute(
-            "INSERT INTO chat_model_configs (provider, model, is_default, options)"
-            " VALUES ('builtin', 'echo', true, $1::jsonb)",
-            json.dumps({"token_delay_ms": token_delay_ms}),
-        )
+        await factories.create_model_config(conn, is_default=True, token_delay_ms=token_delay_ms)
 
 
 async def test_chat_prints_the_answer_as_it_streams_and_continues_a_chat(
@@ -156,8 +153,6 @@ async def test_chat_reports_a_bad_token(server: ReplicaProcess) -> None:
 async def test_serve_on_the_embedded_database_makes_chat_work_without_flags(
     tmp_path: Path,
 ) -> None:
-    if "ensure_local_token" not in (PROJECT_ROOT / "app" / "service.py").read_text():
-        pytest.skip("app/service.py does not call app.auth.ensure_local_token yet")
     data_dir = Path(tempfile.mkdtemp(prefix="chatd-cli-"))  # short: the socket lives in it
     serve = ReplicaProcess(
         log_dir=tmp_path, name="embedded", env={"DATABASE_URL": "", "CHATD_DATA_DIR": str(data_dir)}
@@ -165,10 +160,7 @@ async def test_serve_on_the_embedded_database_makes_chat_work_without_flags(
     serve.start()
     try:
         await serve.wait_healthy(timeout_s=90)
-        token_file = local_token_path(data_dir)
-        if not token_file.exists():
-            pytest.skip("app/service.py does not call app.auth.ensure_local_token yet")
-        token = token_file.read_text().strip()
+        token = local_token_path(data_dir).read_text().strip()
         # `make run` prints a usable token.
         await wait_for(lambda: token in serve.logs(), message="the token in the serve output")
         chat = await ChatProcess.start(

@@ -1,7 +1,7 @@
 """The replica engine with real `chatd serve` processes on one database: many chats on three
 replicas, and the signals a deployment sends (SIGKILL, SIGTERM, SIGSTOP/SIGCONT).
 
-Chats are created through app/chats.py on the test's own pool (what the HTTP API calls); the
+Chats are created through app/state/chats.py on the test's own pool (what the HTTP API calls); the
 replicas find them through chat_wake like any other chat. Timings are printed, never asserted."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from app import chats
-from app.chats import Chat
 from app.config import Settings
-from tests import engine
+from app.state import chats
+from app.state.model import Chat
+from tests import engine_harness, factories
 from tests.e2e.replicas import ReplicaProcess
 from tests.notifications import NotificationRecorder, Received
 
@@ -43,7 +43,7 @@ class Cluster:
             log_dir=self._log_dir,
             name=name,
             env={"DATABASE_URL": self._database_url, "CHATD_LOG_LEVEL": "INFO"}
-            | engine.FAST_ENV
+            | engine_harness.FAST_ENV
             | env,
         )
         replica.start()
@@ -63,7 +63,9 @@ class Cluster:
                 )
                 return bool(count)
 
-            await engine.eventually(registered, timeout_s=30, message=f"replica {pid} registered")
+            await engine_harness.eventually(
+                registered, timeout_s=30, message=f"replica {pid} registered"
+            )
 
     async def owner_of(self, chat_id: uuid.UUID) -> ReplicaProcess:
         pid = await self._pool.fetchval(
@@ -98,24 +100,24 @@ async def _all_settled(pool: asyncpg.Pool, chat_ids: list[uuid.UUID]) -> bool:
 
 
 async def _wait_settled(pool: asyncpg.Pool, chat_ids: list[uuid.UUID], timeout_s: float) -> None:
-    await engine.eventually(
+    await engine_harness.eventually(
         lambda: _all_settled(pool, chat_ids), timeout_s=timeout_s, message="every chat answered"
     )
 
 
 def _assert_consistent(notes: list[Received], finals: dict[uuid.UUID, Chat]) -> None:
     for chat_id, final in finals.items():
-        engine.assert_chat_notifications_consistent(
+        engine_harness.assert_chat_notifications_consistent(
             [n for n in notes if n.channel == f"chat:{chat_id}"], final
         )
 
 
 async def _finals(pool: asyncpg.Pool, chat_ids: list[uuid.UUID]) -> dict[uuid.UUID, Chat]:
-    return {chat_id: await engine.chat_row(pool, chat_id) for chat_id in chat_ids}
+    return {chat_id: await engine_harness.chat_row(pool, chat_id) for chat_id in chat_ids}
 
 
 async def _takeover(pool: asyncpg.Pool, chat_id: uuid.UUID, old_generation: int) -> Chat | None:
-    chat = await engine.chat_row(pool, chat_id)
+    chat = await engine_harness.chat_row(pool, chat_id)
     return chat if chat.generation > old_generation and chat.status != "pending" else None
 
 
@@ -125,7 +127,7 @@ async def _wait_takeover(pool: asyncpg.Pool, chat_id: uuid.UUID, *, timeout_s: f
     async def taken() -> Chat | None:
         return await _takeover(pool, chat_id, 1)
 
-    return await engine.eventually(
+    return await engine_harness.eventually(
         taken, timeout_s=timeout_s, interval_s=0.01, message="another replica took the chat"
     )
 
@@ -135,7 +137,7 @@ async def test_200_chats_on_3_replicas_are_each_answered_exactly_once(
 ) -> None:
     replicas = [await cluster.start(f"r{i}") for i in range(3)]
     await cluster.wait_ready(*replicas)
-    owner = await engine.create_owner(pool)
+    owner = await factories.create_owner(pool)
     texts = [f"question number {i}" for i in range(200)]
 
     recorder_conn = await asyncpg.connect(database_url)
@@ -163,7 +165,7 @@ async def test_200_chats_on_3_replicas_are_each_answered_exactly_once(
     by_chat: dict[uuid.UUID, list[tuple[str, str]]] = {}
     for row in rows:
         by_chat.setdefault(row["chat_id"], []).append(
-            (row["role"], engine.text_of(json.loads(row["content"])))
+            (row["role"], engine_harness.text_of(json.loads(row["content"])))
         )
     for chat_id, text in zip(chat_ids, texts, strict=True):
         assert by_chat[chat_id] == [("user", text), ("assistant", f"echo: {text}")]
@@ -171,7 +173,7 @@ async def test_200_chats_on_3_replicas_are_each_answered_exactly_once(
     assert {chat.status for chat in finals.values()} == {"waiting"}
     assert {chat.generation for chat in finals.values()} == {1}  # acquired once each
     for final in finals.values():
-        engine.assert_owner_notifications_consistent(notes, final)
+        engine_harness.assert_owner_notifications_consistent(notes, final)
     per_replica = {r.name: r.logs().count("run.ended") for r in replicas}
     print(f"runs per replica: {per_replica}")
     assert sum(per_replica.values()) == 200
@@ -182,12 +184,12 @@ async def test_sigkill_of_the_owner_moves_its_chat_to_another_replica(
 ) -> None:
     first, second = await cluster.start("a"), await cluster.start("b")
     await cluster.wait_ready(first, second)
-    owner = await engine.create_owner(pool)
-    slow = await engine.create_model_config(pool, token_delay_ms=100)
+    owner = await factories.create_owner(pool)
+    slow = await factories.create_model_config(pool, token_delay_ms=100)
     chat, _ = await chats.create_chat(pool, owner, LONG_TEXT, model_config_id=slow)
-    conn, recorder = await engine.record_chats(database_url, [chat.id])
+    conn, recorder = await engine_harness.record_chats(database_url, [chat.id])
     try:
-        await engine.wait_parts(pool, chat.id, at_least=2)
+        await engine_harness.wait_parts(pool, chat.id, at_least=2)
         queued = await chats.send_message(pool, owner, chat.id, "and then this", queue_limit=20)
         assert queued.queued is not None
         victim = await cluster.owner_of(chat.id)
@@ -208,16 +210,16 @@ async def test_sigkill_of_the_owner_moves_its_chat_to_another_replica(
     finally:
         await conn.close()
     survivor = second if victim is first else first
-    history = await engine.history(pool, chat.id)
-    assert [(r, engine.text_of(c)) for r, c in history] == [
+    history = await engine_harness.history(pool, chat.id)
+    assert [(r, engine_harness.text_of(c)) for r, c in history] == [
         ("user", LONG_TEXT),
         ("assistant", "echo: " + LONG_TEXT),
         ("user", "and then this"),
         ("assistant", "echo: and then this"),
     ]
-    final = await engine.chat_row(pool, chat.id)
+    final = await engine_harness.chat_row(pool, chat.id)
     assert (final.status, final.generation) == ("waiting", 2)
-    engine.assert_chat_notifications_consistent(notes, final)
+    engine_harness.assert_chat_notifications_consistent(notes, final)
     assert f"chat_id={chat.id}" in survivor.logs()
     assert await pool.fetchval("SELECT count(*) FROM chat_replicas") == 1
 
@@ -227,34 +229,35 @@ async def test_sigterm_hands_every_running_chat_to_the_other_replica(
 ) -> None:
     leaving = await cluster.start("leaving")
     await cluster.wait_ready(leaving)
-    owner = await engine.create_owner(pool)
+    owner = await factories.create_owner(pool)
     # Slow enough to be mid-stream whatever the other replica's start-up takes; sped up once
     # the chats have moved.
-    slow = await engine.create_model_config(pool, token_delay_ms=1000)
+    slow = await factories.create_model_config(pool, token_delay_ms=1000)
     streaming = [
         (await chats.create_chat(pool, owner, LONG_TEXT, model_config_id=slow))[0] for _ in range(4)
     ]
-    # Its tool step is instant; its answer crawls, so it is mid-answer at SIGTERM.
-    crawling = await engine.create_model_config(pool, token_delay_ms=5000)
+    # Its tool step is instant; its answer crawls (a minute a word: however slow the start of
+    # the other replica, it is mid-answer at SIGTERM).
+    crawling = await factories.create_model_config(pool, token_delay_ms=60_000)
     tooling, _ = await chats.create_chat(
         pool, owner, '/tool add {"a": 20, "b": 22}', model_config_id=crawling
     )
     chat_ids = [c.id for c in [*streaming, tooling]]
-    conn, recorder = await engine.record_chats(database_url, chat_ids)
+    conn, recorder = await engine_harness.record_chats(database_url, chat_ids)
     try:
         for chat in streaming:
-            await engine.wait_parts(pool, chat.id, at_least=1)
+            await engine_harness.wait_parts(pool, chat.id, at_least=1)
 
         async def tool_step_persisted() -> bool:
-            roles = [r for r, _ in await engine.history(pool, tooling.id)]
+            roles = [r for r, _ in await engine_harness.history(pool, tooling.id)]
             return roles == ["user", "assistant", "tool"]
 
-        await engine.eventually(tool_step_persisted, message="the tool step persisted")
+        await engine_harness.eventually(tool_step_persisted, message="the tool step persisted")
         staying = await cluster.start("staying")
         await cluster.wait_ready(staying)
 
         for chat_id in chat_ids:
-            still = await engine.chat_row(pool, chat_id)
+            still = await engine_harness.chat_row(pool, chat_id)
             assert (still.status, still.generation) == ("running", 1), "the test was too slow"
         # The leaving replica's runs have their config; the resumed ones answer at full speed.
         await pool.execute(
@@ -272,14 +275,16 @@ async def test_sigterm_hands_every_running_chat_to_the_other_replica(
         await conn.close()
 
     for chat in streaming:
-        assert [(r, engine.text_of(c)) for r, c in await engine.history(pool, chat.id)] == [
+        assert [
+            (r, engine_harness.text_of(c)) for r, c in await engine_harness.history(pool, chat.id)
+        ] == [
             ("user", LONG_TEXT),
             ("assistant", "echo: " + LONG_TEXT),
         ]
     # The tool step completed before SIGTERM was kept, not redone.
-    history = await engine.history(pool, tooling.id)
+    history = await engine_harness.history(pool, tooling.id)
     assert [r for r, _ in history] == ["user", "assistant", "tool", "assistant"]
-    assert engine.text_of(history[-1][1]) == "echo: add returned 42"
+    assert engine_harness.text_of(history[-1][1]) == "echo: add returned 42"
     finals = await _finals(pool, chat_ids)
     assert {c.generation for c in finals.values()} == {2}  # each resumed once, on the other
     _assert_consistent(notes, finals)
@@ -294,23 +299,23 @@ async def test_a_replica_stopped_past_the_stale_threshold_loses_its_chats_and_is
     fast_stale = {"CHATD_STALE_THRESHOLD_S": "1.5"}
     paused = await cluster.start("paused", **fast_stale)
     await cluster.wait_ready(paused)
-    owner = await engine.create_owner(pool)
+    owner = await factories.create_owner(pool)
     # Slow enough to be mid-stream whatever the other replica's start-up takes; sped up once
     # the chats have moved.
-    slow = await engine.create_model_config(pool, token_delay_ms=1000)
+    slow = await factories.create_model_config(pool, token_delay_ms=1000)
     created = [
         (await chats.create_chat(pool, owner, LONG_TEXT, model_config_id=slow))[0] for _ in range(2)
     ]
     chat_ids = [c.id for c in created]
-    conn, recorder = await engine.record_chats(database_url, chat_ids)
+    conn, recorder = await engine_harness.record_chats(database_url, chat_ids)
     try:
         for chat_id in chat_ids:
-            await engine.wait_parts(pool, chat_id, at_least=2)
+            await engine_harness.wait_parts(pool, chat_id, at_least=2)
         other = await cluster.start("other", **fast_stale)
         await cluster.wait_ready(other)
 
         for chat_id in chat_ids:
-            still = await engine.chat_row(pool, chat_id)
+            still = await engine_harness.chat_row(pool, chat_id)
             assert (still.status, still.generation) == ("running", 1), "the test was too slow"
 
         loop = asyncio.get_running_loop()
@@ -330,7 +335,7 @@ async def test_a_replica_stopped_past_the_stale_threshold_loses_its_chats_and_is
                 re.search(rf"run\.ended .*chat_id={chat_id}", logs) for chat_id in chat_ids
             )
 
-        await engine.eventually(
+        await engine_harness.eventually(
             runs_stopped, timeout_s=30, message="the paused replica's runs ended"
         )
         await _wait_settled(pool, chat_ids, timeout_s=60)
@@ -339,7 +344,9 @@ async def test_a_replica_stopped_past_the_stale_threshold_loses_its_chats_and_is
         await conn.close()
 
     for chat_id in chat_ids:
-        assert [(r, engine.text_of(c)) for r, c in await engine.history(pool, chat_id)] == [
+        assert [
+            (r, engine_harness.text_of(c)) for r, c in await engine_harness.history(pool, chat_id)
+        ] == [
             ("user", LONG_TEXT),
             ("assistant", "echo: " + LONG_TEXT),
         ]
@@ -355,7 +362,7 @@ async def test_a_replica_stopped_past_the_stale_threshold_loses_its_chats_and_is
     _assert_consistent(notes, finals)
     # The paused replica registered again under a new id and is still serving.
     assert paused.process is not None
-    await engine.eventually(
+    await engine_harness.eventually(
         lambda: _registered(pool, paused), timeout_s=30, message="the paused replica re-registered"
     )
 
@@ -369,6 +376,6 @@ async def _registered(pool: asyncpg.Pool, replica: ReplicaProcess) -> bool:
 
 
 def test_fast_env_names_real_settings() -> None:
-    for name in engine.FAST_ENV:
+    for name in engine_harness.FAST_ENV:
         field = name.removeprefix("CHATD_").lower()
         assert hasattr(Settings(), field), name

@@ -34,15 +34,14 @@ import aiohttp
 import asyncpg
 import pytest
 
-from app.auth import create_token
-from tests import engine
+from app.http.auth import create_token
+from tests import engine_harness, factories
 from tests.conditions import wait_for
 from tests.e2e.replicas import ReplicaProcess
 from tests.faults.pg_cluster import PgCluster
 from tests.faults.sse import ResumingSseClient
 from tests.faults.tcp_proxy import TcpProxy
 
-pytest.importorskip("app.replica", reason="needs the replica engine (app/replica.py)")
 pytestmark = pytest.mark.e2e
 
 CHATS = 30
@@ -51,7 +50,7 @@ WORDS = 50
 # 50 words at 150 ms: ~7.5 s per answer, so every chat is mid-answer at the fault and, when a
 # run is requeued after it, the answer streams again long after recovery.
 TOKEN_DELAY_MS = 150
-ENV = engine.FAST_ENV | {"CHATD_KEEPALIVE_INTERVAL_S": "1", "CHATD_LOG_LEVEL": "INFO"}
+ENV = engine_harness.FAST_ENV | {"CHATD_KEEPALIVE_INTERVAL_S": "1", "CHATD_LOG_LEVEL": "INFO"}
 BLACKHOLE_S = 10.0
 FOLLOW_TIMEOUT_S = 40.0  # from the fault to every client's end of turn
 
@@ -191,7 +190,7 @@ async def _check_promises(stage: Stage) -> None:
     history: dict[str, list[tuple[str, str]]] = {}
     for row in rows:
         history.setdefault(str(row["chat_id"]), []).append(
-            (row["role"], engine.text_of(json.loads(row["content"])))
+            (row["role"], engine_harness.text_of(json.loads(row["content"])))
         )
     wrong = {
         chat.id[:8]: history.get(chat.id)
@@ -221,7 +220,7 @@ async def _stage(tmp_path: Path, cluster: PgCluster, replica_dsn: str) -> AsyncI
             {"Authorization": f"Bearer {await create_token(pool, f'fault-{n}')}"}
             for n in range(USERS)
         ]
-        model = await engine.create_model_config(pool, token_delay_ms=TOKEN_DELAY_MS)
+        model = await factories.create_model_config(pool, token_delay_ms=TOKEN_DELAY_MS)
     finally:
         await pool.close()
     replicas = [

@@ -6,7 +6,6 @@ step from its start, then the live parts, then the message."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,13 +15,13 @@ import aiohttp
 import asyncpg
 import pytest
 
-from app.auth import create_token
-from app.client import SseEvent, iter_sse
+from app.http.auth import create_token
+from app.terminal import SseEvent, iter_sse
+from tests import factories
 from tests.conditions import wait_for
 from tests.e2e.replicas import ReplicaProcess
 from tests.http_harness import assemble, message_text
 
-pytest.importorskip("app.replica", reason="needs the replica engine (app/replica.py)")
 pytestmark = pytest.mark.e2e
 
 LONG_TEXT = " ".join(f"word{i}" for i in range(80))
@@ -49,11 +48,7 @@ async def replicas(
 
 async def _setup(pool: asyncpg.Pool) -> tuple[dict[str, str], uuid.UUID]:
     token = await create_token(pool, f"e2e-{uuid.uuid4().hex[:6]}")
-    slow: uuid.UUID = await pool.fetchval(
-        "INSERT INTO chat_model_configs (provider, model, options)"
-        " VALUES ('builtin', 'echo', $1::jsonb) RETURNING id",
-        json.dumps({"token_delay_ms": 30}),
-    )
+    slow = await factories.create_model_config(pool, token_delay_ms=30)
     return {"Authorization": f"Bearer {token}"}, slow
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from app.migrate import load_migrations
-from app.paths import PROJECT_ROOT
+from app.db.migrate import load_migrations
+from app.db.sql_files import PROJECT_ROOT
 from tests.e2e.replicas import ReplicaProcess
 
 pytestmark = pytest.mark.e2e
@@ -114,7 +114,7 @@ async def test_an_installed_wheel_migrates_and_serves_without_the_checkout(
     where = await run(
         venv / "bin" / "python",
         "-c",
-        "import app, app.paths; print(app.__file__); print(app.paths.MIGRATIONS_DIR)",
+        "import app, app.db.sql_files as f; print(app.__file__); print(f.MIGRATIONS_DIR)",
         cwd=elsewhere,
         env=env,
     )

@@ -8,8 +8,8 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from app.compaction import SUMMARY_SYSTEM_PROMPT
-from app.titles import TITLE_SYSTEM_PROMPT
+from app.engine.compaction import SUMMARY_SYSTEM_PROMPT
+from app.engine.titles import TITLE_SYSTEM_PROMPT
 from tests.fakes import Behaviour, HttpError, RecordedRequest, SlowStart, Step, ToolUse
 from tests.fakes.anthropic_server import answered_tool_results, first_user_text, system_text
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from app.db import Conn
+from app.db.queries import Conn
 
 LOCK_CLAUSES = {"update": "FOR UPDATE", "no key update": "FOR NO KEY UPDATE", "share": "FOR SHARE"}
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import asyncpg
 
-from app.embedded_pg import EmbeddedPostgres
-from app.migrate import migrate
+from app.db.embedded import EmbeddedPostgres
+from app.db.migrate import migrate
 
 DATABASE = "chatd"
 SUPERUSER = "postgres"

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from app.client import SseEvent, iter_sse
+from app.terminal import SseEvent, iter_sse
 
 # Without a byte for this long (keep-alives included) the connection counts as dead.
 DEFAULT_SILENCE_S = 10.0

@@ -1,0 +1,49 @@
+"""The operations routes' handlers: liveness, readiness, `/metrics` and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+
+from app.http.keys import METRICS, OPENAPI
+from app.http.routing import Call, json_response
+from app.log import get_logger
+from app.metrics import render
+
+log = get_logger(__name__)
+
+
+async def healthz(_call: Call) -> web.StreamResponse:
+    """Liveness: the process serves HTTP."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(call: Call) -> web.StreamResponse:
+    """Readiness: the database answers and the listener is connected. Public, so the answer
+    says only which of the two is missing; the error itself goes to the log."""
+    try:
+        await call.pool.fetchval("SELECT 1", timeout=2)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        log.warning("http.readyz_database_unreachable", error=repr(exc))
+        return json_response(
+            {"status": "unavailable", "message": "database unreachable"}, status=503
+        )
+    if not call.listener.connected:
+        return json_response(
+            {"status": "unavailable", "message": "listener not connected"}, status=503
+        )
+    return json_response({"status": "ok"})
+
+
+async def metrics(call: Call) -> web.StreamResponse:
+    collectors = call.request.app[METRICS]
+    return web.Response(
+        text=render(collectors),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+async def openapi(call: Call) -> web.StreamResponse:
+    return json_response(call.request.app[OPENAPI])

@@ -1,0 +1,396 @@
+"""The chat state machine as driven by users: create, send, interrupt, edit, queue operations,
+archive. Each operation is one transaction that first locks the chat row and raises a typed
+error (NotFound, InvalidTransition, QueueFull, ValidationFailed) for what it does not allow,
+changing nothing. The worker's side of the machine (acquire, step, finish) is in runs.py."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+import asyncpg
+
+from app.db.queries import Conn, project_queries, transaction
+from app.errors import InvalidTransition, LimitReached, NotFound, QueueFull, ValidationFailed
+from app.state.model import (
+    MAX_TITLE_CHARS,
+    NO_LIMITS,
+    Chat,
+    ChatStatus,
+    Message,
+    Owner,
+    QueuedMessage,
+    SendResult,
+    UserLimits,
+    default_title,
+    normalize_user_content,
+)
+from app.state.usage import check_spend_limit
+
+# A check that runs first in the transaction of a write, on its connection; raising aborts the
+# write. Sub-agent tools pass the parent run's fence (app/state/subagents.py), so that a run which
+# lost its chat writes nothing for it.
+Fence = Callable[[Conn], Awaitable[None]]
+
+
+Q = project_queries()
+
+
+async def _lock_chat(conn: Conn, owner: Owner, chat_id: uuid.UUID) -> asyncpg.Record:
+    row = await conn.fetchrow(Q.sql("chats_lock_for_owner"), chat_id, owner.user_id)
+    if row is None:
+        raise NotFound("chat not found")
+    return row
+
+
+async def _lock_unarchived_chat(
+    conn: Conn, owner: Owner, chat_id: uuid.UUID, transition: str
+) -> asyncpg.Record:
+    """Lock the chat for a transition that starts a turn; archived chats refuse those."""
+    row = await _lock_chat(conn, owner, chat_id)
+    if row["archived"]:
+        raise InvalidTransition(
+            transition=transition,
+            from_status=row["status"],
+            reason="the chat is archived; unarchive it first",
+        )
+    return row
+
+
+async def _check_user_limits(
+    conn: Conn, user_id: uuid.UUID, limits: UserLimits, *, new_chat: bool, new_pending: bool
+) -> None:
+    """Before a transition adds a chat (not archived) and/or a pending chat for the user: raise
+    LimitReached if the user is at a limit. Called before anything is written; the user row
+    lock serializes the checks of one user (sql/queries/chats.sql, chats_lock_user_for_limits)."""
+    check_chats = new_chat and limits.max_chats is not None
+    check_pending = new_pending and limits.max_pending_chats is not None
+    if not (check_chats or check_pending):
+        return
+    await conn.execute(Q.sql("chats_lock_user_for_limits"), user_id)
+    counts = await conn.fetchrow(Q.sql("chats_count_of_user"), user_id)
+    assert counts is not None
+    if check_chats and limits.max_chats is not None and counts["chats"] >= limits.max_chats:
+        raise LimitReached(
+            limit="chats_per_user",
+            maximum=limits.max_chats,
+            message=f"you have {counts['chats']} chats, the most allowed: archive some first",
+        )
+    if (
+        check_pending
+        and limits.max_pending_chats is not None
+        and counts["pending"] >= limits.max_pending_chats
+    ):
+        raise LimitReached(
+            limit="pending_chats_per_user",
+            maximum=limits.max_pending_chats,
+            message=f"you have {counts['pending']} chats waiting for an answer, the most"
+            " allowed: wait for some to start, or stop them",
+        )
+
+
+async def _resolve_model_config(conn: Conn, model_config_id: uuid.UUID | None) -> uuid.UUID:
+    if model_config_id is not None:
+        row = await conn.fetchrow(Q.sql("chats_enabled_model_config"), model_config_id)
+        if row is None:
+            raise ValidationFailed(
+                "unknown or disabled model config",
+                validations=[{"field": "model_config_id", "detail": "not found or disabled"}],
+            )
+    else:
+        row = await conn.fetchrow(Q.sql("chats_default_model_config"))
+        if row is None:
+            raise ValidationFailed("no default model config is enabled")
+    model_id: uuid.UUID = row["id"]
+    return model_id
+
+
+async def create_chat(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    content: object,
+    *,
+    title: str | None = None,
+    model_config_id: uuid.UUID | None = None,
+    client_type: str = "api",
+    parent_chat_id: uuid.UUID | None = None,
+    fence: Fence | None = None,
+    limits: UserLimits = NO_LIMITS,
+) -> tuple[Chat, Message]:
+    """Insert a pending chat and its first user message in one transaction."""
+    parts = normalize_user_content(content)
+    if title is not None and len(title) > MAX_TITLE_CHARS:
+        raise ValidationFailed(
+            f"title is longer than {MAX_TITLE_CHARS} characters",
+            validations=[{"field": "title", "detail": "too long"}],
+        )
+    if client_type not in ("ui", "api"):
+        raise ValidationFailed(
+            "client_type must be ui or api",
+            validations=[{"field": "client_type", "detail": "expected ui or api"}],
+        )
+    async with transaction(pool) as conn:
+        if fence is not None:
+            await fence(conn)
+        await check_spend_limit(conn, organization_id=owner.organization_id, user_id=owner.user_id)
+        root_chat_id: uuid.UUID | None = None
+        if parent_chat_id is not None:
+            parent = await _lock_chat(conn, owner, parent_chat_id)
+            root_chat_id = parent["root_chat_id"] or parent["id"]
+            client_type = parent["client_type"]  # children inherit their parent's
+            if model_config_id is None:  # and its model, unless told otherwise
+                model_config_id = parent["model_config_id"]
+        config_id = await _resolve_model_config(conn, model_config_id)
+        await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=True)
+        chat_row = await conn.fetchrow(
+            Q.sql("chats_insert"),
+            owner.user_id,
+            owner.organization_id,
+            parent_chat_id,
+            root_chat_id,
+            title if title is not None else default_title(parts),
+            config_id,
+            client_type,
+        )
+        assert chat_row is not None
+        message_row = await conn.fetchrow(
+            Q.sql("chats_insert_message"), chat_row["id"], "user", json.dumps(parts)
+        )
+        assert message_row is not None
+    return Chat.from_record(chat_row), Message.from_record(message_row)
+
+
+async def send_message(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    content: object,
+    *,
+    queue_limit: int,
+    fence: Fence | None = None,
+    limits: UserLimits = NO_LIMITS,
+) -> SendResult:
+    """waiting/error -> pending with the new message; pending/running -> queued (bounded).
+
+    An idle chat may still have queued messages (a Stop leaves the queue as it was; so does an
+    error). Then the new message goes to the tail of that queue and the queue's head is sent
+    instead (the chat goes pending, the run then works through the queue in order): messages
+    are answered in the order they were sent, and the result is `queued`."""
+    parts = normalize_user_content(content)
+    async with transaction(pool) as conn:
+        if fence is not None:
+            await fence(conn)
+        chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "send a message to")
+        await check_spend_limit(
+            conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
+        )
+        if chat_row["status"] in ("waiting", "error"):
+            await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
+            head = await conn.fetchrow(Q.sql("chats_pop_queue_head"), chat_id)
+            sent = head["content"] if head is not None else json.dumps(parts)
+            message_row = await conn.fetchrow(Q.sql("chats_insert_message"), chat_id, "user", sent)
+            assert message_row is not None
+            queued_row = None
+            if head is not None:
+                queued_row = await conn.fetchrow(
+                    Q.sql("chats_insert_queued"), chat_id, json.dumps(parts)
+                )
+                assert queued_row is not None
+            pending_row = await conn.fetchrow(Q.sql("chats_make_pending"), chat_id)
+            assert pending_row is not None
+            if queued_row is not None:
+                return SendResult(
+                    Chat.from_record(pending_row), queued=QueuedMessage.from_record(queued_row)
+                )
+            return SendResult(
+                Chat.from_record(pending_row), message=Message.from_record(message_row)
+            )
+        queued_count = await conn.fetchval(Q.sql("chats_count_queued"), chat_id)
+        if queued_count >= queue_limit:
+            raise QueueFull(limit=queue_limit)
+        queued_row = await conn.fetchrow(Q.sql("chats_insert_queued"), chat_id, json.dumps(parts))
+        assert queued_row is not None
+        return SendResult(Chat.from_record(chat_row), queued=QueuedMessage.from_record(queued_row))
+
+
+async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat:
+    """Stop. pending -> waiting at once; running -> marked, the worker completes it; idle chats
+    are left as they are (Stop is idempotent)."""
+    async with transaction(pool) as conn:
+        chat_row = await _lock_chat(conn, owner, chat_id)
+        updated: asyncpg.Record | None = chat_row
+        # Stop reaches the chat's sub-agents too (they work for the turn being stopped).
+        await conn.execute(Q.sql("chats_interrupt_children"), chat_id)
+        if chat_row["status"] == "pending":
+            updated = await conn.fetchrow(Q.sql("chats_interrupt_pending"), chat_id)
+        elif chat_row["status"] == "running":
+            updated = await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
+        assert updated is not None
+        return Chat.from_record(updated)
+
+
+async def edit_message(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    message_id: int,
+    content: object,
+    *,
+    limits: UserLimits = NO_LIMITS,
+) -> Message:
+    """Replace a user message: it and everything after it are soft-deleted, the new text is
+    inserted, the queue is cleared, and the chat starts over (pending)."""
+    parts = normalize_user_content(content)
+    async with transaction(pool) as conn:
+        chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "edit a message of")
+        message_row = await conn.fetchrow(
+            Q.sql("chats_get_user_message_for_edit"), message_id, chat_id
+        )
+        if message_row is None:
+            raise NotFound("message not found")
+        if message_row["role"] != "user":
+            raise InvalidTransition(
+                transition="edit a message of",
+                from_status=chat_row["status"],
+                reason=f"only user messages can be edited, this one is {message_row['role']}",
+            )
+        await check_spend_limit(
+            conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
+        )
+        await _check_user_limits(
+            conn,
+            owner.user_id,
+            limits,
+            new_chat=False,
+            new_pending=chat_row["status"] != "pending",
+        )
+        await conn.execute(Q.sql("chats_soft_delete_messages_from"), chat_id, message_id)
+        await conn.execute(Q.sql("chats_uncompress_for_deleted_summaries"), chat_id, message_id)
+        await conn.execute(Q.sql("chats_clear_queue"), chat_id)
+        await conn.execute(Q.sql("chats_clear_stream_parts"), chat_id)
+        new_row = await conn.fetchrow(
+            Q.sql("chats_insert_message"), chat_id, "user", json.dumps(parts)
+        )
+        await conn.fetchrow(Q.sql("chats_reset_to_pending"), chat_id)
+        assert new_row is not None
+        return Message.from_record(new_row)
+
+
+async def delete_queued(
+    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, queued_id: int
+) -> None:
+    async with transaction(pool) as conn:
+        await _lock_chat(conn, owner, chat_id)
+        if await conn.fetchrow(Q.sql("chats_delete_queued"), queued_id, chat_id) is None:
+            raise NotFound("queued message not found")
+
+
+async def promote_queued(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    queued_id: int,
+    *,
+    limits: UserLimits = NO_LIMITS,
+) -> Message | QueuedMessage:
+    """Send a queued message now. On an idle or pending chat it becomes a user message at once.
+    On a running chat the run is interrupted and the message goes to the head of the queue; the
+    worker sends it as soon as the partial output is saved (so history stays in order). The
+    return value says which happened."""
+    async with transaction(pool) as conn:
+        chat_row = await _lock_chat(conn, owner, chat_id)
+        if chat_row["status"] == "running":
+            queued_row = await conn.fetchrow(Q.sql("chats_promote_queued"), queued_id, chat_id)
+            if queued_row is None:
+                raise NotFound("queued message not found")
+            await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
+            return QueuedMessage.from_record(queued_row)
+        makes_pending = chat_row["status"] in ("waiting", "error") and not chat_row["archived"]
+        if makes_pending:
+            await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
+        queued_row = await conn.fetchrow(Q.sql("chats_delete_queued"), queued_id, chat_id)
+        if queued_row is None:
+            raise NotFound("queued message not found")
+        message_row = await conn.fetchrow(
+            Q.sql("chats_insert_message"), chat_id, "user", queued_row["content"]
+        )
+        assert message_row is not None
+        if makes_pending:
+            await conn.fetchrow(Q.sql("chats_make_pending"), chat_id)
+        return Message.from_record(message_row)
+
+
+async def update_chat(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    *,
+    title: str | None = None,
+    archived: bool | None = None,
+    fence: Fence | None = None,
+    limits: UserLimits = NO_LIMITS,
+) -> Chat:
+    """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting). Unarchiving
+    counts against max_chats_per_user like a new chat (or archive/create/unarchive would get
+    around it)."""
+    if title is not None and len(title) > MAX_TITLE_CHARS:
+        raise ValidationFailed(
+            f"title is longer than {MAX_TITLE_CHARS} characters",
+            validations=[{"field": "title", "detail": "too long"}],
+        )
+    async with transaction(pool) as conn:
+        if fence is not None:
+            await fence(conn)
+        current = await _lock_chat(conn, owner, chat_id)
+        if archived is False and current["archived"]:
+            await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=False)
+        row = await conn.fetchrow(Q.sql("chats_update_fields"), chat_id, title, archived)
+        if archived:
+            await conn.execute(Q.sql("chats_archive_children"), chat_id)
+            await conn.execute(Q.sql("chats_archive_drop_live_parts"), chat_id)
+        assert row is not None
+        return Chat.from_record(row)
+
+
+async def get_chat(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat:
+    row = await pool.fetchrow(Q.sql("chats_get_for_owner"), chat_id, owner.user_id)
+    if row is None:
+        raise NotFound("chat not found")
+    return Chat.from_record(row)
+
+
+async def list_chats(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    *,
+    status: ChatStatus | None = None,
+    archived: bool | None = None,
+    limit: int = 50,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> list[Chat]:
+    rows = await pool.fetch(
+        Q.sql("chats_list_for_owner"),
+        owner.user_id,
+        before[0] if before else None,
+        status,
+        archived,
+        before[1] if before else None,
+        limit,
+    )
+    return [Chat.from_record(row) for row in rows]
+
+
+async def list_messages(
+    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, *, after_id: int = 0, limit: int = 100
+) -> tuple[list[Message], list[QueuedMessage]]:
+    async with transaction(pool) as conn:
+        if await conn.fetchrow(Q.sql("chats_get_for_owner"), chat_id, owner.user_id) is None:
+            raise NotFound("chat not found")
+        messages = await conn.fetch(Q.sql("chats_list_messages"), chat_id, after_id, limit)
+        queued = await conn.fetch(Q.sql("chats_list_queued"), chat_id)
+    return (
+        [Message.from_record(row) for row in messages],
+        [QueuedMessage.from_record(row) for row in queued],
+    )

@@ -1,0 +1,280 @@
+"""Where a watcher is in a chat's stream, and the pure step that moves it: `advance(read,
+position)` turns one read of the chat into the frames that take `position` to the state of the
+read. It is the whole stream protocol (docs/api.md, "Streams"), without I/O:
+
+  - a message cursor that was soft-deleted since (an edit) -> `history_reset` from the first id
+    to drop, then the messages after it;
+  - messages after the cursor, in id order (a message ends the step in progress); a cursor
+    beyond the chat's newest message moves back to it (nothing to replay);
+  - live parts of the chat's current generation after the part cursor, only while the chat is
+    `running` (an archived or stopped run's parts are void); a `retry` control part voids the
+    parts before it, so a position behind it starts at the last retry;
+  - a step the position was following that vanished without a message (its run failed, was
+    requeued or re-acquired) -> `history_reset` for the step only (`reason: step_discarded`);
+  - the status when it changed (never older than one sent), then `error` when it is `error`;
+  - the queue when it changed.
+
+A `Position` is the last message id delivered, the part high-water mark, whether a step is in
+progress (parts were delivered since the last message), and the last status/version and queue
+sent. A hub and each joining client have one."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from app.state.model import Message, QueuedMessage
+from app.stream.protocol import Frame, Payload, StreamCursor, error_event
+
+
+@dataclass(frozen=True)
+class LivePart:
+    id: int
+    is_retry: bool
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class ChatRead:
+    """What one read (a row of `stream_read`) returned, with every payload prepared once."""
+
+    chat_id: uuid.UUID
+    exists: bool
+    status: str = ""
+    version: int = 0
+    generation: int = 0
+    status_payload: Payload | None = None
+    error_payload: Payload | None = None
+    error_key: str | None = None
+    messages: list[tuple[int, Payload]] | None = None
+    parts: list[LivePart] | None = None
+    queue_payload: Payload | None = None
+    queue_key: str | None = None
+    resets: dict[int, int] | None = None
+    more_messages: bool = False  # a page: messages after these were left out (and the rest)
+    newest_message_id: int | None = None  # the chat's newest visible message (0: none)
+    newest_part_id: int = 0  # the newest live part of the step in progress, 0 when none
+
+    @classmethod
+    def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None) -> ChatRead:
+        if row is None or not row["found"]:
+            return cls(chat_id=chat_id, exists=False)
+        cid = str(chat_id)
+        last_error = json.loads(row["last_error"]) if row["last_error"] is not None else None
+        messages = None
+        if row["messages"] is not None:
+            messages = [
+                (
+                    record["id"],
+                    Payload(
+                        {
+                            "type": "message",
+                            "chat_id": cid,
+                            "message": Message.from_record(record).to_json(),
+                        }
+                    ),
+                )
+                for record in row["messages"]
+            ]
+        parts = None
+        if row["parts"] is not None:
+            parts = [_live_part(cid, record) for record in row["parts"]]
+        queue_payload = queue_key = None
+        if row["queue"] is not None:
+            queued = [QueuedMessage.from_record(record).to_json() for record in row["queue"]]
+            queue_payload = Payload({"type": "queue", "chat_id": cid, "queued": queued})
+            queue_key = queue_payload.json()
+        status = row["status"]
+        return cls(
+            chat_id=chat_id,
+            exists=True,
+            status=status,
+            version=row["version"],
+            generation=row["generation"],
+            status_payload=Payload(
+                {"type": "status", "chat_id": cid, "status": status, "version": row["version"]}
+            ),
+            error_payload=_error_payload(cid, last_error) if status == "error" else None,
+            error_key=row["last_error"] if status == "error" else None,
+            messages=messages,
+            parts=parts,
+            queue_payload=queue_payload,
+            queue_key=queue_key,
+            resets={int(k): int(v) for k, v in json.loads(row["resets"]).items()}
+            if row["resets"] is not None
+            else {},
+            more_messages=row["more_messages"],
+            newest_message_id=(row["newest_message_id"] or 0) if row["state"] else None,
+            newest_part_id=row["newest_part_id"] or 0,
+        )
+
+
+def _live_part(chat_id: str, record: asyncpg.Record) -> LivePart:
+    part = json.loads(record["part"])
+    if isinstance(part, dict) and part.get("type") == "retry":
+        return LivePart(
+            id=record["id"],
+            is_retry=True,
+            payload=Payload(
+                {
+                    "type": "retry",
+                    "chat_id": chat_id,
+                    "attempt": part.get("attempt"),
+                    "delay_ms": part.get("delay_ms"),
+                    "retrying_at": part.get("retrying_at"),
+                    "kind": part.get("kind"),
+                    "provider": part.get("provider"),
+                    "status_code": part.get("status_code"),
+                    "error": part.get("error"),
+                }
+            ),
+        )
+    return LivePart(
+        id=record["id"],
+        is_retry=False,
+        payload=Payload(
+            {
+                "type": "message_part",
+                "chat_id": chat_id,
+                "part_id": record["id"],
+                "role": record["message_role"],
+                "part": part,
+            }
+        ),
+    )
+
+
+def _error_payload(chat_id: str, last_error: Any) -> Payload:
+    error = last_error if isinstance(last_error, dict) else {}
+    return error_event(
+        chat_id,
+        message=str(error.get("message") or "the chat failed"),
+        kind=error.get("kind", "generic"),
+        provider=error.get("provider"),
+        retryable=bool(error.get("retryable", False)),
+        status_code=error.get("status_code"),
+        detail=error.get("detail"),
+    )
+
+
+@dataclass
+class Position:
+    """Where a stream stands. `part_id` is a high-water mark that never goes back; the cursor
+    shows it only while a step is in progress, so `m:0` means "no live parts held"."""
+
+    message_id: int = 0
+    part_id: int = 0
+    in_step: bool = False
+    status: str | None = None
+    version: int = 0
+    generation: int | None = None
+    error_key: str | None = None
+    queue_key: str | None = None
+
+    @classmethod
+    def at(cls, cursor: StreamCursor) -> Position:
+        return cls(message_id=cursor.message_id, part_id=cursor.part_id, in_step=cursor.part_id > 0)
+
+    @classmethod
+    def of_state(cls, read: ChatRead) -> Position:
+        """The position at the chat's state in `read`: where a hub starts. A hub's position
+        never comes from a client's cursor (a cursor from the future would silence the others)."""
+        return cls(
+            message_id=read.newest_message_id or 0,
+            part_id=read.newest_part_id,
+            in_step=read.newest_part_id > 0,
+            status=read.status,
+            version=read.version,
+            generation=read.generation,
+            error_key=read.error_key,
+            queue_key=read.queue_key,
+        )
+
+    @property
+    def cursor(self) -> StreamCursor:
+        return StreamCursor(self.message_id, self.part_id if self.in_step else 0)
+
+
+def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912  one pure protocol step; its order is the point
+    """The frames that take `position` to the state of `read` (and move it there)."""
+    cid = str(read.chat_id)
+    if not read.exists:
+        return [
+            Frame(
+                "error",
+                error_event(cid, message="the chat was deleted", kind="deleted", retryable=False),
+                position.cursor,
+                final=True,
+            )
+        ]
+    frames: list[Frame] = []
+    reset_from = (read.resets or {}).get(position.message_id)
+    if reset_from is not None:
+        position.message_id = reset_from - 1
+        position.in_step = False
+        frames.append(_reset_frame(cid, reset_from, "edit", position))
+    if read.messages is not None:
+        for message_id, payload in read.messages:
+            if message_id > position.message_id:
+                position.message_id = message_id
+                position.in_step = False
+                frames.append(Frame("message", payload, position.cursor))
+        if read.more_messages:
+            return frames  # one page of a longer history: the rest comes with the last page
+        newest = read.newest_message_id
+        if reset_from is None and newest is not None and position.message_id > newest:
+            # A cursor beyond the chat's newest message (from the future, or hostile): there is
+            # nothing after it to replay; the position continues from the chat's state.
+            position.message_id = newest
+    if read.parts is not None:
+        fresh = [part for part in read.parts if part.id > position.part_id]
+        last_retry = max((i for i, part in enumerate(fresh) if part.is_retry), default=None)
+        if last_retry is not None:
+            fresh = fresh[last_retry:]  # a retry voids everything before it
+        elif position.in_step and all(part.id != position.part_id for part in read.parts):
+            # The step this position follows is gone without a message and without a retry
+            # notice: its run failed, was requeued or taken over. Its parts are void.
+            position.in_step = False
+            frames.append(_reset_frame(cid, position.message_id + 1, "step_discarded", position))
+        for part in fresh:
+            position.part_id = part.id
+            position.in_step = True
+            frames.append(
+                Frame("retry" if part.is_retry else "message_part", part.payload, position.cursor)
+            )
+    if position.status is None or read.version > position.version:
+        changed = position.status != read.status or (
+            read.status == "error" and position.error_key != read.error_key
+        )
+        position.version = read.version
+        position.generation = read.generation
+        if changed:
+            position.status = read.status
+            position.error_key = read.error_key
+            assert read.status_payload is not None
+            frames.append(Frame("status", read.status_payload, position.cursor))
+            if read.error_payload is not None:
+                frames.append(Frame("error", read.error_payload, position.cursor))
+    if read.queue_payload is not None and read.queue_key != position.queue_key:
+        position.queue_key = read.queue_key
+        frames.append(Frame("queue", read.queue_payload, position.cursor))
+    return frames
+
+
+def _reset_frame(chat_id: str, from_message_id: int, reason: str, position: Position) -> Frame:
+    return Frame(
+        "history_reset",
+        Payload(
+            {
+                "type": "history_reset",
+                "chat_id": chat_id,
+                "from_message_id": from_message_id,
+                "reason": reason,
+            }
+        ),
+        position.cursor,
+    )
