@@ -27,12 +27,6 @@ from tests.e2e.replicas import ReplicaProcess
 
 pytestmark = pytest.mark.e2e
 
-if not (PROJECT_ROOT / "app" / "replica.py").exists():
-    pytest.skip(
-        "`chatd chat` needs the replica engine (app/engine/replica.py) wired into `chatd serve`",
-        allow_module_level=True,
-    )
-
 WORDS = " ".join(f"w{i}" for i in range(30))
 
 
