@@ -55,6 +55,14 @@ class Settings:
     max_streams_per_user: int = 50  # open stream connections per user, per replica
     max_children_per_chat: int = 8  # sub-agents a chat may have at once (not closed)
 
+    # MCP servers (docs/tools.md): the bound of one tool call (a server's call_timeout_s wins),
+    # of connecting (a stdio server's start included), how long a tool list is kept, and how
+    # many servers one replica keeps connected.
+    mcp_call_timeout_s: float = 30.0
+    mcp_connect_timeout_s: float = 20.0
+    mcp_tools_ttl_s: float = 300.0
+    mcp_max_servers: int = 32
+
     # HTTP.
     max_body_bytes: int = 1_000_000
     keepalive_interval_s: float = 15.0
@@ -108,6 +116,12 @@ class Settings:
             max_children_per_chat=_env_int(
                 "CHATD_MAX_CHILDREN_PER_CHAT", defaults.max_children_per_chat
             ),
+            mcp_call_timeout_s=_env_float("CHATD_MCP_CALL_TIMEOUT_S", defaults.mcp_call_timeout_s),
+            mcp_connect_timeout_s=_env_float(
+                "CHATD_MCP_CONNECT_TIMEOUT_S", defaults.mcp_connect_timeout_s
+            ),
+            mcp_tools_ttl_s=_env_float("CHATD_MCP_TOOLS_TTL_S", defaults.mcp_tools_ttl_s),
+            mcp_max_servers=_env_int("CHATD_MCP_MAX_SERVERS", defaults.mcp_max_servers),
             max_body_bytes=_env_int("CHATD_MAX_BODY_BYTES", defaults.max_body_bytes),
             max_queued_events_per_client=_env_int(
                 "CHATD_MAX_QUEUED_EVENTS_PER_CLIENT", defaults.max_queued_events_per_client

@@ -54,6 +54,11 @@ CREATE UNIQUE INDEX chat_model_configs_one_default ON chat_model_configs (is_def
 INSERT INTO chat_model_configs (id, provider, model, display_name, context_limit, is_default)
 VALUES ('00000000-0000-0000-0000-0000000000e0', 'builtin', 'echo', 'Echo (offline)', 200000, true);
 
+-- The built-in offline model that calls tools (`/call <tool> <json>`; migration 0007).
+INSERT INTO chat_model_configs (id, provider, model, display_name, context_limit, is_default)
+VALUES ('00000000-0000-0000-0000-0000000000e1', 'builtin', 'script', 'Script (offline, calls tools)',
+        200000, false);
+
 -- One row per replica process. heartbeat_at is the backstop liveness signal; the primary one is
 -- the session advisory lock each replica holds (see sql/queries/replicas.sql).
 CREATE TABLE chat_replicas (
@@ -91,6 +96,8 @@ CREATE TABLE chats (
     updated_at             timestamptz NOT NULL DEFAULT now(),
     -- Runs in a row that crashed or whose replica died, without progress (migration 0004).
     failed_runs            integer NOT NULL DEFAULT 0,
+    -- The MCP servers the chat chose at creation; NULL: every enabled one (migration 0007).
+    mcp_server_ids         uuid[],
     -- A running chat always has an owner replica and nothing else has one.
     CONSTRAINT chats_running_has_worker CHECK ((status = 'running') = (worker_id IS NOT NULL))
 );
@@ -243,3 +250,26 @@ SELECT c.organization_id, c.owner_id, u.chat_id, u.kind, u.model_config_id, u.in
        u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.cost_micros, u.created_at
 FROM chat_usage u
 JOIN chats c ON c.id = u.chat_id;
+
+-- MCP servers (migration 0007, docs/tools.md). `transport` holds what reaches the server,
+-- secrets included: {"type": "stdio", "command", "args", "env"} or {"type": "http", "url",
+-- "headers"}; the API never shows env or header values back. `version` is bumped by every
+-- update: replicas compare it with what their connection and tool list were made from.
+CREATE TABLE mcp_servers (
+    id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    -- A lowercase identifier without a double underscore, so `<name>__<tool>` names one server.
+    name           text NOT NULL UNIQUE
+                   CHECK (name ~ '^[a-z][a-z0-9]*(_[a-z0-9]+)*$' AND length(name) <= 24),
+    transport      jsonb NOT NULL
+                   CHECK (jsonb_typeof(transport) = 'object'
+                          AND transport ->> 'type' IN ('stdio', 'http')),
+    enabled        boolean NOT NULL DEFAULT true,
+    -- NULL: every tool of the server; else only these (names as the server spells them).
+    allow_tools    text[],
+    deny_tools     text[] NOT NULL DEFAULT '{}',
+    -- NULL: the replica's CHATD_MCP_CALL_TIMEOUT_S.
+    call_timeout_s double precision CHECK (call_timeout_s > 0 AND call_timeout_s <= 3600),
+    version        bigint NOT NULL DEFAULT 1,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);

@@ -76,7 +76,8 @@ from app.state import runs
 from app.state.model import Chat, Message, Owner, default_title
 from app.state.runs import RunToken, StepRecord, UsageKind, UsageRecord
 from app.text import storable, storable_json
-from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolContext, ToolRegistry
+from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolContext
+from app.tools.toolset import ToolCatalog
 
 log = get_logger(__name__)
 
@@ -126,7 +127,7 @@ class RunDeps:
     pool: asyncpg.Pool
     listener: Listener
     flusher: PartFlusher
-    tools: ToolRegistry
+    tools: ToolCatalog  # every source of tools; a step's set is `tools.for_chat(chat_id)`
     max_steps_per_turn: int
     stream_step: StepStreamer = stream_once
     provider_for: Callable[[ModelConfig], Provider] = provider_for
@@ -439,8 +440,10 @@ class Run:
             log.info("run.retrying", attempt=notice.attempt, kind=notice.error.kind, **self._log)
 
         history = await self._compact(config, provider, history, on_retry, output.meter)
+        # The step's tools, every source merged (app/tools/toolset.py): offered and executed.
+        tools = await self._deps.tools.for_chat(self.chat_id)
         request = dataclasses.replace(
-            build_request(config, history, self._deps.tools, for_child=self._is_child),
+            build_request(config, history, tools, for_child=self._is_child),
             meter=output.meter,
         )
         # Model and tool output is stored as it came, except for what PostgreSQL cannot store
@@ -465,7 +468,7 @@ class Run:
                 output.meter.take()  # the final usage is the StepFinished's
 
         for call in output.tool_calls:
-            outcome = await self._deps.tools.call(call.name, call.args, self._tool_context)
+            outcome = await tools.call(call.name, call.args, self._tool_context)
             result = storable_json(outcome.result)
             part = tool_result_part(call, result, is_error=outcome.is_error)
             output.tool_results.append(part)

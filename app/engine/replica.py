@@ -6,7 +6,7 @@ Constructing a `Replica` starts nothing (tests build passive ones). `start()` re
 named, in one TaskGroup: a crash of any of them cancels the others and the replica, loudly,
 rather than leaving it half alive. `stop()` is the graceful shutdown: stop acquiring, stop every
 run with the *shutdown* cause (completed steps are kept, the chats go back to pending), wait up
-to `shutdown_grace_s`, unregister.
+to `shutdown_grace_s`, disconnect the MCP servers (stdio servers are stopped), unregister.
 
 Liveness. A replica holds a session advisory lock keyed by its id on a dedicated connection
 (not from the pool) and heartbeats its row. Every `liveness_check_interval_s` the sweeper of
@@ -42,8 +42,9 @@ from app.errors import FencedOut
 from app.log import get_logger
 from app.state import runs
 from app.state.model import Chat
-from app.tools.defaults import default_registry
+from app.tools.mcp import McpClients
 from app.tools.registry import ToolRegistry
+from app.tools.toolset import ToolCatalog, default_registry
 
 log = get_logger(__name__)
 
@@ -106,11 +107,20 @@ class Replica:
         self._hostname = hostname or socket.gethostname()
         self._address = address
         self.flusher = PartFlusher(pool, interval_ms=settings.part_flush_interval_ms)
+        # This replica's MCP connections (stdio servers are its child processes).
+        self.mcp = McpClients(
+            call_timeout_s=settings.mcp_call_timeout_s,
+            connect_timeout_s=settings.mcp_connect_timeout_s,
+            tools_ttl_s=settings.mcp_tools_ttl_s,
+            max_servers=settings.mcp_max_servers,
+        )
         self._deps = RunDeps(
             pool=pool,
             listener=listener,
             flusher=self.flusher,
-            tools=tools if tools is not None else default_registry(),
+            tools=ToolCatalog(
+                pool, tools if tools is not None else default_registry(), mcp=self.mcp
+            ),
             max_steps_per_turn=settings.max_steps_per_turn,
             stream_step=stream_step,
             queue_limit=settings.queue_limit,
@@ -176,6 +186,7 @@ class Replica:
                     task_group.create_task(self._liveness_loop(), name="replica-liveness"),
                     task_group.create_task(self._sweeper_loop(), name="replica-sweeper"),
                     task_group.create_task(self._wake_loop(), name="replica-wake"),
+                    task_group.create_task(self.mcp.run(), name="replica-mcp"),
                     task_group.create_task(self._acquire_loop(), name="replica-acquire"),
                 ]
                 log.info("replica.started", hostname=self._hostname, **self._fields())
@@ -191,6 +202,8 @@ class Replica:
                     acquiring.cancel()  # waiting for liveness: nothing in flight
                 await asyncio.wait({acquiring}, timeout=SHUTDOWN_STEP_TIMEOUT_S)
                 await self._stop_runs(StopCause.SHUTDOWN)
+                # After the runs: no call is in flight. stdio servers are stopped (bounded).
+                await self.mcp.close()
                 for task in long_lived:
                     task.cancel()
         except BaseException as exc:

@@ -78,6 +78,7 @@ async def create_chat(call: Call) -> web.StreamResponse:
         model_config_id=body.model_config_id,
         client_type=body.client_type,
         limits=_limits(call),
+        mcp_server_ids=body.mcp_server_ids,
     )
     return json_response(chat.to_json(), status=201)
 

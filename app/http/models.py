@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from app.state.mcp_servers import MAX_SERVERS_PER_CHAT
 from app.state.model import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, NON_BLANK_PATTERN
 
 MAX_INT4 = 2**31 - 1
@@ -64,6 +65,12 @@ class CreateChatRequest(Strict):
     model_config_id: uuid.UUID | None = None
     title: Title | None = None
     client_type: Literal["ui", "api"] = "api"
+    mcp_server_ids: list[uuid.UUID] | None = Field(
+        None,
+        max_length=MAX_SERVERS_PER_CHAT,
+        description="The MCP servers whose tools the chat's runs use; null (the default): every"
+        " enabled server at the time of each turn. Each id must name a server (400).",
+    )
 
 
 class UpdateChatRequest(Strict):
@@ -111,6 +118,82 @@ class UpdateModelConfigRequest(Strict):
     is_default: StrictBool | None = None
     enabled: StrictBool | None = None
     options: dict[str, Any] | None = None
+
+
+# --- MCP servers (admins; docs/tools.md) ------------------------------------------------------
+
+MCP_SERVER_NAME_PATTERN = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
+McpServerName = Annotated[
+    StrictStr,
+    Field(
+        min_length=1,
+        max_length=24,
+        pattern=MCP_SERVER_NAME_PATTERN,
+        description="A lowercase identifier without a double underscore: its tools are named"
+        " `<name>__<tool>`.",
+    ),
+]
+EnvName = Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+EnvValue = Annotated[StrictStr, Field(max_length=32_768)]
+HeaderName = Annotated[str, Field(max_length=200, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+HeaderValue = Annotated[StrictStr, Field(max_length=8000, pattern=r"^[^\r\n]*$")]
+McpToolName = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+McpUrl = Annotated[StrictStr, Field(max_length=2048, pattern=r"^https?://[^\s/?#@]+(/[^\s]*)?$")]
+CallTimeout = Annotated[float, Field(strict=True, gt=0, le=3600)]
+SECRET_NOTE = (
+    " Values are secrets: shown as `[redacted]`; sending `[redacted]` back keeps the stored one."
+)
+
+
+class StdioTransportIn(Strict):
+    type: Literal["stdio"]
+    command: Annotated[StrictStr, Field(min_length=1, max_length=4096, pattern=NON_BLANK_PATTERN)]
+    args: list[Annotated[StrictStr, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=64
+    )
+    env: dict[EnvName, EnvValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Added to a minimal environment (PATH, HOME, ...): the replica's own"
+        " environment is not passed on." + SECRET_NOTE,
+    )
+
+
+class HttpTransportIn(Strict):
+    type: Literal["http"]
+    url: McpUrl = Field(description="The streamable HTTP endpoint, e.g. https://host/mcp.")
+    headers: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict, max_length=64, description="Sent with every request." + SECRET_NOTE
+    )
+
+
+McpTransportIn = Annotated[StdioTransportIn | HttpTransportIn, Field(discriminator="type")]
+
+
+class CreateMcpServerRequest(Strict):
+    name: McpServerName
+    transport: McpTransportIn
+    enabled: StrictBool = True
+    allow_tools: list[McpToolName] | None = Field(
+        None, max_length=256, description="Only these tools (null: every tool of the server)."
+    )
+    deny_tools: list[McpToolName] = Field(
+        default_factory=list, max_length=256, description="Never these tools (wins over allow)."
+    )
+    call_timeout_s: CallTimeout | None = Field(
+        None, description="The bound of one call; null: the replica's CHATD_MCP_CALL_TIMEOUT_S."
+    )
+
+
+class UpdateMcpServerRequest(Strict):
+    """Absent fields stay as they are; `allow_tools` and `call_timeout_s` may be set to null."""
+
+    name: McpServerName | None = None
+    transport: McpTransportIn | None = None
+    enabled: StrictBool | None = None
+    allow_tools: list[McpToolName] | None = Field(None, max_length=256)
+    deny_tools: list[McpToolName] | None = Field(None, max_length=256)
+    call_timeout_s: CallTimeout | None = None
 
 
 def _digits_only(value: object) -> object:
@@ -273,6 +356,36 @@ class ModelConfigOut(Described):
 
 class ModelConfigList(Described):
     model_configs: list[ModelConfigOut]
+
+
+class StdioTransportOut(Described):
+    type: Literal["stdio"]
+    command: str
+    args: list[str]
+    env: dict[str, str] = Field(description="Every value is `[redacted]`.")
+
+
+class HttpTransportOut(Described):
+    type: Literal["http"]
+    url: str
+    headers: dict[str, str] = Field(description="Every value is `[redacted]`.")
+
+
+class McpServerOut(Described):
+    id: uuid.UUID
+    name: str
+    transport: Annotated[StdioTransportOut | HttpTransportOut, Field(discriminator="type")]
+    enabled: bool
+    allow_tools: list[str] | None
+    deny_tools: list[str]
+    call_timeout_s: float | None
+    version: int = Field(description="Bumped by every change; replicas reconnect or re-list.")
+    created_at: datetime
+    updated_at: datetime
+
+
+class McpServerList(Described):
+    mcp_servers: list[McpServerOut]
 
 
 class ReplicaOut(Described):

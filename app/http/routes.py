@@ -5,13 +5,20 @@ are all derived from these declarations (app/http/routing.py); the handlers live
 
 from __future__ import annotations
 
-from app.http import admin_endpoints, chat_endpoints, ops_endpoints, stream_endpoints
+from app.http import (
+    admin_endpoints,
+    chat_endpoints,
+    mcp_endpoints,
+    ops_endpoints,
+    stream_endpoints,
+)
 from app.http.models import (
     ChatList,
     ChatListChangeEvent,
     ChatOut,
     ChatStreamEvent,
     CreateChatRequest,
+    CreateMcpServerRequest,
     CreateModelConfigRequest,
     EditMessageRequest,
     ErrorBody,
@@ -19,6 +26,8 @@ from app.http.models import (
     LimitBody,
     ListChatsQuery,
     ListMessagesQuery,
+    McpServerList,
+    McpServerOut,
     MessageEnvelope,
     MessageList,
     MessageOut,
@@ -30,6 +39,7 @@ from app.http.models import (
     SpendLimitBody,
     StreamQuery,
     UpdateChatRequest,
+    UpdateMcpServerRequest,
     UpdateModelConfigRequest,
 )
 from app.http.routing import Answer, PathParamKind, Route
@@ -261,6 +271,65 @@ REST_ROUTES: list[Route] = [
         admin=True,
         path_params=_CONFIG,
         answers={204: Answer("deleted"), **_errors(400, 401, 403, 404, 409)},
+    ),
+    Route(
+        "GET",
+        f"{V1}/mcp-servers",
+        mcp_endpoints.list_mcp_servers,
+        "listMcpServers",
+        "MCP servers, env and header values redacted (admins)",
+        tag="mcp-servers",
+        admin=True,
+        answers={200: Answer("the servers", McpServerList), **_errors(401, 403)},
+    ),
+    Route(
+        "POST",
+        f"{V1}/mcp-servers",
+        mcp_endpoints.create_mcp_server,
+        "createMcpServer",
+        "Register an MCP server (admins)",
+        description="Its tools join every chat that chose it (or chose none), named"
+        " `<name>__<tool>`. A stdio server is a command each replica runs on first use."
+        " See docs/tools.md.",
+        tag="mcp-servers",
+        admin=True,
+        body=CreateMcpServerRequest,
+        answers={
+            201: Answer("created", McpServerOut),
+            **_errors(400, 401, 403, 413),
+            409: Answer("the name is taken", ErrorBody),
+        },
+    ),
+    Route(
+        "PATCH",
+        f"{V1}/mcp-servers/{{id}}",
+        mcp_endpoints.update_mcp_server,
+        "updateMcpServer",
+        "Change an MCP server (admins)",
+        description="Absent fields stay. A `transport` replaces the whole transport; an env or"
+        " header value sent as `[redacted]` keeps the stored value of that name. Replicas"
+        " reconnect when the transport changed and list the tools again after any change.",
+        tag="mcp-servers",
+        admin=True,
+        path_params=_CONFIG,
+        body=UpdateMcpServerRequest,
+        answers={
+            200: Answer("updated", McpServerOut),
+            **_errors(400, 401, 403, 404, 413),
+            409: Answer("the name is taken", ErrorBody),
+        },
+    ),
+    Route(
+        "DELETE",
+        f"{V1}/mcp-servers/{{id}}",
+        mcp_endpoints.delete_mcp_server,
+        "deleteMcpServer",
+        "Delete an MCP server (admins)",
+        description="Chats that chose it keep running without its tools.",
+        tag="mcp-servers",
+        admin=True,
+        path_params=_CONFIG,
+        answers={204: Answer("deleted"), **_errors(400, 401, 403, 404)},
     ),
     Route(
         "GET",

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from app.providers.anthropic import AnthropicProvider
 from app.providers.base import ClassifiedError, ModelConfig, Provider, ProviderError
-from app.providers.offline import EchoProvider
+from app.providers.offline import EchoProvider, ScriptProvider
 from app.providers.openai import OpenAIProvider
 
 _ENV_PREFIX = {"anthropic": "ANTHROPIC", "openai": "OPENAI"}
@@ -28,7 +28,7 @@ def provider_for(config: ModelConfig, *, env: Mapping[str, str] | None = None) -
     Key and base URL come from `config.options` (`api_key`, `base_url`) or else from the
     environment (`ANTHROPIC_API_KEY`/`ANTHROPIC_BASE_URL`, `OPENAI_API_KEY`/`OPENAI_BASE_URL`)."""
     if config.provider == "builtin":
-        return EchoProvider()
+        return ScriptProvider() if config.model == "script" else EchoProvider()
     prefix = _ENV_PREFIX.get(config.provider)
     if prefix is None:
         raise _config_error(config.provider, f"provider {config.provider!r} is not available")

@@ -14,6 +14,7 @@ import asyncpg
 
 from app.db.queries import Conn, project_queries, transaction
 from app.errors import InvalidTransition, LimitReached, NotFound, QueueFull, ValidationFailed
+from app.state import mcp_servers
 from app.state.model import (
     MAX_TITLE_CHARS,
     NO_LIMITS,
@@ -118,8 +119,10 @@ async def create_chat(
     parent_chat_id: uuid.UUID | None = None,
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
+    mcp_server_ids: list[uuid.UUID] | None = None,
 ) -> tuple[Chat, Message]:
-    """Insert a pending chat and its first user message in one transaction."""
+    """Insert a pending chat and its first user message in one transaction. `mcp_server_ids`:
+    the MCP servers its runs use (None: every enabled one; a child inherits its parent's)."""
     parts = normalize_user_content(content)
     if title is not None and len(title) > MAX_TITLE_CHARS:
         raise ValidationFailed(
@@ -135,6 +138,8 @@ async def create_chat(
         if fence is not None:
             await fence(conn)
         await check_spend_limit(conn, organization_id=owner.organization_id, user_id=owner.user_id)
+        if mcp_server_ids is not None:
+            mcp_server_ids = await mcp_servers.check_server_ids(conn, mcp_server_ids)
         root_chat_id: uuid.UUID | None = None
         if parent_chat_id is not None:
             parent = await _lock_chat(conn, owner, parent_chat_id)
@@ -142,6 +147,8 @@ async def create_chat(
             client_type = parent["client_type"]  # children inherit their parent's
             if model_config_id is None:  # and its model, unless told otherwise
                 model_config_id = parent["model_config_id"]
+            if mcp_server_ids is None:  # and its MCP servers (a deleted one is skipped)
+                mcp_server_ids = parent["mcp_server_ids"]
         config_id = await _resolve_model_config(conn, model_config_id)
         await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=True)
         chat_row = await conn.fetchrow(
@@ -153,6 +160,7 @@ async def create_chat(
             title if title is not None else default_title(parts),
             config_id,
             client_type,
+            mcp_server_ids,
         )
         assert chat_row is not None
         message_row = await conn.fetchrow(

@@ -179,6 +179,7 @@ def register_subagent_tools(registry: ToolRegistry) -> None:
             },
             handler=spawn_agent,
             for_children=False,
+            source="subagents",
         )
     )
     registry.register(
@@ -211,6 +212,7 @@ def register_subagent_tools(registry: ToolRegistry) -> None:
             handler=wait_agent,
             timeout_s=WAIT_TOOL_TIMEOUT_S,
             for_children=False,
+            source="subagents",
         )
     )
     registry.register(
@@ -228,6 +230,7 @@ def register_subagent_tools(registry: ToolRegistry) -> None:
             },
             handler=message_agent,
             for_children=False,
+            source="subagents",
         )
     )
     registry.register(
@@ -242,5 +245,6 @@ def register_subagent_tools(registry: ToolRegistry) -> None:
             },
             handler=close_agent,
             for_children=False,
+            source="subagents",
         )
     )

@@ -56,6 +56,11 @@ class ToolError(Exception):
     """A tool's own, expected failure: its message is shown to the model as the result."""
 
 
+class ToolNameClash(ValueError):
+    """A tool was registered under a name another tool already has: the later one is refused
+    (the model calls tools by name, so a name must mean one tool)."""
+
+
 @dataclass(frozen=True)
 class ToolContext:
     """Who calls: the chat and its run (`worker_id`, `generation`: the run's fencing token, which
@@ -95,6 +100,9 @@ class Tool:
     # Offered to sub-agents (child chats) too. The sub-agent tools are not: children have no
     # children of their own.
     for_children: bool = True
+    # Where the tool comes from ("builtin", "subagents", "plugin <name>", "mcp <server>"): what
+    # a name clash names.
+    source: str = "builtin"
 
     @property
     def spec(self) -> ToolSpec:
@@ -114,9 +122,18 @@ class ToolRegistry:
             self.register(tool)
 
     def register(self, tool: Tool) -> None:
-        if tool.name in self._tools:
-            raise ValueError(f"a tool named {tool.name!r} is already registered")
+        """Add `tool`; a name that is taken raises ToolNameClash and changes nothing."""
+        existing = self._tools.get(tool.name)
+        if existing is not None:
+            raise ToolNameClash(
+                f"tool {tool.name!r} of {tool.source} is refused: {existing.source} already"
+                " registered a tool of that name"
+            )
         self._tools[tool.name] = tool
+
+    def tools(self) -> list[Tool]:
+        """Every tool, by name."""
+        return [self._tools[name] for name in self.names()]
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)

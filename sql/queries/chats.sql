@@ -12,9 +12,10 @@ SELECT * FROM chat_model_configs WHERE id = $1 AND enabled;
 -- name: chats_insert :one
 -- A chat is born pending with its first message in the same transaction, so it is only
 -- visible (and acquirable) once it is durable.
+-- $8: the MCP servers it chose (NULL: every enabled one).
 INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
-                   model_config_id, client_type)
-VALUES ($1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5, 'pending', $6, $7)
+                   model_config_id, client_type, mcp_server_ids)
+VALUES ($1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5, 'pending', $6, $7, $8::uuid[])
 RETURNING *;
 
 -- name: chats_lock_user_for_limits :exec

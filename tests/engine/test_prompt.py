@@ -12,7 +12,7 @@ from app.engine.prompt import SUMMARY_PREAMBLE, build_request, first_question, h
 from app.providers import anthropic, openai
 from app.providers.base import ModelConfig
 from app.state.model import Message
-from app.tools.defaults import default_registry
+from app.tools.toolset import default_registry
 
 CHAT_ID = uuid.uuid4()
 CONFIG = ModelConfig(id=str(uuid.uuid4()), provider="anthropic", model="claude")

@@ -146,6 +146,8 @@ class Generator:
             lambda: self.text({}),
             lambda: f"{rng.randint(0, 50)}:{rng.randint(0, 50)}",
             lambda: f"{rng.randint(0, 10**16)}:{uuid.uuid4()}",
+            lambda: rng.choice("abc") + rng.choice(["", "_x", "1"]) + str(rng.randint(0, 99)),
+            lambda: f"http://127.0.0.1:{rng.randint(1, 65535)}/mcp",
         ]
         for _attempt in range(100):
             candidate = rng.choice(shapes)()
@@ -392,4 +394,6 @@ def _valid_request(
         body = generator.valid(request_body["content"]["application/json"]["schema"])
         if isinstance(body, dict) and body.get("model_config_id") is not None:
             body["model_config_id"] = str(factories.ECHO_MODEL_CONFIG_ID)
+        if isinstance(body, dict) and body.get("mcp_server_ids"):
+            body["mcp_server_ids"] = []  # ids that name no server are refused (400), rightly
     return url, body

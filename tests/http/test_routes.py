@@ -295,7 +295,7 @@ async def test_model_configs_admin_writes(api: ApiInstance, alice: ApiUser, admi
         c.id for c in ModelConfigList.model_validate(listing).model_configs
     ]
     _, listing = await call(api, admin, "GET", "/api/v1/model-configs")
-    assert len(listing["model_configs"]) == 2
+    assert len(listing["model_configs"]) == 3  # echo, script (both seeded) and the new one
 
     # In use by a chat: 409 with the way out; unused: 204.
     await new_chat(api, alice)  # uses the new default

@@ -19,8 +19,8 @@ from app.providers.catalog import close_providers
 from app.state import chats
 from app.state.model import Owner
 from app.tools.agent_tools import MAX_WAIT_S
-from app.tools.defaults import default_registry
 from app.tools.registry import DEFAULT_MAX_CHILDREN, ToolContext, ToolOutcome
+from app.tools.toolset import default_registry
 from tests import engine_harness, factories
 from tests.fakes import running
 from tests.fakes.anthropic_server import FakeAnthropicServer, first_user_text, tool_names
