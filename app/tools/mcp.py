@@ -90,6 +90,7 @@ class McpConnection:
         self._close_requested = asyncio.Event()
         self._wake = asyncio.Event()  # this connection lost, or closing: stop serving
         self._connected_at: float | None = None
+        self._connecting = False  # an attempt to connect is under way
         self._changed = asyncio.Event()  # replaced after every state change (a pulse)
         self._failure: str | None = None  # why the last attempt failed; None once connected
         self._retry_at = 0.0  # loop time of the next attempt after a failure
@@ -185,8 +186,9 @@ class McpConnection:
     # --- the connection -------------------------------------------------------------------
 
     async def _client_within(self, deadline: float) -> Client:
-        """The connected client, started on first use; McpCallFailed when it cannot be had
-        before `deadline` (a failed server waiting out its backoff fails at once)."""
+        """The connected client, started on first use. While an attempt to connect is under
+        way it is waited for (until `deadline`); a server that failed and waits out its backoff
+        fails at once, with McpCallFailed: a server that is down costs a step nothing."""
         loop = asyncio.get_running_loop()
         while True:
             if self._close_requested.is_set():
@@ -195,7 +197,7 @@ class McpConnection:
             client = self._client
             if client is not None:
                 return client
-            if self._failure is not None and self._retry_at > deadline:
+            if self._failure is not None and not self._connecting:
                 raise McpCallFailed(
                     f"MCP server {self.name!r} is unavailable ({self._failure}); the next"
                     f" attempt is in {max(self._retry_at - loop.time(), 0):.0f} s"
@@ -268,16 +270,21 @@ class McpConnection:
         if self._close_requested.is_set():
             return
         async with contextlib.AsyncExitStack() as stack:
-            async with asyncio.timeout(self._clients.connect_timeout_s):
-                transport = await self._open(stack, on_end=wake.set)
-                client = await stack.enter_async_context(
-                    Client(
-                        transport,
-                        cache=None,
-                        client_info=CLIENT_INFO,
-                        message_handler=self._on_message,
+            self._connecting = True
+            self._notify()
+            try:
+                async with asyncio.timeout(self._clients.connect_timeout_s):
+                    transport = await self._open(stack, on_end=wake.set)
+                    client = await stack.enter_async_context(
+                        Client(
+                            transport,
+                            cache=None,
+                            client_info=CLIENT_INFO,
+                            message_handler=self._on_message,
+                        )
                     )
-                )
+            finally:
+                self._connecting = False
             self._client = client
             self._connected_at = asyncio.get_running_loop().time()
             self._failure = None

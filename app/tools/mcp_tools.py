@@ -133,10 +133,12 @@ def _decoded_size(base64_text: str) -> int:
 
 def _same_json(text: str, structured: Any) -> bool:
     """Whether `text` only repeats the structured content: its JSON, or (the SDKs' wrapping of
-    a plain return value as `{"result": value}`) the JSON of that value."""
+    a plain return value as `{"result": value}`) that value or its JSON."""
+    wrapped = isinstance(structured, dict) and list(structured) == ["result"]
+    if wrapped and text == structured["result"]:
+        return True  # a string value, as it is
     try:
         parsed = json.loads(text)
     except ValueError:
         return False
-    wrapped = isinstance(structured, dict) and list(structured) == ["result"]
     return bool(parsed == structured or (wrapped and parsed == structured["result"]))

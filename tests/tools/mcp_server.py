@@ -6,8 +6,9 @@ Its tools cover what chatd must handle: a plain result (`add`), structured conte
 (`echo_structured`), a content type chatd only describes (`image`), a tool error (`fail`), a
 process that dies in the middle of a call (`crash`) and a call that never answers (`hang`).
 `whoami` tells which process answered (tests of restarts) and what its environment says (tests
-of env secrets). With MCP_TEST_EXTRA_TOOL set in its environment the server also offers `extra`,
-so a test can change the tool list by changing the server's configuration.
+of env secrets); `header` what HTTP header a request carried (tests of header secrets). With
+MCP_TEST_EXTRA_TOOL set in its environment the server also offers `extra`, so a test can change
+the tool list by changing the server's configuration.
 
 It imports nothing of chatd: it is what an operator would run."""
 
@@ -20,6 +21,7 @@ import sys
 from typing import Any
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
 
@@ -75,6 +77,14 @@ async def hang() -> str:
 def whoami() -> dict[str, Any]:
     """This process's id and the value of MCP_TEST_SECRET in its environment."""
     return {"pid": os.getpid(), "secret": os.environ.get("MCP_TEST_SECRET")}
+
+
+@server.tool()
+def header(name: str, ctx: Context) -> str:
+    """The value of the HTTP request header `name` (empty over stdio or when absent)."""
+    request = ctx.request_context.request
+    headers = getattr(request, "headers", None)
+    return str(headers.get(name, "")) if headers is not None else ""
 
 
 if os.environ.get("MCP_TEST_EXTRA_TOOL"):
