@@ -149,39 +149,44 @@ class McpConnection:
     ) -> mcp_types.CallToolResult:
         """Call `tool`; the whole of it (waiting for a connection included) within timeout_s."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         self.last_used = loop.time()
         self.in_flight += 1
         try:
-            client = await self._client_within(deadline)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    return await client.call_tool(tool, args)
-            except TimeoutError:
-                raise McpCallFailed(
-                    f"MCP server {self.name!r} did not answer within {timeout_s:g} s"
-                ) from None
-            except MCPError as exc:
-                if exc.code == mcp_types.CONNECTION_CLOSED:
-                    self._lost(client)
-                    raise McpCallFailed(
-                        f"MCP server {self.name!r} closed the connection during the call (it"
-                        " crashed or exited); it is being restarted"
-                    ) from None
-                if exc.code == mcp_types.REQUEST_TIMEOUT:
-                    raise McpCallFailed(
-                        f"MCP server {self.name!r} did not answer in time"
-                    ) from None
-                raise McpCallFailed(
-                    f"MCP server {self.name!r} answered with an error: {exc.message[:1000]}"
-                ) from None
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._lost(client)
-                raise McpCallFailed(
-                    f"MCP server {self.name!r} lost its connection during the call"
-                ) from None
+            return await self._call(tool, args, timeout_s, deadline=loop.time() + timeout_s)
+        except McpCallFailed as exc:
+            log.info("mcp.call_failed", server=self.name, tool=tool, error=str(exc))
+            raise
         finally:
             self.in_flight -= 1
+
+    async def _call(
+        self, tool: str, args: dict[str, Any], timeout_s: float, *, deadline: float
+    ) -> mcp_types.CallToolResult:
+        client = await self._client_within(deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await client.call_tool(tool, args)
+        except TimeoutError:
+            raise McpCallFailed(
+                f"MCP server {self.name!r} did not answer within {timeout_s:g} s"
+            ) from None
+        except MCPError as exc:
+            if exc.code == mcp_types.CONNECTION_CLOSED:
+                self._lost(client)
+                raise McpCallFailed(
+                    f"MCP server {self.name!r} closed the connection during the call (it"
+                    " crashed or exited); it is being restarted"
+                ) from None
+            if exc.code == mcp_types.REQUEST_TIMEOUT:
+                raise McpCallFailed(f"MCP server {self.name!r} did not answer in time") from None
+            raise McpCallFailed(
+                f"MCP server {self.name!r} answered with an error: {exc.message[:1000]}"
+            ) from None
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._lost(client)
+            raise McpCallFailed(
+                f"MCP server {self.name!r} lost its connection during the call"
+            ) from None
 
     # --- the connection -------------------------------------------------------------------
 
