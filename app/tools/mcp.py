@@ -217,6 +217,7 @@ class McpConnection:
     def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = self._clients.spawn(self._supervise(), name=f"mcp:{self.name}")
+            self._failure = None  # a fresh start: wait for its first attempt
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -246,7 +247,11 @@ class McpConnection:
                 await self._serve()
                 self._failure = "the server closed the connection: it crashed or exited"
             except Exception as exc:  # what the SDK's transports raise: OS, HTTP, MCP errors
-                self._failure = "it could not be reached or started"
+                self._failure = (
+                    "its connection broke"
+                    if self._was_connected()
+                    else "it could not be reached or started"
+                )
                 log.warning("mcp.server_failed", server=self.name, error=_describe(exc))
             if self._close_requested.is_set():
                 break
@@ -262,6 +267,11 @@ class McpConnection:
                 break
         self._notify()
         log.info("mcp.server_stopped", server=self.name)
+
+    def _was_connected(self) -> bool:
+        """Whether the attempt that just ended had connected (a method: it changes across the
+        awaits of an attempt, which the type checker cannot see)."""
+        return self._connected_at is not None
 
     def _client_was_stable(self, now: float) -> bool:
         """Whether the connection that just ended had lived long enough to count as healthy."""
