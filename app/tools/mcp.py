@@ -23,36 +23,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
-
-import anyio
-import httpx2
-import mcp_types
-from mcp import Client, StdioServerParameters
-from mcp.client.session import IncomingMessage
-from mcp.client.stdio import stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
-from mcp.shared.message import SessionMessage
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from app.aio import Backoff, wait_event
 from app.log import get_logger
-from app.state.mcp_servers import HttpTransport, McpServer, StdioTransport, Transport
+from app.state.mcp_servers import McpServer, Transport
+
+if TYPE_CHECKING:  # the SDK itself is imported late, by what connects (see mcp_sdk.py)
+    import mcp_types
+    from mcp import Client
+    from mcp.client.session import IncomingMessage
 
 log = get_logger(__name__)
 
-CLIENT_INFO = mcp_types.Implementation(name="chatd", version="0.1.0")
 DEFAULT_CALL_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 20.0
 DEFAULT_TOOLS_TTL_S = 300.0
 DEFAULT_MAX_SERVERS = 32
 DEFAULT_IDLE_CLOSE_S = 900.0
-# The most tools taken from one server, and the pages read to get them.
-MAX_TOOLS_PER_SERVER = 128
-MAX_LIST_PAGES = 16
 RESTART_BACKOFF_INITIAL_S = 0.5
 RESTART_BACKOFF_MAX_S = 30.0
 # A connection that lived this long was healthy: its next failure starts the backoff afresh.
@@ -64,9 +54,6 @@ LIST_RETRY_S = 10.0
 # stdin closed, a grace period, then the process group killed).
 CLOSE_TIMEOUT_S = 10.0
 SWEEP_INTERVAL_S = 60.0
-# The read bound of the HTTP transport's streams (the SDK's own default); calls are bounded by
-# call_timeout_s.
-HTTP_READ_TIMEOUT_S = 300.0
 
 
 class McpCallFailed(Exception):
@@ -124,8 +111,10 @@ class McpConnection:
             try:
                 deadline = loop.time() + self._clients.connect_timeout_s
                 client = await self._client_within(deadline)
+                from app.tools import mcp_sdk  # noqa: PLC0415 (late: see mcp_sdk.py)
+
                 async with asyncio.timeout_at(deadline):
-                    listing = await _list_all(client)
+                    listing = await mcp_sdk.list_tools(client)
             except Exception as exc:  # unavailable, too slow, an error answer, a bad listing
                 self._list_failed_at = loop.time()
                 log.warning("mcp.list_failed", server=self.name, error=_describe(exc))
@@ -144,10 +133,9 @@ class McpConnection:
             and asyncio.get_running_loop().time() - self._listed_at < self._clients.tools_ttl_s
         )
 
-    async def call(
-        self, tool: str, args: dict[str, Any], *, timeout_s: float
-    ) -> mcp_types.CallToolResult:
-        """Call `tool`; the whole of it (waiting for a connection included) within timeout_s."""
+    async def call(self, tool: str, args: dict[str, Any], *, timeout_s: float) -> tuple[Any, bool]:
+        """Call `tool`: its result as the model reads it and whether it is an error. The whole
+        of it (waiting for a connection included) within timeout_s; McpCallFailed otherwise."""
         loop = asyncio.get_running_loop()
         self.last_used = loop.time()
         self.in_flight += 1
@@ -161,32 +149,26 @@ class McpConnection:
 
     async def _call(
         self, tool: str, args: dict[str, Any], timeout_s: float, *, deadline: float
-    ) -> mcp_types.CallToolResult:
+    ) -> tuple[Any, bool]:
         client = await self._client_within(deadline)
+        from app.tools import mcp_sdk  # noqa: PLC0415 (late: see mcp_sdk.py)
+
         try:
             async with asyncio.timeout_at(deadline):
-                return await client.call_tool(tool, args)
+                outcome = await mcp_sdk.call_tool(client, tool, args)
         except TimeoutError:
             raise McpCallFailed(
                 f"MCP server {self.name!r} did not answer within {timeout_s:g} s"
             ) from None
-        except MCPError as exc:
-            if exc.code == mcp_types.CONNECTION_CLOSED:
-                self._lost(client)
-                raise McpCallFailed(
-                    f"MCP server {self.name!r} closed the connection during the call (it"
-                    " crashed or exited); it is being restarted"
-                ) from None
-            if exc.code == mcp_types.REQUEST_TIMEOUT:
-                raise McpCallFailed(f"MCP server {self.name!r} did not answer in time") from None
-            raise McpCallFailed(
-                f"MCP server {self.name!r} answered with an error: {exc.message[:1000]}"
-            ) from None
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        if not isinstance(outcome, mcp_sdk.CallFailure):
+            return outcome
+        if outcome.closed:
             self._lost(client)
             raise McpCallFailed(
-                f"MCP server {self.name!r} lost its connection during the call"
-            ) from None
+                f"MCP server {self.name!r} closed the connection during the call (it crashed"
+                " or exited); it is being restarted"
+            )
+        raise McpCallFailed(f"MCP server {self.name!r} answered with an error: {outcome.message}")
 
     # --- the connection -------------------------------------------------------------------
 
@@ -288,15 +270,15 @@ class McpConnection:
             self._connecting = True
             self._notify()
             try:
+                from app.tools import mcp_sdk  # noqa: PLC0415 (late: see mcp_sdk.py)
+
                 async with asyncio.timeout(self._clients.connect_timeout_s):
-                    transport = await self._open(stack, on_end=wake.set)
-                    client = await stack.enter_async_context(
-                        Client(
-                            transport,
-                            cache=None,
-                            client_info=CLIENT_INFO,
-                            message_handler=self._on_message,
-                        )
+                    client = await mcp_sdk.connect(
+                        stack,
+                        self.transport,
+                        connect_timeout_s=self._clients.connect_timeout_s,
+                        on_end=wake.set,
+                        on_message=self._on_message,
                     )
             finally:
                 self._connecting = False
@@ -311,72 +293,13 @@ class McpConnection:
             finally:
                 self._client = None
 
-    async def _open(
-        self, stack: contextlib.AsyncExitStack, *, on_end: Callable[[], None]
-    ) -> contextlib.AbstractAsyncContextManager[Any]:
-        transport = self.transport
-        if isinstance(transport, StdioTransport):
-            params = StdioServerParameters(
-                command=transport.command, args=list(transport.args), env=dict(transport.env)
-            )
-            return _watched(stdio_client(params, errlog=sys.stderr), on_end)
-        assert isinstance(transport, HttpTransport)
-        http = await stack.enter_async_context(
-            httpx2.AsyncClient(
-                headers=dict(transport.headers),
-                timeout=httpx2.Timeout(self._clients.connect_timeout_s, read=HTTP_READ_TIMEOUT_S),
-            )
-        )
-        return _watched(streamable_http_client(transport.url, http_client=http), on_end)
-
     async def _on_message(self, message: IncomingMessage) -> None:
-        if isinstance(message, mcp_types.ToolListChangedNotification):
+        from app.tools import mcp_sdk  # noqa: PLC0415 (loaded already: a client is connected)
+
+        if mcp_sdk.lists_changed(message):
             self._listing_stale = True
         elif isinstance(message, Exception):
             log.info("mcp.transport_error", server=self.name, error=_describe(message))
-
-
-@contextlib.asynccontextmanager
-async def _watched(
-    inner: contextlib.AbstractAsyncContextManager[Any], on_end: Callable[[], None]
-) -> AsyncIterator[tuple[Any, Any]]:
-    """The SDK's transport with one more thing: when the server's side of it ends (a stdio
-    server's stdout closed because it exited or crashed, an HTTP transport torn down), `on_end`
-    is called, so the supervisor notices a dead server before the next call does."""
-    async with inner as (read_stream, write_stream):
-        send, receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-
-        async def forward() -> None:
-            try:
-                async with send:
-                    async for item in read_stream:
-                        await send.send(item)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the session is gone: it is closing
-            finally:
-                on_end()
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(forward)
-            try:
-                yield receive, write_stream
-            finally:
-                group.cancel_scope.cancel()
-                receive.close()
-
-
-async def _list_all(client: Client) -> list[mcp_types.Tool]:
-    tools: list[mcp_types.Tool] = []
-    cursor: str | None = None
-    for _page in range(MAX_LIST_PAGES):
-        page = await client.list_tools(cursor=cursor)
-        tools.extend(page.tools)
-        cursor = page.next_cursor
-        if cursor is None or len(tools) >= MAX_TOOLS_PER_SERVER:
-            break
-    if len(tools) > MAX_TOOLS_PER_SERVER:
-        log.warning("mcp.too_many_tools", offered=len(tools), kept=MAX_TOOLS_PER_SERVER)
-    return tools[:MAX_TOOLS_PER_SERVER]
 
 
 def _describe(exc: BaseException) -> str:
