@@ -170,3 +170,23 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
     rooms, arrows = drawn_arrows("<!-- arrows -->\n```\ntools -> state\nstate -> (none)\n```\n")
     assert rooms == {"tools", "state"}
     assert room_arrows(graph) - arrows == {("state", "tools")}
+
+
+def shared_file_names(root: Path = APP) -> dict[str, list[str]]:
+    """File names used by more than one module under `root` (`__init__.py` aside)."""
+    by_name: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        if path.name != "__init__.py":
+            by_name.setdefault(path.name, []).append(str(path.relative_to(root.parent)))
+    return {name: paths for name, paths in by_name.items() if len(paths) > 1}
+
+
+def test_no_two_modules_share_a_file_name(tmp_path: Path) -> None:
+    """A file name alone says where a thing is: `streams.py` is never two rooms."""
+    assert shared_file_names() == {}
+    (tmp_path / "app" / "http").mkdir(parents=True)
+    (tmp_path / "app" / "errors.py").write_text("")
+    (tmp_path / "app" / "http" / "errors.py").write_text("")
+    assert shared_file_names(tmp_path / "app") == {
+        "errors.py": ["app/errors.py", "app/http/errors.py"]
+    }
