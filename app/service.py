@@ -22,6 +22,7 @@ from app.db import create_pool, is_outage
 from app.embedded_pg import EmbeddedPostgres, start_embedded_postgres
 from app.engine_metrics import engine_metrics
 from app.http.server import build_app
+from app.http.sessions import local_login_url
 from app.listener import Listener
 from app.log import get_logger
 from app.migrate import migrate_dsn
@@ -89,6 +90,10 @@ async def serve(settings: Settings, dsn: str) -> None:
         local_token = (
             await ensure_local_token(pool, settings.data_dir) if not settings.database_url else None
         )
+        # And a one-time URL that logs a browser in as that user (docs/web.md).
+        login_url = (
+            await local_login_url(pool, settings, local_token) if local_token is not None else None
+        )
         listener = Listener(dsn)
         replica = Replica(
             settings=settings,
@@ -121,6 +126,8 @@ async def serve(settings: Settings, dsn: str) -> None:
                 if local_token is not None:
                     print(f"chatd: local admin token: {local_token}", flush=True)
                     print('chatd: try it: chatd chat "hello"', flush=True)
+                if login_url is not None:
+                    print(f"chatd: open in a browser (one-time link): {login_url}", flush=True)
                 stop_wait = tasks.create_task(stop_requested.wait(), name="stop-signal")
                 await asyncio.wait(
                     {stop_wait, replica.main_task}, return_when=asyncio.FIRST_COMPLETED

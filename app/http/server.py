@@ -26,6 +26,7 @@ from app.http.models import (
 from app.http.openapi import openapi_document
 from app.http.routes import E400, E401, E404, REST_ROUTES, V1
 from app.http.streams import chat_stream, chat_websocket, watch_chats
+from app.http.web_endpoints import SESSION_ROUTES, WEB_ROUTES
 from app.listener import Listener
 from app.log import get_logger
 from app.streams import StreamHubs
@@ -179,6 +180,7 @@ STREAM_ROUTES: list[Route] = [
             101: Answer("switching to the WebSocket protocol", ChatStreamEvent),
             400: E400,
             401: E401,
+            403: Answer("authenticated by the session cookie from another origin", ErrorBody),
             404: Answer("no such chat (or not yours)", ErrorBody),
             429: E429_STREAMS,
         },
@@ -187,7 +189,7 @@ STREAM_ROUTES: list[Route] = [
 
 
 def all_routes() -> list[Route]:
-    return [*SYSTEM_ROUTES, *STREAM_ROUTES, *REST_ROUTES]
+    return [*SYSTEM_ROUTES, *STREAM_ROUTES, *REST_ROUTES, *SESSION_ROUTES, *WEB_ROUTES]
 
 
 async def _stream_hubs(app: web.Application) -> AsyncIterator[None]:

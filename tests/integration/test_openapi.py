@@ -20,10 +20,14 @@ from app.http.models import (
     SpendLimitBody,
 )
 from app.http.server import OPENAPI, all_routes
+from app.http.web_endpoints import INDEX, STATIC_FILES
 from tests import factories
 from tests.http_harness import ApiInstance, ApiUser, api_instance, make_user
 
-PUBLIC = {"/healthz", "/readyz", "/metrics"}
+# The web page and its files load before anyone is logged in; logging in needs no session.
+WEB_PUBLIC = {"/", "/login", *(f"/static/{name}" for name in STATIC_FILES if name != INDEX)}
+SESSION_PUBLIC = {"/api/v1/sessions", "/api/v1/sessions/login-code"}
+PUBLIC = {"/healthz", "/readyz", "/metrics", *WEB_PUBLIC, *SESSION_PUBLIC}
 
 
 @pytest.fixture
