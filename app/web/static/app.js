@@ -217,7 +217,12 @@ function renderModelPicker(chat) {
 async function listChats() {
   try {
     const page = await api("GET", `/api/v1/chats?limit=${LIST_PAGE}`);
-    state.chats = new Map(page.chats.map((chat) => [chat.id, chat]));
+    // The page replaces what was known (a chat deleted meanwhile goes), except where a watch
+    // event that raced the answer already told a newer version.
+    state.chats = new Map(page.chats.map((chat) => {
+      const known = state.chats.get(chat.id);
+      return [chat.id, known && known.version > chat.version ? { ...chat, ...known } : chat];
+    }));
     state.listNext = page.next;
   } catch (error) {
     $("list-status").textContent = `The chat list could not be loaded: ${describeError(error)}`;
@@ -246,6 +251,15 @@ $("more-chats").addEventListener("click", async () => {
   }
   renderChatList();
 });
+
+// A chat's newest known state: answers of requests and watch events race, and the one with the
+// higher version wins.
+function upsertChat(chat) {
+  const known = state.chats.get(chat.id);
+  if (!known || known.version === undefined || known.version === null || chat.version >= known.version) {
+    state.chats.set(chat.id, { ...(known || {}), ...chat });
+  }
+}
 
 function applyWatchEvent(event) {
   const known = state.chats.get(event.chat_id);
@@ -314,8 +328,11 @@ function renderChatList() {
 
 $("show-archived").addEventListener("change", renderChatList);
 $("new-chat").addEventListener("click", () => {
-  location.hash = "#/new";
-  $("message").focus();
+  if (location.hash === "#/new") {
+    route(); // no hashchange: start over here
+  } else {
+    location.hash = "#/new";
+  }
 });
 
 // ------------------------------------------------------------------------------------------
@@ -333,6 +350,9 @@ function route() {
   }
   document.body.dataset.route = location.hash === "#/new" ? "new" : "home";
   openNewChat();
+  if (location.hash === "#/new") {
+    $("message").focus(); // the composer is shown now (on a narrow screen it was not before)
+  }
 }
 
 window.addEventListener("hashchange", route);
@@ -381,7 +401,14 @@ async function openChat(chatId) {
   }
   closeChat();
   resetChatView();
-  const view = { chatId, chat: state.chats.get(chatId) || null, stream: null, nodes: new Map(), liveNode: null };
+  const view = {
+    chatId,
+    chat: state.chats.get(chatId) || null,
+    stream: null,
+    nodes: new Map(),
+    liveNode: null,
+    queueKey: "[]",
+  };
   state.view = view;
   $("chat-title").textContent = view.chat ? chatLabel(view.chat) : "";
   renderChatList();
@@ -402,7 +429,7 @@ async function openChat(chatId) {
   if (state.view !== view) {
     return;
   }
-  state.chats.set(chatId, { ...(state.chats.get(chatId) || {}), ...view.chat });
+  upsertChat(view.chat);
   renderModelPicker(view.chat);
   refreshOpenChatSummary();
   view.stream = new ChatStream(chatId, {
@@ -530,10 +557,15 @@ function renderChat(view) {
       view.liveNode = make("li", { className: "message assistant live", attrs: { "aria-busy": "true" } });
       view.liveNode.dataset.role = "assistant";
     }
+    // Rebuilt on every part; a reasoning or tool block the user opened stays open.
+    const opened = [...view.liveNode.querySelectorAll("details")].map((node) => node.open);
     view.liveNode.replaceChildren(
       make("div", { className: "role", text: "Assistant" }),
       make("div", { className: "content" }, [renderParts(stream.live.map((item) => item.part))]),
     );
+    view.liveNode.querySelectorAll("details").forEach((node, index) => {
+      node.open = Boolean(opened[index]);
+    });
     list.append(view.liveNode);
   } else if (view.liveNode) {
     view.liveNode.remove();
@@ -702,6 +734,13 @@ function editMessage(view, message, node) {
 
 function renderQueue(view) {
   const queue = view.stream.queue;
+  // Rebuilt only when it changed: the answer re-renders many times a second, and a button
+  // replaced under the pointer would swallow the click.
+  const key = JSON.stringify(queue.map((item) => [item.id, item.promoted]));
+  if (key === view.queueKey) {
+    return;
+  }
+  view.queueKey = key;
   const list = $("queue");
   list.replaceChildren(...queue.map((item) => {
     const text = textOf(item.content);
@@ -749,7 +788,7 @@ async function send() {
       }
       const chat = await api("POST", "/api/v1/chats", body);
       area.value = "";
-      state.chats.set(chat.id, chat);
+      upsertChat(chat);
       location.hash = `#/chats/${chat.id}`;
     }
   } catch (error) {
@@ -791,7 +830,7 @@ $("archive").addEventListener("click", async () => {
   }
   try {
     const chat = await api("PATCH", `/api/v1/chats/${view.chatId}`, { archived: !view.chat.archived });
-    state.chats.set(chat.id, { ...(state.chats.get(chat.id) || {}), ...chat });
+    upsertChat(chat);
     view.chat = { ...view.chat, ...chat };
     renderChatList();
     refreshOpenChatSummary();

@@ -37,7 +37,8 @@ function link(text, href) {
 const INLINE = [
   { re: /`([^`\n]+)`/, make: (m) => { const c = el("code"); c.textContent = m[1]; return c; } },
   { re: /\*\*([^*\n]+?)\*\*/, make: (m) => el("strong", inline(m[1])) },
-  { re: /__([^_\n]+?)__/, make: (m) => el("strong", inline(m[1])) },
+  // Underscores count only at word boundaries (snake_case and __dunder__ names stay text).
+  { re: /(?<![\w])__([^_\n]+?)__(?![\w])/, make: (m) => el("strong", inline(m[1])) },
   { re: /~~([^~\n]+?)~~/, make: (m) => el("del", inline(m[1])) },
   { re: /\*([^*\s][^*\n]*?)\*/, make: (m) => el("em", inline(m[1])) },
   { re: /(?<![\w])_([^_\s][^_\n]*?)_(?![\w])/, make: (m) => el("em", inline(m[1])) },
