@@ -59,6 +59,12 @@ class Settings:
     max_body_bytes: int = 1_000_000
     keepalive_interval_s: float = 15.0
     max_queued_events_per_client: int = 1000
+    # Browser sessions (docs/web.md): the cookie's lifetime, the one-time login code's, and the
+    # public address of the service (its scheme decides the cookie's Secure flag behind a proxy
+    # that terminates TLS; it is also the base of the printed login URL).
+    session_ttl_s: float = 7 * 24 * 3600.0
+    login_code_ttl_s: float = 300.0
+    public_url: str = ""
 
     anthropic_api_key: str = field(default_factory=lambda: os.environ.get("ANTHROPIC_API_KEY", ""))
     openai_api_key: str = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", ""))
@@ -115,6 +121,9 @@ class Settings:
             keepalive_interval_s=_env_float(
                 "CHATD_KEEPALIVE_INTERVAL_S", defaults.keepalive_interval_s
             ),
+            session_ttl_s=_env_float("CHATD_SESSION_TTL_S", defaults.session_ttl_s),
+            login_code_ttl_s=_env_float("CHATD_LOGIN_CODE_TTL_S", defaults.login_code_ttl_s),
+            public_url=os.environ.get("CHATD_PUBLIC_URL", defaults.public_url).rstrip("/"),
         )
 
 

@@ -25,6 +25,7 @@ from app.db.migrate import migrate_dsn
 from app.engine.replica import ENGINE_SERVER_SETTINGS, Replica
 from app.http.auth import ensure_local_token
 from app.http.server import build_app
+from app.http.sessions import local_login_url
 from app.log import get_logger
 from app.metrics import engine_metrics
 from app.providers import retry
@@ -90,6 +91,10 @@ async def serve(settings: Settings, dsn: str) -> None:
         local_token = (
             await ensure_local_token(pool, settings.data_dir) if not settings.database_url else None
         )
+        # And a one-time URL that logs a browser in as that user (docs/web.md).
+        login_url = (
+            await local_login_url(pool, settings, local_token) if local_token is not None else None
+        )
         listener = Listener(dsn)
         replica = Replica(
             settings=settings,
@@ -122,6 +127,8 @@ async def serve(settings: Settings, dsn: str) -> None:
                 if local_token is not None:
                     print(f"chatd: local admin token: {local_token}", flush=True)
                     print('chatd: try it: chatd chat "hello"', flush=True)
+                if login_url is not None:
+                    print(f"chatd: open in a browser (one-time link): {login_url}", flush=True)
                 stop_wait = tasks.create_task(stop_requested.wait(), name="stop-signal")
                 await asyncio.wait(
                     {stop_wait, replica.main_task}, return_when=asyncio.FIRST_COMPLETED

@@ -7,11 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.engine import compaction
-from app.providers.base import (
-    ModelConfig,
-    ModelRequest,
-    PromptMessage,
-)
+from app.providers.base import ModelConfig, ModelRequest, PromptMessage
 from app.state.model import Message
 from app.tools.registry import ToolRegistry
 
