@@ -26,6 +26,10 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     # Empty means: start the embedded PostgreSQL in data_dir.
     database_url: str = ""
+    # Set when DATABASE_URL goes through a transaction pooler (PgBouncer in transaction mode):
+    # the LISTEN connection, the liveness lock and migrations need a session of their own and
+    # connect here, directly; the pool goes through the pooler (docs/operations.md, "PgBouncer").
+    direct_database_url: str = ""
     data_dir: Path = Path(".chatd")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -78,6 +82,7 @@ class Settings:
         defaults = cls()
         return cls(
             database_url=os.environ.get("DATABASE_URL", ""),
+            direct_database_url=os.environ.get("CHATD_DIRECT_DATABASE_URL", ""),
             data_dir=Path(os.environ.get("CHATD_DATA_DIR", str(defaults.data_dir))),
             host=os.environ.get("CHATD_HOST", defaults.host),
             port=_env_int("CHATD_PORT", defaults.port),

@@ -74,7 +74,11 @@ async def wait_for_database(dsn: str) -> None:
 
 
 async def serve(settings: Settings, dsn: str) -> None:
-    await wait_for_database(dsn)
+    # Sessions of their own (LISTEN, the liveness lock, the migration lock) connect directly;
+    # the pool may go through a transaction pooler (Settings.direct_database_url).
+    direct_dsn = settings.direct_database_url or dsn
+    through_pooler = direct_dsn != dsn
+    await wait_for_database(direct_dsn)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,7 +87,11 @@ async def serve(settings: Settings, dsn: str) -> None:
     # The engine needs a server-side bound on idle transactions (see ENGINE_SERVER_SETTINGS)
     # and room for its runs next to the HTTP handlers.
     pool = await create_pool(
-        dsn, min_size=1, max_size=POOL_MAX_SIZE, server_settings=ENGINE_SERVER_SETTINGS
+        dsn,
+        min_size=1,
+        max_size=POOL_MAX_SIZE,
+        server_settings=ENGINE_SERVER_SETTINGS,
+        transaction_pooler=through_pooler,
     )
     try:
         # `make run`: a local admin user and its token, written to the data directory where
@@ -95,12 +103,12 @@ async def serve(settings: Settings, dsn: str) -> None:
         login_url = (
             await local_login_url(pool, settings, local_token) if local_token is not None else None
         )
-        listener = Listener(dsn)
+        listener = Listener(direct_dsn)
         replica = Replica(
             settings=settings,
             pool=pool,
             listener=listener,
-            dsn=dsn,
+            dsn=direct_dsn,
             address=f"http://{settings.host}:{settings.port}",
             stream_step=retry.stream_step,
         )
