@@ -2,9 +2,9 @@
 arrows drawn there, every arrow drawn is used, and no import circle exists between modules.
 
 A room is a package under app/ (`app/stream/`) or a top-level module (`app/cli.py`). The
-foundation (config, errors, log, aio, text) may be imported by anyone and imports nothing of
-chatd. Imports are read with `ast`, so imports inside functions (the usual way a circle is
-hidden) and under `if TYPE_CHECKING:` count too."""
+foundation (config, errors, log, aio, text, instruments) may be imported by anyone and imports
+nothing of chatd. Imports are read with `ast`, so imports inside functions (the usual way a
+circle is hidden) and under `if TYPE_CHECKING:` count too."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
-FOUNDATION = frozenset({"config", "errors", "log", "aio", "text"})
+FOUNDATION = frozenset({"config", "errors", "log", "aio", "text", "instruments"})
 
 
 def _module_name(root: Path, path: Path) -> str:

@@ -317,7 +317,7 @@ SYSTEM_ROUTES: list[Route] = [
         "/metrics",
         ops_endpoints.metrics,
         "metrics",
-        "Prometheus metrics (text format 0.0.4)",
+        "Prometheus metrics (text exposition of prometheus_client)",
         tag="operations",
         auth=False,
         answers={200: Answer("metrics", None, media_type="text/plain")},
