@@ -33,7 +33,11 @@ class Settings:
     data_dir: Path = Path(".chatd")
     host: str = "127.0.0.1"
     port: int = 8080
-    log_level: str = "INFO"
+    # Empty: INFO with DATABASE_URL (a deployment), WARNING with the embedded database (a
+    # developer's `make run`: a few lines to read, not the engine's events). See `log_level_of`.
+    log_level: str = ""
+    # "text" (event key=value) or "json" (one object per line, for log shippers).
+    log_format: str = "text"
 
     # Replica engine.
     max_concurrent_runs: int = 50
@@ -87,6 +91,7 @@ class Settings:
             host=os.environ.get("CHATD_HOST", defaults.host),
             port=_env_int("CHATD_PORT", defaults.port),
             log_level=os.environ.get("CHATD_LOG_LEVEL", defaults.log_level),
+            log_format=os.environ.get("CHATD_LOG_FORMAT", defaults.log_format).strip().lower(),
             max_concurrent_runs=_env_int("CHATD_MAX_CONCURRENT_RUNS", defaults.max_concurrent_runs),
             acquire_poll_interval_s=_env_float(
                 "CHATD_ACQUIRE_POLL_INTERVAL_S", defaults.acquire_poll_interval_s
@@ -147,3 +152,11 @@ def read_local_token(data_dir: Path) -> str | None:
     except (FileNotFoundError, PermissionError, NotADirectoryError):
         return None
     return token or None
+
+
+def log_level_of(settings: Settings) -> str:
+    """The log level to use: CHATD_LOG_LEVEL when set, else INFO for a deployment on its own
+    PostgreSQL and WARNING for the embedded one (docs/operations.md, "Running")."""
+    if settings.log_level:
+        return settings.log_level
+    return "INFO" if settings.database_url else "WARNING"

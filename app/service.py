@@ -43,8 +43,11 @@ def database(settings: Settings) -> Iterator[str]:
         yield settings.database_url
         return
     embedded: EmbeddedPostgres = start_embedded_postgres(settings.data_dir)
-    print(f"chatd: embedded PostgreSQL in {embedded.data_dir.resolve()}", flush=True)
-    print(f"chatd: connect with: {embedded.psql_command()}", flush=True)
+    print(
+        f"chatd: data in {embedded.data_dir.resolve()} (embedded PostgreSQL;"
+        f" psql: {embedded.psql_command()})",
+        flush=True,
+    )
     try:
         yield embedded.dsn
     finally:
@@ -132,11 +135,11 @@ async def serve(settings: Settings, dsn: str) -> None:
                 await site.start()
                 log.info("service.listening", url=f"http://{settings.host}:{settings.port}")
                 print(f"chatd: serving on http://{settings.host}:{settings.port}", flush=True)
+                if login_url is not None:
+                    print(f"chatd: open in a browser (one-time link): {login_url}", flush=True)
                 if local_token is not None:
                     print(f"chatd: local admin token: {local_token}", flush=True)
                     print('chatd: try it: chatd chat "hello"', flush=True)
-                if login_url is not None:
-                    print(f"chatd: open in a browser (one-time link): {login_url}", flush=True)
                 stop_wait = tasks.create_task(stop_requested.wait(), name="stop-signal")
                 await asyncio.wait(
                     {stop_wait, replica.main_task}, return_when=asyncio.FIRST_COMPLETED

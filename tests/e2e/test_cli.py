@@ -149,14 +149,24 @@ async def test_serve_on_the_embedded_database_makes_chat_work_without_flags(
 ) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="chatd-cli-"))  # short: the socket lives in it
     serve = ReplicaProcess(
-        log_dir=tmp_path, name="embedded", env={"DATABASE_URL": "", "CHATD_DATA_DIR": str(data_dir)}
+        log_dir=tmp_path,
+        name="embedded",
+        # As on a fresh machine: no log level chosen.
+        env={"DATABASE_URL": "", "CHATD_DATA_DIR": str(data_dir), "CHATD_LOG_LEVEL": ""},
     )
     serve.start()
     try:
         await serve.wait_healthy(timeout_s=90)
         token = local_token_path(data_dir).read_text().strip()
-        # `make run` prints a usable token.
-        await wait_for(lambda: token in serve.logs(), message="the token in the serve output")
+        # `make run` prints a usable token, and reads like a tool: a few lines, no library
+        # chatter (pgserver's initdb output, the engine's INFO events).
+        await wait_for(
+            lambda: 'chatd chat "hello"' in serve.logs(), message="the token in the serve output"
+        )
+        printed = serve.logs().splitlines()
+        assert f"chatd: local admin token: {token}" in printed
+        assert len(printed) <= 10, printed
+        assert all(line.startswith("chatd: ") for line in printed), printed
         chat = await ChatProcess.start(
             "hello local",
             env={"CHATD_DATA_DIR": str(data_dir), "CHATD_PORT": str(serve.port)},

@@ -139,7 +139,7 @@ async def test_token_create_command_prints_only_the_token(
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", database_url)
     # main() points the root logger at the (captured) stderr; keep the suite's logging as it is.
-    monkeypatch.setattr(cli, "configure_logging", lambda _level: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)
     assert await asyncio.to_thread(cli.main, ["token", "create", "carol", "--admin"]) == 0
     out = capsys.readouterr().out
     token = out.strip()
