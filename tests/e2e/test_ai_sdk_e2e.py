@@ -4,9 +4,9 @@ message through `DefaultChatTransport` to replica A, reads the answer with
 `readUIMessageStream`, drops the connection mid-answer and resumes on replica B with
 `reconnectToStream`. The answer it assembles must be the one chatd stored.
 
-Node.js is needed: without `node` and `npm` the test is skipped (saying so); `npm ci` installs
-the pinned packages when tests/ai_sdk/node_modules is missing, and a failure of it fails the
-test."""
+Node.js is needed: without `node` and `npm` the test is skipped (saying so), or fails with
+CHATD_REQUIRE_NODE=1 (what .ci/run sets); `npm ci` installs the pinned packages when
+tests/ai_sdk/node_modules is missing, and a failure of it fails the test."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ CLIENT_DIR = PROJECT_ROOT / "tests" / "ai_sdk"
 # has read MID_WORDS words and moved to the other replica.
 TEXT = " ".join(f"word{i}" for i in range(150))
 MID_WORDS = 6
+# Set by .ci/run: there a missing Node.js is an error, not a skip.
+REQUIRE_ENV = "CHATD_REQUIRE_NODE"
 ENV = {"CHATD_PART_FLUSH_INTERVAL_MS": "10", "CHATD_KEEPALIVE_INTERVAL_S": "1"}
 
 
@@ -65,7 +67,10 @@ def node() -> str:
     """The Node.js that runs the client, with the pinned packages installed."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        pytest.skip("Node.js (node and npm) is not installed: the AI SDK client test needs it")
+        why = "Node.js (node and npm) is not installed: the AI SDK client test needs it"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{why} ({REQUIRE_ENV}=1)")
+        pytest.skip(why)
     if not (CLIENT_DIR / "node_modules" / "ai").is_dir():
         done = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund"],
