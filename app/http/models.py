@@ -9,7 +9,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
 from app.http.auth import MAX_TOKEN_CHARS
 from app.state.model import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, NON_BLANK_PATTERN
@@ -417,3 +426,154 @@ class SessionOut(Strict):
         " changes state (POST, PUT, PATCH, DELETE)."
     )
     expires_at: datetime
+
+
+# --------------------------------------------------------------------------------------------
+# The Vercel AI SDK (docs/api.md, "Vercel AI SDK").
+
+
+class Loose(BaseModel):
+    """Unknown fields are ignored: the AI SDK's clients send fields of their own (extras of the
+    transport's `body`, a part's `state`, provider metadata)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, protected_namespaces=())
+
+
+class UIMessagePartIn(Loose):
+    type: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    # Read only on the text parts of the last user message, and checked there.
+    text: Any = None
+
+
+_UI_TEXT_PART: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "text"},
+        "text": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+    },
+    "required": ["type", "text"],
+}
+_UI_OTHER_PART: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {
+            "type": "string",
+            "pattern": "^(?!(text|file)$).+$",
+            "maxLength": 200,
+            "description": "step-start, reasoning, data-*, source-*, tool parts: ignored",
+        }
+    },
+    "required": ["type"],
+}
+# What chatd takes from `messages`, as JSON Schema can say it: the last user message must have a
+# text part with a character that is not blank, and no file part (JSON Schema cannot name the
+# last item of a list, so the document asks it of every user message; the server checks only
+# the last one, and ignores every other message).
+UI_MESSAGES_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 1,
+    "description": "The AI SDK's UI messages. chatd owns the history: it reads only the last"
+    " user message (its text parts; other parts are ignored, file parts refused).",
+    "items": {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "role": {"const": "user"},
+                    "parts": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": MAX_PARTS,
+                        "items": {"anyOf": [_UI_TEXT_PART, _UI_OTHER_PART]},
+                        "contains": {
+                            "type": "object",
+                            "properties": {
+                                "type": {"type": "string", "pattern": "^text$"},
+                                "text": {"type": "string", "pattern": NON_BLANK_PATTERN},
+                            },
+                            "required": ["type", "text"],
+                        },
+                    },
+                },
+                "required": ["role", "parts"],
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "role": {"enum": ["assistant", "system"]},
+                    "parts": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "type": {"type": "string", "minLength": 1, "maxLength": 200}
+                            },
+                            "required": ["type"],
+                        },
+                    },
+                },
+                "required": ["role", "parts"],
+            },
+        ]
+    },
+    "contains": {
+        "type": "object",
+        "properties": {"role": {"type": "string", "pattern": "^user$"}},
+        "required": ["role"],
+    },
+}
+
+
+class UIMessageIn(Loose):
+    id: Annotated[StrictStr, Field(max_length=1000)] | None = None
+    role: Literal["system", "user", "assistant"]
+    parts: list[UIMessagePartIn]
+
+
+class AiSdkChatRequest(Loose):
+    """The body the AI SDK's `DefaultChatTransport` posts (unknown fields are ignored)."""
+
+    id: uuid.UUID = Field(description="The chat's id, chosen by the client (a UUID).")
+    messages: Annotated[
+        list[UIMessageIn],
+        Field(min_length=1),
+        WithJsonSchema(UI_MESSAGES_SCHEMA, mode="validation"),
+    ]
+    trigger: Literal["submit-message", "regenerate-message"] = Field(
+        description="submit-message sends the last user message; regenerate-message answers"
+        " chatd's last user message again (an edit of it with its own content)."
+    )
+    message_id: StrictStr | None = Field(
+        None, alias="messageId", description="Sent by the AI SDK; chatd does not use it."
+    )
+    model_config_id: uuid.UUID | None = Field(
+        None, description="The model of a chat this request creates (else the default model)."
+    )
+
+
+class UIMessageChunk(BaseModel):
+    """One `data:` line of the UI message stream (protocol v1); the stream ends with
+    `data: [DONE]`. The fields besides `type` depend on it (docs/api.md, "Vercel AI SDK")."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: Literal[
+        "start",
+        "start-step",
+        "text-start",
+        "text-delta",
+        "text-end",
+        "reasoning-start",
+        "reasoning-delta",
+        "reasoning-end",
+        "tool-input-available",
+        "tool-output-available",
+        "tool-output-error",
+        "data-chatd-retry",
+        "finish-step",
+        "finish",
+        "abort",
+        "error",
+    ]

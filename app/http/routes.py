@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from app.http import (
     admin_endpoints,
+    ai_sdk_endpoints,
     chat_endpoints,
     ops_endpoints,
     session_endpoints,
@@ -15,6 +16,7 @@ from app.http import (
     web_endpoints,
 )
 from app.http.models import (
+    AiSdkChatRequest,
     ChatList,
     ChatListChangeEvent,
     ChatOut,
@@ -40,6 +42,7 @@ from app.http.models import (
     SessionOut,
     SpendLimitBody,
     StreamQuery,
+    UIMessageChunk,
     UpdateChatRequest,
     UpdateModelConfigRequest,
 )
@@ -400,6 +403,56 @@ STREAM_ROUTES: list[Route] = [
 ]
 
 
+# The Vercel AI SDK's transport (docs/api.md, "Vercel AI SDK"). Its streams count against
+# `max_streams_per_user` like the others.
+_UI_STREAM = Answer(
+    "the answer as the AI SDK's UI message stream (header x-vercel-ai-ui-message-stream: v1):"
+    " `data: <chunk>` events, then `data: [DONE]`",
+    UIMessageChunk,
+    media_type="text/event-stream",
+)
+
+AI_SDK_ROUTES: list[Route] = [
+    Route(
+        "POST",
+        f"{V1}/ai-sdk/chats",
+        ai_sdk_endpoints.send_messages,
+        "aiSdkSendMessages",
+        "Vercel AI SDK: send the last user message (or answer again) and stream the answer",
+        description="The body of the AI SDK's `DefaultChatTransport`. The chat `id` is chosen"
+        " by the client: a chat of the caller's is sent to (queued while it is busy), a new id"
+        " creates the chat, another user's chat answers 404. `regenerate-message` edits the"
+        " chat's last user message with its own content. See docs/api.md.",
+        tag="ai-sdk",
+        body=AiSdkChatRequest,
+        answers={
+            200: _UI_STREAM,
+            **_errors(400, 401, 404, 413),
+            409: E409_OR_SPEND,
+            429: E429_QUEUE_OR_LIMIT,  # streams_per_user is a per-user limit too
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/ai-sdk/chats/{{id}}/stream",
+        ai_sdk_endpoints.resume_stream,
+        "aiSdkResumeStream",
+        "Vercel AI SDK: the answer in progress from its start, then live (204 when idle)",
+        description="What `useChat({resume: true})` asks on mount, on any replica.",
+        tag="ai-sdk",
+        path_params=_CHAT,
+        answers={
+            200: _UI_STREAM,
+            204: Answer("the chat is not busy (not pending or running): nothing to resume"),
+            400: E400,
+            401: E401,
+            404: E404,
+            429: E429_LIMIT,  # streams_per_user
+        },
+    ),
+]
+
+
 # Browser sessions and the web page (docs/web.md).
 
 E401_LOGIN = Answer("unknown token, or a login code that is unknown, expired or used", ErrorBody)
@@ -529,4 +582,11 @@ PUBLIC_PATHS = frozenset(route.path for route in [*SESSION_ROUTES, *WEB_ROUTES] 
 
 
 def all_routes() -> list[Route]:
-    return [*SYSTEM_ROUTES, *STREAM_ROUTES, *REST_ROUTES, *SESSION_ROUTES, *WEB_ROUTES]
+    return [
+        *SYSTEM_ROUTES,
+        *STREAM_ROUTES,
+        *REST_ROUTES,
+        *AI_SDK_ROUTES,
+        *SESSION_ROUTES,
+        *WEB_ROUTES,
+    ]

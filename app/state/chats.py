@@ -13,7 +13,14 @@ from datetime import datetime
 import asyncpg
 
 from app.db.queries import Conn, project_queries, transaction
-from app.errors import InvalidTransition, LimitReached, NotFound, QueueFull, ValidationFailed
+from app.errors import (
+    Conflict,
+    InvalidTransition,
+    LimitReached,
+    NotFound,
+    QueueFull,
+    ValidationFailed,
+)
 from app.state.model import (
     MAX_TITLE_CHARS,
     NO_LIMITS,
@@ -118,8 +125,11 @@ async def create_chat(
     parent_chat_id: uuid.UUID | None = None,
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
+    chat_id: uuid.UUID | None = None,
 ) -> tuple[Chat, Message]:
-    """Insert a pending chat and its first user message in one transaction."""
+    """Insert a pending chat and its first user message in one transaction. `chat_id`: an id
+    the client chose (the AI SDK names its chats); Conflict when a chat has it already, whoever
+    owns it."""
     parts = normalize_user_content(content)
     if title is not None and len(title) > MAX_TITLE_CHARS:
         raise ValidationFailed(
@@ -153,8 +163,10 @@ async def create_chat(
             title if title is not None else default_title(parts),
             config_id,
             client_type,
+            chat_id,
         )
-        assert chat_row is not None
+        if chat_row is None:
+            raise Conflict("a chat with this id exists")
         message_row = await conn.fetchrow(
             Q.sql("chats_insert_message"), chat_row["id"], "user", json.dumps(parts)
         )
@@ -215,6 +227,45 @@ async def send_message(
         return SendResult(Chat.from_record(chat_row), queued=QueuedMessage.from_record(queued_row))
 
 
+async def send_or_create(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    content: object,
+    *,
+    queue_limit: int,
+    limits: UserLimits = NO_LIMITS,
+    model_config_id: uuid.UUID | None = None,
+    client_type: str = "api",
+) -> SendResult:
+    """Send to the caller's chat `chat_id` (or queue, as send_message does), creating it with
+    this first message when no chat has that id (the AI SDK's clients choose their chat ids).
+    Another user's chat is NotFound, like a missing one of a transition."""
+    try:
+        return await send_message(
+            pool, owner, chat_id, content, queue_limit=queue_limit, limits=limits
+        )
+    except NotFound:
+        pass
+    try:
+        chat, message = await create_chat(
+            pool,
+            owner,
+            content,
+            model_config_id=model_config_id,
+            client_type=client_type,
+            limits=limits,
+            chat_id=chat_id,
+        )
+        return SendResult(chat, message=message)
+    except Conflict:
+        # Created meanwhile: by this caller (a concurrent first request), then this is a send;
+        # by another user, then send_message answers NotFound.
+        return await send_message(
+            pool, owner, chat_id, content, queue_limit=queue_limit, limits=limits
+        )
+
+
 async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat:
     """Stop. pending -> waiting at once; running -> marked, the worker completes it; idle chats
     are left as they are (Stop is idempotent)."""
@@ -256,26 +307,67 @@ async def edit_message(
                 from_status=chat_row["status"],
                 reason=f"only user messages can be edited, this one is {message_row['role']}",
             )
-        await check_spend_limit(
-            conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
-        )
-        await _check_user_limits(
+        return await _replace_from(
             conn,
-            owner.user_id,
-            limits,
-            new_chat=False,
-            new_pending=chat_row["status"] != "pending",
+            owner,
+            chat_row=chat_row,
+            message_id=message_id,
+            content_json=json.dumps(parts),
+            limits=limits,
         )
-        await conn.execute(Q.sql("chats_soft_delete_messages_from"), chat_id, message_id)
-        await conn.execute(Q.sql("chats_uncompress_for_deleted_summaries"), chat_id, message_id)
-        await conn.execute(Q.sql("chats_clear_queue"), chat_id)
-        await conn.execute(Q.sql("chats_clear_stream_parts"), chat_id)
-        new_row = await conn.fetchrow(
-            Q.sql("chats_insert_message"), chat_id, "user", json.dumps(parts)
+
+
+async def regenerate(
+    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, *, limits: UserLimits = NO_LIMITS
+) -> Message:
+    """Run the chat's last user message again: an edit of that message with its own content
+    (the AI SDK's "regenerate"), found and replaced under the chat's lock."""
+    async with transaction(pool) as conn:
+        chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "regenerate the answer of")
+        message_row = await conn.fetchrow(Q.sql("chats_last_user_message"), chat_id)
+        if message_row is None:
+            raise NotFound("the chat has no user message to answer again")
+        return await _replace_from(
+            conn,
+            owner,
+            chat_row=chat_row,
+            message_id=message_row["id"],
+            content_json=message_row["content"],
+            limits=limits,
         )
-        await conn.fetchrow(Q.sql("chats_reset_to_pending"), chat_id)
-        assert new_row is not None
-        return Message.from_record(new_row)
+
+
+async def _replace_from(
+    conn: Conn,
+    owner: Owner,
+    *,
+    chat_row: asyncpg.Record,
+    message_id: int,
+    content_json: str,
+    limits: UserLimits,
+) -> Message:
+    """The edit itself, on the locked chat: message `message_id` and everything after it are
+    soft-deleted, `content_json` becomes the new user message, the queue is cleared and the
+    chat starts over (pending)."""
+    chat_id = chat_row["id"]
+    await check_spend_limit(
+        conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
+    )
+    await _check_user_limits(
+        conn,
+        owner.user_id,
+        limits,
+        new_chat=False,
+        new_pending=chat_row["status"] != "pending",
+    )
+    await conn.execute(Q.sql("chats_soft_delete_messages_from"), chat_id, message_id)
+    await conn.execute(Q.sql("chats_uncompress_for_deleted_summaries"), chat_id, message_id)
+    await conn.execute(Q.sql("chats_clear_queue"), chat_id)
+    await conn.execute(Q.sql("chats_clear_stream_parts"), chat_id)
+    new_row = await conn.fetchrow(Q.sql("chats_insert_message"), chat_id, "user", content_json)
+    await conn.fetchrow(Q.sql("chats_reset_to_pending"), chat_id)
+    assert new_row is not None
+    return Message.from_record(new_row)
 
 
 async def delete_queued(
@@ -359,6 +451,16 @@ async def get_chat(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat
     if row is None:
         raise NotFound("chat not found")
     return Chat.from_record(row)
+
+
+async def last_user_message(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Message | None:
+    """The user message the chat's latest turn answers; None when the chat is not the caller's
+    (or has none)."""
+    async with transaction(pool) as conn:
+        if await conn.fetchrow(Q.sql("chats_get_for_owner"), chat_id, owner.user_id) is None:
+            return None
+        row = await conn.fetchrow(Q.sql("chats_last_user_message"), chat_id)
+    return Message.from_record(row) if row is not None else None
 
 
 async def list_chats(

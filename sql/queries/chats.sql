@@ -11,10 +11,13 @@ SELECT * FROM chat_model_configs WHERE id = $1 AND enabled;
 
 -- name: chats_insert :one
 -- A chat is born pending with its first message in the same transaction, so it is only
--- visible (and acquirable) once it is durable.
-INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
+-- visible (and acquirable) once it is durable. $8: an id the client chose (the AI SDK's chat
+-- id), or NULL for a new one; an id that is taken inserts nothing (no row comes back).
+INSERT INTO chats (id, owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
                    model_config_id, client_type)
-VALUES ($1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5, 'pending', $6, $7)
+VALUES (coalesce($8::uuid, gen_random_uuid()), $1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5,
+        'pending', $6, $7)
+ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
 -- name: chats_lock_user_for_limits :exec
@@ -120,6 +123,14 @@ RETURNING *;
 -- name: chats_get_user_message_for_edit :one
 SELECT * FROM chat_messages
 WHERE id = $1 AND chat_id = $2 AND NOT deleted;
+
+-- name: chats_last_user_message :one
+-- The user message the chat's latest turn answers (queued messages are not messages yet).
+-- Served by chat_messages_chat_id_idx, read backwards.
+SELECT * FROM chat_messages
+WHERE chat_id = $1 AND role = 'user' AND NOT deleted
+ORDER BY id DESC
+LIMIT 1;
 
 -- name: chats_soft_delete_messages_from :exec
 -- An edit removes the edited message and everything after it from the visible history.
