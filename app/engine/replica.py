@@ -115,6 +115,7 @@ class Replica:
             stream_step=stream_step,
             queue_limit=settings.queue_limit,
             max_children_per_chat=settings.max_children_per_chat,
+            requires_action_timeout_s=settings.requires_action_timeout_s,
         )
         # Keyed by run token, not chat id: after an edit the same chat may be re-acquired here
         # (generation + 1) while the old run is still stopping; both are live runs.
@@ -144,6 +145,11 @@ class Replica:
     @property
     def listener(self) -> Listener:
         return self._listener
+
+    def server_tool_names(self) -> frozenset[str]:
+        """The names of the tools this replica runs: a chat's client tools may not take them
+        (the API refuses such a definition)."""
+        return frozenset(self._deps.tools.names())
 
     @property
     def registered(self) -> bool:
@@ -344,6 +350,7 @@ class Replica:
                 check_orphans = loop.time() >= next_orphan_check
                 async with asyncio.timeout(SWEEP_TIMEOUT_S):
                     await self.sweep(orphans=check_orphans)
+                    await self.expire_actions()
                     if check_orphans:
                         next_orphan_check = loop.time() + self.settings.stale_threshold_s
                         if removed := await parts.delete_orphan_parts(self._pool):
@@ -393,6 +400,16 @@ class Replica:
             )
         self.stats.requeued_for_others += len(requeued)
         return requeued
+
+    async def expire_actions(self) -> list[Chat]:
+        """The time-out of requires_action (docs/requires_action.md): chats whose client did not
+        post its tool results before the deadline get error results and their turn ends. Every
+        replica looks, every sweep (one probe of a partial index that holds only the chats
+        waiting for a client); SKIP LOCKED keeps them from doing the same chat twice."""
+        expired = await runs.expire_actions(self._pool)
+        for chat in expired:
+            log.info("run.action_timed_out", chat_id=chat.id, status=chat.status, **self._fields())
+        return expired
 
     # --- acquiring and running -------------------------------------------------------------
 
