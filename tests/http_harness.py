@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,14 @@ class ApiInstance:
 
 @contextlib.asynccontextmanager
 async def api_instance(
-    database_url: str, *, pool_size: int = 10, **overrides: Any
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    server_tool_names: Collection[str] = (),
+    **overrides: Any,
 ) -> AsyncIterator[ApiInstance]:
+    """`server_tool_names`: the server-side tools the API refuses as client tool names (an
+    instance has no worker, so none by default)."""
     settings = Settings(database_url=database_url, keepalive_interval_s=5.0)
     for name, value in overrides.items():
         setattr(settings, name, value)
@@ -58,7 +64,10 @@ async def api_instance(
     try:
         async with asyncio.timeout(10):
             await listener.wait_connected()
-        app = build_app(settings=settings, pool=pool, listener=listener)
+        names = frozenset(server_tool_names)
+        app = build_app(
+            settings=settings, pool=pool, listener=listener, server_tool_names=lambda: names
+        )
         client = TestClient(TestServer(app))
         await client.start_server()
         try:
