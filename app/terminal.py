@@ -315,6 +315,12 @@ class Renderer:
         self._end_line()
         self._write(text)
 
+    def answered(self, *, echoed: bool) -> None:
+        """The user answered a prompt; a terminal that echoed the answer is at a new line."""
+        if echoed:
+            self._at_line_start = True
+        self._end_line()
+
     def finish(self) -> None:
         self._end_line()
 
@@ -348,7 +354,10 @@ class Turn:
 
 
 class LineSource(Protocol):
-    """Where the answers to client tool calls come from: one line per call (None: no more)."""
+    """Where the answers to client tool calls come from: one line per call (None: no more).
+    `echoed`: the line and its newline already show on the terminal (a tty echoes them)."""
+
+    echoed: bool
 
     async def readline(self) -> str | None: ...
 
@@ -362,6 +371,10 @@ class StdinLines:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._pending: asyncio.Future[str | None] | None = None
+        try:
+            self.echoed = stream.isatty()
+        except (OSError, ValueError):
+            self.echoed = False
 
     async def readline(self) -> str | None:
         if self._pending is None:
@@ -529,7 +542,7 @@ class Conversation:
             )
         self.renderer.prompt()
         line = await answers.readline()
-        self.renderer.finish()
+        self.renderer.answered(echoed=answers.echoed and line is not None)
         result: dict[str, Any] = {"tool_call_id": call.get("id")}
         if line is None:
             return result | {"result": "the user gave no answer (end of input)", "is_error": True}

@@ -239,6 +239,28 @@ class SimulatedWorker:
             json.dumps(last_error) if last_error is not None else None,
         )
 
+    async def require_action(self, calls: list[dict[str, Any]]) -> None:
+        """The step that called client tools, and the hand-over to the client, as the engine
+        writes them (runs_persist_step + runs_require_action, one transaction)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", self.chat_id)
+            await conn.execute("DELETE FROM chat_stream_parts WHERE chat_id = $1", self.chat_id)
+            await conn.execute(
+                "INSERT INTO chat_messages (chat_id, role, content) VALUES ($1, 'assistant', $2)",
+                self.chat_id,
+                json.dumps([{"type": "tool_call", **call} for call in calls]),
+            )
+            await conn.execute(
+                """
+                UPDATE chats SET status = 'requires_action', worker_id = NULL,
+                                 pending_tool_calls = $2::jsonb,
+                                 action_deadline_at = now() + interval '1 hour'
+                WHERE id = $1
+                """,
+                self.chat_id,
+                json.dumps(calls),
+            )
+
     async def heartbeat(self) -> None:
         await self.pool.execute("UPDATE chats SET heartbeat_at = now() WHERE id = $1", self.chat_id)
 
