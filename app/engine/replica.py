@@ -12,7 +12,8 @@ Liveness. A replica holds a session advisory lock keyed by its id on a dedicated
 (not from the pool) and heartbeats its row. Every `liveness_check_interval_s` the sweeper of
 every replica looks for registered replicas whose lock is free (their session ended) or whose
 heartbeat is older than `stale_threshold_s` (connected but stuck), deletes their rows and gives
-their running chats back, in one transaction that is safe to run on several replicas at once.
+their running chats back, in one transaction that is safe to run on several replicas at once;
+then it ends the waits of requires_action chats whose client did not answer in time.
 A replica that loses its own liveness connection, or finds its row deleted, stops its runs (it
 can no longer prove ownership) and registers again under a new id."""
 
