@@ -26,6 +26,10 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     # Empty means: start the embedded PostgreSQL in data_dir.
     database_url: str = ""
+    # Set when DATABASE_URL goes through a transaction pooler (PgBouncer in transaction mode):
+    # the LISTEN connection, the liveness lock and migrations need a session of their own and
+    # connect here, directly; the pool goes through the pooler (docs/operations.md, "PgBouncer").
+    direct_database_url: str = ""
     data_dir: Path = Path(".chatd")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -62,6 +66,12 @@ class Settings:
     max_body_bytes: int = 1_000_000
     keepalive_interval_s: float = 15.0
     max_queued_events_per_client: int = 1000
+    # Browser sessions (docs/web.md): the cookie's lifetime, the one-time login code's, and the
+    # public address of the service (its scheme decides the cookie's Secure flag behind a proxy
+    # that terminates TLS; it is also the base of the printed login URL).
+    session_ttl_s: float = 7 * 24 * 3600.0
+    login_code_ttl_s: float = 300.0
+    public_url: str = ""
 
     anthropic_api_key: str = field(default_factory=lambda: os.environ.get("ANTHROPIC_API_KEY", ""))
     openai_api_key: str = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", ""))
@@ -75,6 +85,7 @@ class Settings:
         defaults = cls()
         return cls(
             database_url=os.environ.get("DATABASE_URL", ""),
+            direct_database_url=os.environ.get("CHATD_DIRECT_DATABASE_URL", ""),
             data_dir=Path(os.environ.get("CHATD_DATA_DIR", str(defaults.data_dir))),
             host=os.environ.get("CHATD_HOST", defaults.host),
             port=_env_int("CHATD_PORT", defaults.port),
@@ -121,6 +132,9 @@ class Settings:
             keepalive_interval_s=_env_float(
                 "CHATD_KEEPALIVE_INTERVAL_S", defaults.keepalive_interval_s
             ),
+            session_ttl_s=_env_float("CHATD_SESSION_TTL_S", defaults.session_ttl_s),
+            login_code_ttl_s=_env_float("CHATD_LOGIN_CODE_TTL_S", defaults.login_code_ttl_s),
+            public_url=os.environ.get("CHATD_PUBLIC_URL", defaults.public_url).rstrip("/"),
         )
 
 

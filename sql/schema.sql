@@ -257,3 +257,32 @@ SELECT c.organization_id, c.owner_id, u.chat_id, u.kind, u.model_config_id, u.in
        u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.cost_micros, u.created_at
 FROM chat_usage u
 JOIN chats c ON c.id = u.chat_id;
+
+-- Browser sessions and one-time login codes (migration 0006; docs/web.md).
+CREATE TABLE browser_sessions (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    token_hash bytea NOT NULL UNIQUE,
+    csrf_token text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL
+);
+
+CREATE INDEX browser_sessions_user_id_idx ON browser_sessions (user_id);
+-- Expired sessions are deleted when sessions are created; this index finds them.
+CREATE INDEX browser_sessions_expires_at_idx ON browser_sessions (expires_at);
+
+-- One-time login codes: what `chatd serve` prints, with the embedded database, as a URL that
+-- logs a browser in with one click. Stored hashed, short-lived, and spent by the first request
+-- that presents one (used_at is set in the same statement that checks it).
+CREATE TABLE browser_login_codes (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    code_hash  bytea NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    used_at    timestamptz
+);
+
+CREATE INDEX browser_login_codes_user_id_idx ON browser_login_codes (user_id);
+CREATE INDEX browser_login_codes_expires_at_idx ON browser_login_codes (expires_at);

@@ -56,15 +56,24 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 10,
     server_settings: dict[str, str] | None = None,
+    transaction_pooler: bool = False,
 ) -> asyncpg.Pool:
-    """A pool whose connections carry the replica's bounds (see `connect`)."""
+    """A pool whose connections carry the replica's bounds (see `connect`).
+
+    With `transaction_pooler` (PgBouncer in transaction mode in front), consecutive transactions
+    of one pooled connection may run on different server sessions, so nothing may outlive a
+    transaction: no named prepared statements (asyncpg's statement cache is off; every statement
+    is prepared unnamed in its own round trip) and no startup parameters (PgBouncer refuses
+    unknown ones; set `idle_transaction_timeout` in PgBouncer instead, docs/operations.md)."""
+    settings = KEEPALIVE_SERVER_SETTINGS | (server_settings or {})
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         timeout=CONNECT_TIMEOUT_S,
         command_timeout=COMMAND_TIMEOUT_S,
-        server_settings=KEEPALIVE_SERVER_SETTINGS | (server_settings or {}),
+        server_settings=None if transaction_pooler else settings,
+        statement_cache_size=0 if transaction_pooler else 100,
         init=_init_pooled,
     )
     assert pool is not None

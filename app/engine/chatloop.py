@@ -44,6 +44,7 @@ from typing import Any
 
 import asyncpg
 
+from app import instruments
 from app.aio import Backoff
 from app.db.failures import is_outage
 from app.db.listener import Listener, Notice, Resync, Subscription
@@ -327,6 +328,7 @@ class Run:
                     await asyncio.wait({watcher})
         except FencedOut:
             log.info("run.fenced_out", **self._log)
+            instruments.TURNS.labels(outcome="lost").inc()
             end = RunEnd.LOST
         finally:
             self._step_task = None
@@ -373,6 +375,7 @@ class Run:
                 self._title_question = first_question(history)
             output = StepOutput()
             step = await self._run_step(config, provider, history, output, step_number)
+            instruments.STEPS.labels(outcome=_step_outcome(step, output, self.stop_cause())).inc()
             if step.cancelled():
                 if self.stop_cause() is not None:
                     return await self._abandon()
@@ -436,6 +439,7 @@ class Run:
         # The turn is not over: the run that continues it asks for the title when it ends.
         self._title_question = None
         log.info("run.requires_action", calls=len(pending), **self._log)
+        instruments.TURNS.labels(outcome="requires_action").inc()
         return RunEnd.REQUIRES_ACTION
 
     async def _run_step(
@@ -473,7 +477,13 @@ class Run:
         live parts go to the flusher."""
         flusher = self._deps.flusher
 
+        loop = asyncio.get_running_loop()
+        attempt_started: float | None = None  # None once the attempt's first delta came
+
         async def on_retry(notice: RetryInfo) -> None:
+            nonlocal attempt_started
+            instruments.RETRIES.labels(provider=config.provider, kind=notice.error.kind).inc()
+            attempt_started = loop.time()
             # The attempt's parts are void: nothing of it may be flushed after the control part.
             output.content.clear()
             output.tool_calls.clear()
@@ -501,7 +511,15 @@ class Run:
         )
         # Model and tool output is stored as it came, except for what PostgreSQL cannot store
         # (NUL, lone surrogates): app/text.py.
+        step_started = attempt_started = loop.time()
         async for event in self._deps.stream_step(provider, request, on_retry=on_retry):
+            if attempt_started is not None and isinstance(
+                event, TextDelta | ReasoningDelta | ToolCall
+            ):
+                instruments.TIME_TO_FIRST_TOKEN.labels(provider=config.provider).observe(
+                    loop.time() - attempt_started
+                )
+                attempt_started = None
             if isinstance(event, TextDelta):
                 text = storable(event.text)
                 output.add_delta("text", text)
@@ -519,6 +537,9 @@ class Run:
             elif isinstance(event, StepFinished):
                 output.finished = event
                 output.meter.take()  # the final usage is the StepFinished's
+        instruments.STEP_DURATION.labels(provider=config.provider).observe(
+            loop.time() - step_started
+        )
 
         client_names = {spec.name for spec in client_tools}
         for call in output.tool_calls:
@@ -634,6 +655,7 @@ class Run:
         # No await between the write and this: any Stop seen after it is a new one.
         self._handled_version = max(self._handled_version, outcome.chat.version)
         self._version = max(self._version, outcome.chat.version)
+        instruments.TURNS.labels(outcome="interrupted" if interrupted else "answered").inc()
         if step is not None and not step.is_empty:
             self.steps_persisted += 1
         self._releasing = outcome.next_message is None
@@ -663,6 +685,7 @@ class Run:
             storable_json(error.as_json()),
             usage=self._usage_record("failed_attempt", spent),
         )
+        instruments.TURNS.labels(outcome="failed").inc()
         return RunEnd.FAILED
 
     def _usage_record(self, kind: UsageKind, usage: Usage | None) -> UsageRecord | None:
@@ -706,6 +729,7 @@ class Run:
             await self._record_spend("abandoned", output.meter.take())
         if cause == StopCause.LOST_OWNERSHIP:
             log.info("run.stopped", cause=cause.label, **self._log)
+            instruments.TURNS.labels(outcome="lost").inc()
             return RunEnd.LOST
         self._releasing = True
         # Shutdown or lost liveness: hand the chat on. This is the one write that must finish
@@ -716,8 +740,10 @@ class Run:
             await asyncio.shield(write)
         except FencedOut:
             log.info("run.stopped", cause=cause.label, given_back=False, **self._log)
+            instruments.TURNS.labels(outcome="lost").inc()
             return RunEnd.LOST
         log.info("run.stopped", cause=cause.label, given_back=True, **self._log)
+        instruments.TURNS.labels(outcome="requeued").inc()
         return RunEnd.REQUEUED
 
     async def _give_back(self) -> Chat:
@@ -729,3 +755,12 @@ def _retrieve_exception(task: asyncio.Future[Any]) -> None:
     """A shielded write may end after its run was cancelled; its outcome is logged there."""
     if not task.cancelled():
         task.exception()
+
+
+def _step_outcome(step: asyncio.Task[None], output: StepOutput, cause: StopCause | None) -> str:
+    """How a step ended, for the `chatd_steps_total` counter."""
+    if step.cancelled():
+        return "abandoned" if cause is not None else "interrupted"
+    if step.exception() is not None:
+        return "failed"
+    return "tool_use" if output.tool_calls else "end_turn"

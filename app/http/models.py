@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from app.http.auth import MAX_TOKEN_CHARS
 from app.state.client_tools import (
     CLIENT_TOOL_NAME_PATTERN,
     MAX_CLIENT_TOOLS,
@@ -481,3 +482,31 @@ class ChatListChangeEvent(Described):
 class ResyncEvent(Described):
     type: Literal["resync"]
     reason: Literal["overflow", "reconnected"]
+
+
+# Browser sessions (docs/web.md).
+
+Secret = Annotated[StrictStr, Field(min_length=1, max_length=MAX_TOKEN_CHARS)]
+
+
+class CreateSessionRequest(Strict):
+    token: Secret = Field(description="An API token (`chatd token create USER`).")
+
+
+class LoginCodeRequest(Strict):
+    code: Secret = Field(description="The code of a one-time login URL (`/login#code=<code>`).")
+
+
+class SessionUser(Strict):
+    id: uuid.UUID
+    name: str
+    is_admin: bool
+
+
+class SessionOut(Strict):
+    user: SessionUser
+    csrf_token: str = Field(
+        description="Send it as X-CSRF-Token with every cookie-authenticated request that"
+        " changes state (POST, PUT, PATCH, DELETE)."
+    )
+    expires_at: datetime

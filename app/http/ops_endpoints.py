@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.http.keys import METRICS, OPENAPI
 from app.http.routing import Call, json_response
@@ -38,10 +39,8 @@ async def readyz(call: Call) -> web.StreamResponse:
 async def metrics(call: Call) -> web.StreamResponse:
     collectors = call.request.app[METRICS]
     return web.Response(
-        text=render(collectors),
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"X-Content-Type-Options": "nosniff"},
+        body=render(collectors),
+        headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"},
     )
 
 

@@ -5,7 +5,15 @@ are all derived from these declarations (app/http/routing.py); the handlers live
 
 from __future__ import annotations
 
-from app.http import admin_endpoints, chat_endpoints, ops_endpoints, stream_endpoints
+from app.http import (
+    admin_endpoints,
+    chat_endpoints,
+    ops_endpoints,
+    session_endpoints,
+    sessions,
+    stream_endpoints,
+    web_endpoints,
+)
 from app.http.models import (
     ChatList,
     ChatListChangeEvent,
@@ -14,12 +22,14 @@ from app.http.models import (
     ClientToolDefinition,
     CreateChatRequest,
     CreateModelConfigRequest,
+    CreateSessionRequest,
     EditMessageRequest,
     ErrorBody,
     Health,
     LimitBody,
     ListChatsQuery,
     ListMessagesQuery,
+    LoginCodeRequest,
     MessageEnvelope,
     MessageList,
     MessageOut,
@@ -28,6 +38,7 @@ from app.http.models import (
     QueuedEnvelope,
     ReplicaList,
     SendMessageRequest,
+    SessionOut,
     SpendLimitBody,
     StreamQuery,
     ToolResultsAnswer,
@@ -337,7 +348,7 @@ SYSTEM_ROUTES: list[Route] = [
         "/metrics",
         ops_endpoints.metrics,
         "metrics",
-        "Prometheus metrics (text format 0.0.4)",
+        "Prometheus metrics (text exposition of prometheus_client)",
         tag="operations",
         auth=False,
         answers={200: Answer("metrics", None, media_type="text/plain")},
@@ -413,6 +424,7 @@ STREAM_ROUTES: list[Route] = [
             101: Answer("switching to the WebSocket protocol", ChatStreamEvent),
             400: E400,
             401: E401,
+            403: Answer("authenticated by the session cookie from another origin", ErrorBody),
             404: Answer("no such chat (or not yours)", ErrorBody),
             429: E429_STREAMS,
         },
@@ -420,5 +432,133 @@ STREAM_ROUTES: list[Route] = [
 ]
 
 
+# Browser sessions and the web page (docs/web.md).
+
+E401_LOGIN = Answer("unknown token, or a login code that is unknown, expired or used", ErrorBody)
+E401_SESSION = Answer("no valid session cookie", ErrorBody)
+E403_ORIGIN = Answer("sent by a page of another origin", ErrorBody)
+
+_COOKIE_NOTE = (
+    f" Sets the `{sessions.COOKIE_NAME}` cookie (HttpOnly, SameSite=Strict, Path=/, Secure over"
+    " https); see docs/web.md."
+)
+
+SESSION_ROUTES: list[Route] = [
+    Route(
+        "POST",
+        f"{V1}/sessions",
+        session_endpoints.create_session,
+        "createSession",
+        "Log a browser in with an API token",
+        description="The answer carries the CSRF token to send with requests that change state."
+        + _COOKIE_NOTE,
+        tag="sessions",
+        auth=False,
+        body=CreateSessionRequest,
+        answers={
+            201: Answer("logged in", SessionOut),
+            400: E400,
+            401: E401_LOGIN,
+            403: E403_ORIGIN,
+            413: E413,
+        },
+    ),
+    Route(
+        "POST",
+        f"{V1}/sessions/login-code",
+        session_endpoints.create_session_from_login_code,
+        "createSessionFromLoginCode",
+        "Log a browser in with a one-time login code",
+        description="The code of the URL `chatd serve` prints with the embedded database; each"
+        " code works once, for a few minutes." + _COOKIE_NOTE,
+        tag="sessions",
+        auth=False,
+        body=LoginCodeRequest,
+        answers={
+            201: Answer("logged in", SessionOut),
+            400: E400,
+            401: E401_LOGIN,
+            403: E403_ORIGIN,
+            413: E413,
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/sessions/current",
+        session_endpoints.get_current_session,
+        "getCurrentSession",
+        "The browser session of the cookie: its user and CSRF token",
+        description="401 without a valid session cookie (a bearer token is not a session).",
+        tag="sessions",
+        answers={200: Answer("the session", SessionOut), 401: E401_SESSION},
+    ),
+    Route(
+        "DELETE",
+        f"{V1}/sessions/current",
+        session_endpoints.delete_current_session,
+        "deleteCurrentSession",
+        "Log out: the session ends and its cookie is cleared",
+        tag="sessions",
+        answers={
+            204: Answer("logged out"),
+            401: E401_SESSION,
+            403: Answer("missing or wrong CSRF token", ErrorBody),
+        },
+    ),
+]
+
+
+_NOT_MODIFIED = Answer("not modified (the ETag sent in If-None-Match still matches)")
+
+
+def web_routes() -> list[Route]:
+    """The page and one route per file of app/web/static."""
+    index = web_endpoints.STATIC_FILES[web_endpoints.INDEX]
+    routes = [
+        Route(
+            "GET",
+            path,
+            web_endpoints.serve_static(index, page=True),
+            operation_id,
+            summary,
+            tag="web",
+            auth=False,
+            answers={200: Answer("the page", None, media_type="text/html"), 304: _NOT_MODIFIED},
+        )
+        for path, operation_id, summary in (
+            ("/", "webPage", "The web page (docs/web.md)"),
+            (
+                sessions.LOGIN_PATH,
+                "webLoginPage",
+                "The web page; with `#code=<code>` it logs in with a one-time code",
+            ),
+        )
+    ]
+    for name, static in web_endpoints.STATIC_FILES.items():
+        if name == web_endpoints.INDEX:
+            continue
+        routes.append(
+            Route(
+                "GET",
+                web_endpoints.STATIC_PREFIX + name,
+                web_endpoints.serve_static(static, page=False),
+                web_endpoints.static_operation_id(name),
+                f"A file of the web page: {name}",
+                tag="web",
+                auth=False,
+                answers={
+                    200: Answer(name, None, media_type=static.content_type),
+                    304: _NOT_MODIFIED,
+                },
+            )
+        )
+    return routes
+
+
+WEB_ROUTES: list[Route] = web_routes()
+# The routes anyone may open (the page must load before anyone is logged in).
+PUBLIC_PATHS = frozenset(route.path for route in [*SESSION_ROUTES, *WEB_ROUTES] if not route.auth)
+
+
 def all_routes() -> list[Route]:
-    return [*SYSTEM_ROUTES, *STREAM_ROUTES, *REST_ROUTES]
+    return [*SYSTEM_ROUTES, *STREAM_ROUTES, *REST_ROUTES, *SESSION_ROUTES, *WEB_ROUTES]

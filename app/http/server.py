@@ -18,7 +18,7 @@ from app.http.keys import METRICS, OPENAPI
 from app.http.openapi import openapi_document
 from app.http.routes import all_routes
 from app.http.routing import add_routes
-from app.metrics import Collector, listener_metrics, stream_metrics
+from app.metrics import Collector, listener_metrics, pool_metrics, stream_metrics
 from app.stream.hub import StreamHubs
 
 
@@ -67,7 +67,7 @@ def build_app(
     app[keys.LISTENER] = listener
     app[keys.WEBSOCKETS] = set()
     app[keys.SHUTDOWN] = asyncio.Event()
-    app[METRICS] = [listener_metrics(listener), *metrics]
+    app[METRICS] = [listener_metrics(listener), pool_metrics(pool), *metrics]
     routes = all_routes()
     app[OPENAPI] = openapi_document(routes)
     add_routes(app, routes)

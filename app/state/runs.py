@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from app import instruments
 from app.db.queries import Conn, project_queries, transaction
 from app.errors import FencedOut
 from app.providers.base import ModelConfig, ToolSpec, Usage
@@ -119,7 +120,10 @@ async def acquire_fairly(
         return [], False
     rows = await pool.fetch(Q.sql("runs_acquire"), worker_id, limit, max_running_per_user)
     held_back = bool(rows and rows[0]["held_back"])
-    return [Chat.from_record(row) for row in rows if row["id"] is not None], held_back
+    acquired = [row for row in rows if row["id"] is not None]
+    for row in acquired:
+        instruments.ACQUIRE_LATENCY.observe(max(row["pending_s"], 0.0))
+    return [Chat.from_record(row) for row in acquired], held_back
 
 
 async def read_chat(pool: asyncpg.Pool, chat_id: uuid.UUID) -> Chat | None:

@@ -64,7 +64,7 @@ WITH running AS (
     ORDER BY running_after, updated_at, id
     LIMIT 4 * $2 + 64
 ), candidates AS (
-    SELECT c.id
+    SELECT c.id, q.updated_at AS pending_since
     FROM eligible q
     JOIN chats c ON c.id = q.id
     WHERE c.status = 'pending'
@@ -81,7 +81,9 @@ WITH running AS (
         last_error = NULL
     FROM candidates
     WHERE c.id = candidates.id
-    RETURNING c.*
+    -- How long it waited, for chatd_acquire_latency_seconds: since its last change while
+    -- pending (the trigger stamps updated_at), which is normally when it became pending.
+    RETURNING c.*, extract(epoch FROM c.started_at - candidates.pending_since)::float8 AS pending_s
 )
 SELECT a.*, EXISTS (SELECT 1 FROM ranked WHERE running_after > $3) AS held_back
 FROM (SELECT) AS one
