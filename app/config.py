@@ -54,6 +54,9 @@ class Settings:
     # The poison-chat guard: runs of one chat in a row that may crash (or die with their
     # replica) without progress before the chat ends in `error` (kind "poison").
     max_failed_runs: int = 5
+    # How long a chat waits in requires_action for its client's tool results before the
+    # replicas answer the pending calls with an error and end the turn (docs/requires_action.md).
+    requires_action_timeout_s: float = 300.0
 
     # Per-user limits: no user can slow down or starve another (docs/reliability.md,
     # "Fairness"). Reaching one answers 429 with a JSON body naming the limit.
@@ -111,6 +114,9 @@ class Settings:
             max_steps_per_turn=_env_int("CHATD_MAX_STEPS_PER_TURN", defaults.max_steps_per_turn),
             queue_limit=_env_int("CHATD_QUEUE_LIMIT", defaults.queue_limit),
             max_failed_runs=_env_int("CHATD_MAX_FAILED_RUNS", defaults.max_failed_runs),
+            requires_action_timeout_s=_env_float(
+                "CHATD_REQUIRES_ACTION_TIMEOUT_S", defaults.requires_action_timeout_s
+            ),
             max_chats_per_user=_env_int("CHATD_MAX_CHATS_PER_USER", defaults.max_chats_per_user),
             max_pending_chats_per_user=_env_int(
                 "CHATD_MAX_PENDING_CHATS_PER_USER", defaults.max_pending_chats_per_user

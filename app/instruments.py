@@ -18,7 +18,8 @@ TURNS = Counter(
     "chatd_turns",
     "Turns ended by this replica's runs, by outcome: waiting (answered; also after a Stop),"
     " failed (a terminal provider error), requeued (shutdown or lost liveness), lost (fenced"
-    " out), crashed (an unexpected exception).",
+    " out), crashed (an unexpected exception), requires_action (the run ended to wait for the"
+    " chat's client; a later run ends the turn).",
     ["outcome"],
 )
 STEPS = Counter(

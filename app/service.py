@@ -123,6 +123,7 @@ async def serve(settings: Settings, dsn: str) -> None:
                     pool=pool,
                     listener=listener,
                     metrics=[engine_metrics(replica)],
+                    server_tool_names=replica.server_tool_names,
                 ),
                 shutdown_timeout=2.0,
             )

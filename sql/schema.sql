@@ -73,7 +73,8 @@ CREATE TABLE chats (
     root_chat_id           uuid REFERENCES chats (id),
     title                  text NOT NULL DEFAULT '' CHECK (length(title) <= 200),
     status                 text NOT NULL DEFAULT 'waiting'
-                           CHECK (status IN ('waiting', 'pending', 'running', 'error')),
+                           CHECK (status IN ('waiting', 'pending', 'running', 'requires_action',
+                                             'error')),
     -- Bumped by chats_bump_version_v1 on every UPDATE; carried by every notification.
     version                bigint NOT NULL DEFAULT 1,
     -- Bumped on every acquire: the fencing token of a run together with worker_id.
@@ -91,8 +92,18 @@ CREATE TABLE chats (
     updated_at             timestamptz NOT NULL DEFAULT now(),
     -- Runs in a row that crashed or whose replica died, without progress (migration 0004).
     failed_runs            integer NOT NULL DEFAULT 0,
+    -- Tools the chat's client executes (migration 0008): [{name, description, input_schema}].
+    client_tools           jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(client_tools) = 'array'),
+    -- While requires_action: the calls the client must answer ([{id, name, args}]) and when the
+    -- replicas stop waiting for them.
+    pending_tool_calls     jsonb CHECK (jsonb_typeof(pending_tool_calls) = 'array'),
+    action_deadline_at     timestamptz,
     -- A running chat always has an owner replica and nothing else has one.
-    CONSTRAINT chats_running_has_worker CHECK ((status = 'running') = (worker_id IS NOT NULL))
+    CONSTRAINT chats_running_has_worker CHECK ((status = 'running') = (worker_id IS NOT NULL)),
+    -- The calls and the deadline exist exactly while the chat waits for its client.
+    CONSTRAINT chats_action_has_calls
+        CHECK ((status = 'requires_action')
+               = (pending_tool_calls IS NOT NULL AND action_deadline_at IS NOT NULL))
 );
 
 -- Acquire scans pending chats oldest first; the partial index holds only the pending ones, so it
@@ -104,6 +115,9 @@ CREATE INDEX chats_running_worker_idx ON chats (worker_id) WHERE status = 'runni
 CREATE INDEX chats_owner_created_idx ON chats (owner_id, created_at DESC, id DESC);
 -- Sub-agent tools look up children of a chat.
 CREATE INDEX chats_parent_idx ON chats (parent_chat_id) WHERE parent_chat_id IS NOT NULL;
+-- The sweepers look for chats whose client did not answer in time (migration 0008).
+CREATE INDEX chats_action_deadline_idx ON chats (action_deadline_at)
+    WHERE status = 'requires_action';
 
 CREATE TABLE chat_messages (
     id                 bigserial PRIMARY KEY,

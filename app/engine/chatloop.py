@@ -1,7 +1,9 @@
 """The chat loop of one run (docs/engine.md, "The chat loop"): build the prompt, stream one
 model step, write its live parts through the replica's flusher, run its tool calls, persist
 the step (fenced), repeat while the model asks for tools (up to a step limit), then end the
-turn, which may pop a queued message and go on.
+turn, which may pop a queued message and go on. A step that calls client-side tools ends the
+run instead: the step is persisted and the chat waits for its client (`requires_action`,
+docs/requires_action.md); the client's results make it pending, and a later run goes on.
 
 Cancellation is information. A run is stopped for one of four causes (`StopCause`), always set
 *before* anything is cancelled:
@@ -68,12 +70,14 @@ from app.providers.base import (
     StepFinished,
     TextDelta,
     ToolCall,
+    ToolSpec,
     Usage,
     UsageMeter,
 )
 from app.providers.catalog import provider_for
 from app.providers.retry import RetryInfo
 from app.state import runs
+from app.state.client_tools import pending_call
 from app.state.model import Chat, Message, Owner, default_title
 from app.state.runs import RunToken, StepRecord, UsageKind, UsageRecord
 from app.text import storable, storable_json
@@ -118,6 +122,7 @@ class RunEnd(enum.Enum):
     FAILED = "failed"  # a terminal provider error: status error
     REQUEUED = "requeued"  # shutdown / lost liveness: given back to pending
     LOST = "lost"  # lost ownership or fenced out: wrote nothing more
+    REQUIRES_ACTION = "requires_action"  # client tools called: the chat waits for its client
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class RunDeps:
     provider_for: Callable[[ModelConfig], Provider] = provider_for
     queue_limit: int = DEFAULT_QUEUE_LIMIT  # of a child chat, for message_agent
     max_children_per_chat: int = DEFAULT_MAX_CHILDREN  # open sub-agents, for spawn_agent
+    # How long a chat waits in requires_action for its client (Settings).
+    requires_action_timeout_s: float = 300.0
 
 
 class Run:
@@ -165,6 +172,8 @@ class Run:
         self.cause: StopCause | None = None
         self._step_task: asyncio.Task[None] | None = None
         self._step_output: StepOutput | None = None  # the step in progress (or just ended)
+        # The chat's client-side tools, as read before the step in progress.
+        self._client_tools: list[ToolSpec] = []
         self._version = chat.version  # the newest row version this run has seen
         self._interrupt_version = 0  # version at which the newest Stop mark was seen
         self._handled_version = 0  # row version after the run last honoured a Stop
@@ -344,11 +353,11 @@ class Run:
             if end is not None:
                 return end
 
-    async def _turn(
+    async def _turn(  # noqa: PLR0911, PLR0912  each way a step can end the turn, in order
         self, config: ModelConfig, provider: Provider, model_config_id: uuid.UUID
     ) -> RunEnd | None:
-        """One user turn: steps until the model stops calling tools. None when a queued message
-        continues the run with another turn."""
+        """One user turn: steps until the model stops calling tools (or calls a client's). None
+        when a queued message continues the run with another turn."""
         deps = self._deps
         final: StepRecord | None = None
         for step_number in range(1, deps.max_steps_per_turn + 1):
@@ -357,6 +366,11 @@ class Run:
             if self._interrupt_pending():
                 return await self._end_turn(None, model_config_id, interrupted=True)
             history = await runs.prompt_messages(deps.pool, self.chat_id)
+            self._client_tools = [
+                spec
+                for spec in await runs.client_tools(deps.pool, self.chat_id)
+                if deps.tools.get(spec.name) is None  # a server-side tool of that name wins
+            ]
             if step_number == 1:
                 self._title_question = first_question(history)
             output = StepOutput()
@@ -383,6 +397,8 @@ class Run:
                 final = record
                 break
             await deps.flusher.settle(self.token)
+            if output.client_calls:
+                return await self._require_action(config, output, record, model_config_id)
             await runs.persist_step(deps.pool, self.token, record, model_config_id=model_config_id)
             self.steps_persisted += 1
             log.info("run.step_persisted", step=step_number, **self._log)
@@ -391,6 +407,40 @@ class Run:
         # A step that completed is kept whatever stop arrived meanwhile: ending the turn is as
         # good a hand-over as a requeue (and a run that lost its chat is fenced out here).
         return await self._end_turn(final, model_config_id, interrupted=self._interrupt_pending())
+
+    async def _require_action(
+        self,
+        config: ModelConfig,
+        output: StepOutput,
+        record: StepRecord,
+        model_config_id: uuid.UUID,
+    ) -> RunEnd | None:
+        """The step called client-side tools (its server-side calls have run): persist it and
+        hand the chat to its client (requires_action), ending the run. A Stop that arrived
+        meanwhile wins: the turn ends as interrupted, the client calls answered "interrupted"."""
+        if self._interrupt_pending():
+            interrupted = output.record(config, interrupted=True)
+            return await self._end_turn(interrupted, model_config_id, interrupted=True)
+        pending = [pending_call(call.id, call.name, call.args) for call in output.client_calls]
+        self._releasing = True
+        chat = await runs.require_action(
+            self._deps.pool,
+            self.token,
+            record,
+            pending,
+            timeout_s=self._deps.requires_action_timeout_s,
+            model_config_id=model_config_id,
+        )
+        if chat is None:  # a Stop marked on the row before the write could lock it
+            self._releasing = False
+            interrupted = output.record(config, interrupted=True)
+            return await self._end_turn(interrupted, model_config_id, interrupted=True)
+        self.steps_persisted += 1
+        # The turn is not over: the run that continues it asks for the title when it ends.
+        self._title_question = None
+        log.info("run.requires_action", calls=len(pending), **self._log)
+        instruments.TURNS.labels(outcome="requires_action").inc()
+        return RunEnd.REQUIRES_ACTION
 
     async def _run_step(
         self,
@@ -448,8 +498,15 @@ class Run:
             log.info("run.retrying", attempt=notice.attempt, kind=notice.error.kind, **self._log)
 
         history = await self._compact(config, provider, history, on_retry, output.meter)
+        client_tools = self._client_tools
         request = dataclasses.replace(
-            build_request(config, history, self._deps.tools, for_child=self._is_child),
+            build_request(
+                config,
+                history,
+                self._deps.tools,
+                for_child=self._is_child,
+                client_tools=client_tools,
+            ),
             meter=output.meter,
         )
         # Model and tool output is stored as it came, except for what PostgreSQL cannot store
@@ -484,7 +541,11 @@ class Run:
             loop.time() - step_started
         )
 
+        client_names = {spec.name for spec in client_tools}
         for call in output.tool_calls:
+            if call.name in client_names:
+                output.client_calls.append(call)  # the chat's client runs it
+                continue
             outcome = await self._deps.tools.call(call.name, call.args, self._tool_context)
             result = storable_json(outcome.result)
             part = tool_result_part(call, result, is_error=outcome.is_error)

@@ -21,13 +21,21 @@ from pydantic import (
 )
 
 from app.http.auth import MAX_TOKEN_CHARS
+from app.state.client_tools import (
+    CLIENT_TOOL_NAME_PATTERN,
+    MAX_CLIENT_TOOLS,
+    MAX_CLIENT_TOOLS_CHARS,
+    MAX_INPUT_SCHEMA_CHARS,
+    MAX_RESULT_CHARS,
+    MAX_TOOL_DESCRIPTION_CHARS,
+)
 from app.state.model import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, NON_BLANK_PATTERN
 
 MAX_INT4 = 2**31 - 1
 MAX_LIST_LIMIT = 200
 MAX_MESSAGES_LIMIT = 1000
 
-ChatStatus = Literal["waiting", "pending", "running", "error"]
+ChatStatus = Literal["waiting", "pending", "running", "requires_action", "error"]
 Provider = Literal["anthropic", "openai", "builtin"]
 
 
@@ -69,11 +77,47 @@ UserContent = (
 Title = Annotated[StrictStr, Field(max_length=MAX_TITLE_CHARS)]
 
 
+class InputSchema(BaseModel):
+    """A JSON Schema object of type `object` (what every provider needs of a tool's input);
+    the rest of the schema is the client's business."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        json_schema_extra={"description": f"At most {MAX_INPUT_SCHEMA_CHARS} characters of JSON."},
+    )
+
+    type: Literal["object"]
+    properties: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    required: list[StrictStr] = Field(default_factory=list)
+
+
+class ClientToolDefinition(Strict):
+    """A tool the chat's client executes (docs/requires_action.md)."""
+
+    name: Annotated[StrictStr, Field(pattern=CLIENT_TOOL_NAME_PATTERN)]
+    description: Annotated[StrictStr, Field(max_length=MAX_TOOL_DESCRIPTION_CHARS)] = ""
+    input_schema: InputSchema
+
+
+ClientTools = Annotated[
+    list[ClientToolDefinition],
+    Field(
+        max_length=MAX_CLIENT_TOOLS,
+        description="Tools the client executes: calling one puts the chat in requires_action."
+        " Names are unique in the list and may not be those of server-side tools (400);"
+        f" at most {MAX_CLIENT_TOOLS_CHARS} characters of JSON in all.",
+        json_schema_extra={"x-unique-by": "name"},
+    ),
+]
+
+
 class CreateChatRequest(Strict):
     content: UserContent = Field(description="The first user message: text, or text parts.")
     model_config_id: uuid.UUID | None = None
     title: Title | None = None
     client_type: Literal["ui", "api"] = "api"
+    tools: ClientTools | None = None
 
 
 class UpdateChatRequest(Strict):
@@ -83,6 +127,30 @@ class UpdateChatRequest(Strict):
 
 class SendMessageRequest(Strict):
     content: UserContent
+    tools: ClientTools | None = Field(
+        None, description="Replaces the chat's client tools (at once); absent: unchanged."
+    )
+
+
+class ToolResult(Strict):
+    tool_call_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    result: Any = Field(
+        description=f"Any JSON value (at most {MAX_RESULT_CHARS} characters of JSON): what the"
+        " model reads as the tool's output."
+    )
+    is_error: StrictBool = False
+
+
+class ToolResultsRequest(Strict):
+    results: Annotated[
+        list[ToolResult],
+        Field(
+            min_length=1,
+            max_length=MAX_CLIENT_TOOLS * 4,
+            description="One result for every pending tool call, each call once.",
+            json_schema_extra={"x-unique-by": "tool_call_id"},
+        ),
+    ]
 
 
 class EditMessageRequest(Strict):
@@ -199,6 +267,12 @@ class SpendLimitBody(Described):
     resets_at: str
 
 
+class PendingToolCall(Described):
+    id: str
+    name: str
+    args: dict[str, Any]
+
+
 class ChatOut(Described):
     id: uuid.UUID
     owner_id: uuid.UUID
@@ -212,6 +286,12 @@ class ChatOut(Described):
     archived: bool
     created_at: datetime
     updated_at: datetime
+    pending_tool_calls: list[PendingToolCall] | None = Field(
+        description="While requires_action: the client tool calls waiting for results."
+    )
+    action_deadline_at: datetime | None = Field(
+        description="While requires_action: when the pending calls time out."
+    )
 
 
 class Usage(Described):
@@ -265,6 +345,11 @@ class MessageEnvelope(Described):
 
 class QueuedEnvelope(Described):
     queued: QueuedOut
+
+
+class ToolResultsAnswer(Described):
+    chat: ChatOut
+    message: MessageOut = Field(description="The tool message holding the results.")
 
 
 class ModelConfigOut(Described):
@@ -360,6 +445,13 @@ class ErrorEvent(Described):
     detail: str | None
 
 
+class ActionRequiredEvent(Described):
+    type: Literal["action_required"]
+    chat_id: uuid.UUID
+    pending_tool_calls: list[PendingToolCall]
+    action_deadline_at: datetime | None
+
+
 class HistoryResetEvent(Described):
     type: Literal["history_reset"]
     chat_id: uuid.UUID
@@ -374,6 +466,7 @@ StreamEvent = Annotated[
     | QueueEvent
     | RetryEvent
     | ErrorEvent
+    | ActionRequiredEvent
     | HistoryResetEvent,
     Field(discriminator="type"),
 ]

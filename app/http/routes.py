@@ -21,6 +21,7 @@ from app.http.models import (
     ChatListChangeEvent,
     ChatOut,
     ChatStreamEvent,
+    ClientToolDefinition,
     CreateChatRequest,
     CreateModelConfigRequest,
     CreateSessionRequest,
@@ -42,6 +43,8 @@ from app.http.models import (
     SessionOut,
     SpendLimitBody,
     StreamQuery,
+    ToolResultsAnswer,
+    ToolResultsRequest,
     UIMessageChunk,
     UpdateChatRequest,
     UpdateModelConfigRequest,
@@ -199,9 +202,37 @@ REST_ROUTES: list[Route] = [
         f"{V1}/chats/{{id}}/interrupt",
         chat_endpoints.interrupt,
         "interruptChat",
-        "Stop: a pending chat goes back to waiting, a running one is stopped by its worker",
+        "Stop: a pending chat goes back to waiting, a running one is stopped by its worker,"
+        " a requires_action one goes to waiting with its pending calls answered as errors",
         path_params=_CHAT,
         answers={200: Answer("the chat", ChatOut), **_errors(400, 401, 404)},
+    ),
+    Route(
+        "POST",
+        f"{V1}/chats/{{id}}/tool-results",
+        chat_endpoints.submit_tool_results,
+        "submitToolResults",
+        "Answer the pending client tool calls of a requires_action chat; it goes pending",
+        description="A result for every pending call, each once (400 otherwise); results for"
+        " calls that are not pending (a late answer for an earlier turn) and a chat that is not"
+        " requires_action answer 409 and change nothing. See docs/requires_action.md.",
+        path_params=_CHAT,
+        body=ToolResultsRequest,
+        answers={
+            200: Answer("the chat (pending) and the tool message", ToolResultsAnswer),
+            **_errors(400, 401, 404, 409, 413),
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/tools/ask_user_question",
+        chat_endpoints.ask_user_question_tool,
+        "getAskUserQuestionTool",
+        "The definition of the built-in client tool ask_user_question",
+        description="A client that can put a question to its user declares this definition in"
+        ' `tools`; it answers the calls with `{"answer": text}`.',
+        tag="tools",
+        answers={200: Answer("the definition", ClientToolDefinition), 401: E401},
     ),
     Route(
         "DELETE",
@@ -368,7 +399,8 @@ STREAM_ROUTES: list[Route] = [
         "streamChat",
         "Server-Sent Events of one chat, resumable from any cursor",
         description="Frames: `id: <message id>:<part id>`, `event: <type>`, `data: <JSON>`;"
-        " types status, message, message_part, queue, retry, error, history_reset;"
+        " types status, message, message_part, queue, retry, error, action_required,"
+        " history_reset;"
         " keep-alive comments. See docs/api.md.",
         tag="streams",
         path_params={"id": "uuid"},

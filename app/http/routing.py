@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -95,6 +95,9 @@ class Call:
     @property
     def hubs(self) -> StreamHubs:
         return self.request.app[keys.STREAM_HUBS]
+
+    def server_tool_names(self) -> Collection[str]:
+        return self.request.app[keys.SERVER_TOOL_NAMES]()
 
     async def body(self, model: type[M]) -> M:
         assert model is self.route.body, f"{self.route.operation_id} declares {self.route.body}"

@@ -5,7 +5,7 @@ the stream hubs opened and closed in cleanup_ctx, and streams told to end on shu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
 import asyncpg
 from aiohttp import WSCloseCode, web
@@ -56,8 +56,12 @@ def build_app(
     pool: asyncpg.Pool,
     listener: Listener,
     metrics: Sequence[Collector] = (),
+    server_tool_names: Callable[[], Collection[str]] = frozenset,
 ) -> web.Application:
+    """`server_tool_names`: the names of the replica's server-side tools, which client tool
+    definitions may not take (none by default: an API without a worker)."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app[keys.SERVER_TOOL_NAMES] = server_tool_names
     app[keys.SETTINGS] = settings
     app[keys.POOL] = pool
     app[keys.LISTENER] = listener

@@ -1,14 +1,16 @@
 """The chat state machine as driven by users: create, send, interrupt, edit, queue operations,
-archive. Each operation is one transaction that first locks the chat row and raises a typed
-error (NotFound, InvalidTransition, QueueFull, ValidationFailed) for what it does not allow,
-changing nothing. The worker's side of the machine (acquire, step, finish) is in runs.py."""
+archive, and the answer to client tool calls (requires_action -> pending). Each operation is one
+transaction that first locks the chat row and raises a typed error (NotFound, InvalidTransition,
+QueueFull, ValidationFailed) for what it does not allow, changing nothing. The worker's side of
+the machine (acquire, step, finish) is in runs.py."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -20,6 +22,14 @@ from app.errors import (
     NotFound,
     QueueFull,
     ValidationFailed,
+)
+from app.state.client_tools import (
+    ARCHIVED_RESULT,
+    INTERRUPTED_RESULT,
+    answer_parts,
+    check_results_shape,
+    error_results,
+    normalize_client_tools,
 )
 from app.state.model import (
     MAX_TITLE_CHARS,
@@ -126,11 +136,17 @@ async def create_chat(
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
     chat_id: uuid.UUID | None = None,
+    tools: object = None,
+    server_tool_names: Collection[str] = (),
 ) -> tuple[Chat, Message]:
     """Insert a pending chat and its first user message in one transaction. `chat_id`: an id
     the client chose (the AI SDK names its chats); Conflict when a chat has it already, whoever
-    owns it."""
+    owns it. `tools`: the chat's client tool definitions (app/state/client_tools.py);
+    `server_tool_names` are the names they may not take."""
     parts = normalize_user_content(content)
+    client_tools = (
+        normalize_client_tools(tools, reserved=server_tool_names) if tools is not None else []
+    )
     if title is not None and len(title) > MAX_TITLE_CHARS:
         raise ValidationFailed(
             f"title is longer than {MAX_TITLE_CHARS} characters",
@@ -164,6 +180,7 @@ async def create_chat(
             config_id,
             client_type,
             chat_id,
+            json.dumps(client_tools),
         )
         if chat_row is None:
             raise Conflict("a chat with this id exists")
@@ -183,14 +200,23 @@ async def send_message(
     queue_limit: int,
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
+    tools: object = None,
+    server_tool_names: Collection[str] = (),
 ) -> SendResult:
-    """waiting/error -> pending with the new message; pending/running -> queued (bounded).
+    """waiting/error -> pending with the new message; pending/running/requires_action -> queued
+    (bounded; a requires_action chat answers it once its turn is over).
 
     An idle chat may still have queued messages (a Stop leaves the queue as it was; so does an
     error). Then the new message goes to the tail of that queue and the queue's head is sent
     instead (the chat goes pending, the run then works through the queue in order): messages
-    are answered in the order they were sent, and the result is `queued`."""
+    are answered in the order they were sent, and the result is `queued`.
+
+    `tools` (when not None) replaces the chat's client tools at once, whatever the status: the
+    next step of the chat, in this turn or the next, is offered them."""
     parts = normalize_user_content(content)
+    client_tools = (
+        normalize_client_tools(tools, reserved=server_tool_names) if tools is not None else None
+    )
     async with transaction(pool) as conn:
         if fence is not None:
             await fence(conn)
@@ -198,6 +224,8 @@ async def send_message(
         await check_spend_limit(
             conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
         )
+        if client_tools is not None and client_tools != json.loads(chat_row["client_tools"]):
+            await conn.execute(Q.sql("chats_set_client_tools"), chat_id, json.dumps(client_tools))
         if chat_row["status"] in ("waiting", "error"):
             await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
             head = await conn.fetchrow(Q.sql("chats_pop_queue_head"), chat_id)
@@ -267,8 +295,9 @@ async def send_or_create(
 
 
 async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat:
-    """Stop. pending -> waiting at once; running -> marked, the worker completes it; idle chats
-    are left as they are (Stop is idempotent)."""
+    """Stop. pending -> waiting at once; running -> marked, the worker completes it;
+    requires_action -> waiting at once, the pending calls answered "interrupted" (is_error);
+    idle chats are left as they are (Stop is idempotent)."""
     async with transaction(pool) as conn:
         chat_row = await _lock_chat(conn, owner, chat_id)
         updated: asyncpg.Record | None = chat_row
@@ -278,8 +307,56 @@ async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Cha
             updated = await conn.fetchrow(Q.sql("chats_interrupt_pending"), chat_id)
         elif chat_row["status"] == "running":
             updated = await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
+        elif chat_row["status"] == "requires_action":
+            updated = await _close_action(conn, chat_row, INTERRUPTED_RESULT)
         assert updated is not None
         return Chat.from_record(updated)
+
+
+async def _close_action(conn: Conn, chat_row: asyncpg.Record, reason: str) -> asyncpg.Record:
+    """requires_action -> waiting without the client's results (Stop, archive, promote): every
+    pending call gets an error result saying why, so that the history never holds a tool call
+    without its result (the next prompt would be refused by the providers), then the chat is
+    the user's again. The caller holds the row lock."""
+    pending: list[dict[str, Any]] = json.loads(chat_row["pending_tool_calls"])
+    await conn.execute(
+        Q.sql("chats_insert_message"),
+        chat_row["id"],
+        "tool",
+        json.dumps(error_results(pending, reason)),
+    )
+    closed = await conn.fetchrow(Q.sql("chats_close_action"), chat_row["id"])
+    assert closed is not None
+    return closed
+
+
+async def submit_tool_results(
+    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, results: object
+) -> tuple[Chat, Message]:
+    """The client's answer to the pending tool calls: requires_action -> pending with one `tool`
+    message holding a result for every pending call, in one transaction; any replica then
+    continues the turn. Refused, changing nothing: a chat that is not requires_action (409: e.g.
+    a late answer, after a time-out, a Stop or another client's answer), results for calls that
+    are not pending (409: a late answer for an earlier turn), a pending call left unanswered or
+    one answered twice (400)."""
+    checked = check_results_shape(results)
+    async with transaction(pool) as conn:
+        chat_row = await _lock_chat(conn, owner, chat_id)
+        if chat_row["status"] != "requires_action":
+            raise InvalidTransition(
+                transition="post tool results to",
+                from_status=chat_row["status"],
+                reason="it waits for no tool results (they may have timed out, been answered"
+                " or been interrupted)",
+            )
+        pending: list[dict[str, Any]] = json.loads(chat_row["pending_tool_calls"])
+        parts = answer_parts(pending, checked)
+        message_row = await conn.fetchrow(
+            Q.sql("chats_insert_message"), chat_id, "tool", json.dumps(parts)
+        )
+        updated = await conn.fetchrow(Q.sql("chats_answer_action"), chat_id)
+        assert message_row is not None and updated is not None
+        return Chat.from_record(updated), Message.from_record(message_row)
 
 
 async def edit_message(
@@ -399,6 +476,12 @@ async def promote_queued(
                 raise NotFound("queued message not found")
             await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
             return QueuedMessage.from_record(queued_row)
+        if chat_row["status"] == "requires_action":
+            # As on a running chat, "send this now" interrupts the turn: the pending calls are
+            # answered "interrupted", then the message is sent at once (nothing to wait for).
+            if await conn.fetchval(Q.sql("chats_queued_exists"), queued_id, chat_id) is None:
+                raise NotFound("queued message not found")
+            chat_row = await _close_action(conn, chat_row, INTERRUPTED_RESULT)
         makes_pending = chat_row["status"] in ("waiting", "error") and not chat_row["archived"]
         if makes_pending:
             await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
@@ -424,7 +507,8 @@ async def update_chat(
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
 ) -> Chat:
-    """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting). Unarchiving
+    """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting; the pending calls
+    of a requires_action chat get error results). Unarchiving
     counts against max_chats_per_user like a new chat (or archive/create/unarchive would get
     around it)."""
     if title is not None and len(title) > MAX_TITLE_CHARS:
@@ -438,6 +522,9 @@ async def update_chat(
         current = await _lock_chat(conn, owner, chat_id)
         if archived is False and current["archived"]:
             await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=False)
+        if archived and current["status"] == "requires_action":
+            # Archiving stops the chat: the pending calls are answered (is_error) first.
+            await _close_action(conn, current, ARCHIVED_RESULT)
         row = await conn.fetchrow(Q.sql("chats_update_fields"), chat_id, title, archived)
         if archived:
             await conn.execute(Q.sql("chats_archive_children"), chat_id)

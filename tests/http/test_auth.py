@@ -12,6 +12,7 @@ import stat
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -89,7 +90,11 @@ async def test_another_users_chat_answers_404_on_every_chat_route(api: ApiInstan
     assert len(chat_routes) >= 10  # incl. stream and ws
     for method, path in chat_routes:
         url = _fill(path, alices_chat)
-        body = {"title": "x"} if path == "/api/v1/chats/{id}" else {"content": "x"}
+        body: dict[str, Any] = {"content": "x"}
+        if path == "/api/v1/chats/{id}":
+            body = {"title": "x"}
+        elif path.endswith("/tool-results"):
+            body = {"results": [{"tool_call_id": "call_1", "result": "x"}]}
         async with api.client.request(method, url, headers=mallory.headers, json=body) as response:
             assert response.status == 404, (method, path, await response.text())
             assert (await response.json())["message"] == "chat not found"

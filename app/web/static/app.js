@@ -10,7 +10,9 @@ import { ChatStream, WatchStream } from "./streams.js";
 const $ = (id) => document.getElementById(id);
 const CHAT_ROUTE = /^#\/chats\/([0-9a-f-]{36})$/;
 const LIST_PAGE = 100;
-const BUSY = new Set(["pending", "running"]);
+// Statuses Stop applies to (requires_action: the chat waits for its client's tool results,
+// and Stop ends the wait; docs/requires_action.md).
+const BUSY = new Set(["pending", "running", "requires_action"]);
 
 const state = {
   session: null,
