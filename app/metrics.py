@@ -248,3 +248,19 @@ def pool_metrics(pool: asyncpg.Pool) -> Collector:
         ]
 
     return collect
+
+
+def requires_action_metrics(waiting: int) -> Collector:
+    """A count read from the database by the scrape (app/http/ops_endpoints.py)."""
+
+    def collect() -> Iterable[Metric]:
+        return [
+            Metric(
+                "chatd_chats_requires_action",
+                "gauge",
+                "Chats waiting for their clients' tool results (all replicas).",
+                waiting,
+            )
+        ]
+
+    return collect

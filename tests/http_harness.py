@@ -245,10 +245,11 @@ class SimulatedWorker:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", self.chat_id)
             await conn.execute("DELETE FROM chat_stream_parts WHERE chat_id = $1", self.chat_id)
-            await conn.execute(
-                "INSERT INTO chat_messages (chat_id, role, content) VALUES ($1, 'assistant', $2)",
-                self.chat_id,
-                json.dumps([{"type": "tool_call", **call} for call in calls]),
+            await factories.create_message(
+                conn,
+                chat_id=self.chat_id,
+                role="assistant",
+                content=[{"type": "tool_call", **call} for call in calls],
             )
             await conn.execute(
                 """

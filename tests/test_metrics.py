@@ -24,6 +24,7 @@ from tests import engine_harness, factories
 from tests.fakes import HttpError, RecordedRequest, Step, ToolUse, running
 from tests.fakes.anthropic_server import FakeAnthropicServer
 from tests.fakes.scenarios import kind_of
+from tests.http_harness import SimulatedWorker
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -164,3 +165,29 @@ def test_every_metric_is_documented_in_operations_md() -> None:
     missing = sorted(name for name in names if f"`{name.removesuffix('_total')}" not in documented)
     assert len(names) > 30
     assert missing == []
+
+
+async def test_chats_waiting_for_their_clients_are_counted_at_scrape(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    async with engine_harness.running_listener(database_url) as listener:
+        app = build_app(settings=engine_harness.settings(), pool=pool, listener=listener)
+        async with TestClient(TestServer(app)) as client:
+            user = await factories.create_api_user(pool)
+
+            async def waiting() -> float:
+                async with client.get("/metrics") as response:
+                    return _value(_parse(await response.text()), "chatd_chats_requires_action")
+
+            assert await waiting() == 0
+            for _ in range(2):
+                async with client.post(
+                    "/api/v1/chats", json={"content": "use my tool"}, headers=user.headers
+                ) as response:
+                    chat_id = uuid.UUID((await response.json())["id"])
+                worker = SimulatedWorker(pool, chat_id)
+                await worker.acquire()
+                await worker.require_action(
+                    [{"id": f"call_{chat_id.hex[:8]}", "name": "pick", "args": {}}]
+                )
+            assert await waiting() == 2

@@ -583,3 +583,9 @@ async def list_messages(
         [Message.from_record(row) for row in messages],
         [QueuedMessage.from_record(row) for row in queued],
     )
+
+
+async def count_requiring_action(pool: asyncpg.Pool) -> int:
+    """How many chats wait for their clients' tool results, all replicas together."""
+    count: int = await pool.fetchval(Q.sql("chats_count_requiring_action"))
+    return count

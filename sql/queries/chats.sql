@@ -242,3 +242,8 @@ SET archived = true,
     worker_id = NULL,
     interrupt_requested_at = NULL
 WHERE parent_chat_id = $1 AND NOT archived;
+
+-- name: chats_count_requiring_action :one
+-- For /metrics: the chats waiting for their clients' tool results, across all replicas (the
+-- partial index chats_action_deadline_idx holds exactly these).
+SELECT count(*) FROM chats WHERE status = 'requires_action';
