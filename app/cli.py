@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 
 import asyncpg
 
-from app.config import Settings
+from app.config import Settings, log_level_of
 from app.db.connections import create_pool
 from app.db.embedded import start_embedded_postgres
 from app.db.migrate import migrate_dsn
@@ -29,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, help="port to bind (default 8080)")
 
     commands.add_parser("migrate", help="apply pending schema migrations and exit")
-    commands.add_parser("status", help="print chat and replica counts from the database")
+    status_cmd = commands.add_parser(
+        "status", help="print chat counts by status and the replicas, from the database"
+    )
+    status_cmd.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
     token_cmd = commands.add_parser("token", help="manage API tokens")
     token_commands = token_cmd.add_subparsers(dest="token_command", required=True)
@@ -52,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    if (error := _setup_logging(settings)) is not None:
+        print(f"chatd: {error}", file=sys.stderr)
+        return 2
     if getattr(args, "host", None):
         settings.host = args.host
     if getattr(args, "port", None):
@@ -61,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "chat":
         # A client of the HTTP API: no database here.
         return run_chat(args.text, chat_id=args.chat_id, url=args.url, token=args.token)
+
+    if args.command == "status":
+        with _quiet_database(settings) as dsn:
+            print(asyncio.run(_status(dsn, as_json=args.json)), flush=True)
+        return 0
 
     if args.command == "token":
         # stdout carries the token and nothing else (scripts capture it).
@@ -86,9 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"applied {len(applied)} migration(s)"
                 + (": " + ", ".join(applied) if applied else "")
             )
-        elif args.command == "status":
-            asyncio.run(_status(dsn))
     return 0
+
+
+def _setup_logging(settings: Settings) -> str | None:
+    """Configure logging from the settings; the error to report when they are invalid."""
+    if settings.log_format not in ("text", "json"):
+        return f"CHATD_LOG_FORMAT must be text or json, not {settings.log_format!r}"
+    try:
+        configure_logging(log_level_of(settings), settings.log_format)
+    except ValueError:
+        return f"CHATD_LOG_LEVEL {settings.log_level!r} is not a log level"
+    return None
 
 
 @contextlib.contextmanager
@@ -113,18 +134,103 @@ async def _create_token(dsn: str, user: str, *, admin: bool) -> str:
         await pool.close()
 
 
-async def _status(dsn: str) -> None:
+async def _status(dsn: str, *, as_json: bool) -> str:
+    """The chat counts by status and the replicas, as two tables or one JSON object."""
     conn = await asyncpg.connect(dsn)
     try:
-        for row in await conn.fetch("SELECT * FROM chat_status_summary ORDER BY status"):
-            print(f"chats status={row['status']} archived={row['archived']} count={row['chats']}")
-        for row in await conn.fetch("SELECT * FROM chat_replica_health ORDER BY started_at"):
-            print(
-                f"replica id={row['id']} host={row['hostname']} pid={row['pid']}"
-                f" heartbeat_age={row['heartbeat_age']} running={row['running_chats']}"
-            )
+        chats = await conn.fetch("SELECT * FROM chat_status_summary ORDER BY status, archived")
+        replicas = await conn.fetch("SELECT * FROM chat_replica_health ORDER BY started_at")
     finally:
         await conn.close()
+    if as_json:
+        return json.dumps(
+            {
+                "chats": [
+                    {
+                        "status": row["status"],
+                        "archived": row["archived"],
+                        "chats": row["chats"],
+                        "oldest_change_age_s": _seconds(row["oldest_change_age"]),
+                    }
+                    for row in chats
+                ],
+                "replicas": [
+                    {
+                        "id": str(row["id"]),
+                        "hostname": row["hostname"],
+                        "pid": row["pid"],
+                        "address": row["address"],
+                        "started_at": row["started_at"].isoformat(),
+                        "heartbeat_age_s": _seconds(row["heartbeat_age"]),
+                        "running_chats": row["running_chats"],
+                    }
+                    for row in replicas
+                ],
+            },
+            indent=2,
+        )
+    chat_table = _table(
+        ["STATUS", "ARCHIVED", "CHATS", "OLDEST CHANGE"],
+        [
+            [
+                row["status"],
+                "yes" if row["archived"] else "no",
+                str(row["chats"]),
+                _age(row["oldest_change_age"]),
+            ]
+            for row in chats
+        ],
+        empty="no chats yet",
+    )
+    replica_table = _table(
+        ["REPLICA", "HOST", "PID", "ADDRESS", "HEARTBEAT", "RUNNING"],
+        [
+            [
+                str(row["id"])[:8],
+                row["hostname"],
+                str(row["pid"]),
+                row["address"] or "-",
+                _age(row["heartbeat_age"]) + " ago",
+                str(row["running_chats"]),
+            ]
+            for row in replicas
+        ],
+        empty="no replica is running",
+    )
+    return f"{chat_table}\n\n{replica_table}"
+
+
+def _seconds(age: timedelta | None) -> float | None:
+    return None if age is None else round(age.total_seconds(), 3)
+
+
+def _age(age: timedelta | None) -> str:
+    """A duration as people read it: 850ms, 5.8s, 3m12s, 2h05m, 3d04h."""
+    if age is None:
+        return "-"
+    seconds = max(age.total_seconds(), 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _table(header: list[str], rows: list[list[str]], *, empty: str) -> str:
+    if not rows:
+        return f"{'  '.join(header)}\n({empty})"
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *rows]
+    )
 
 
 if __name__ == "__main__":

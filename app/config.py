@@ -26,10 +26,18 @@ def _env_int(name: str, default: int) -> int:
 class Settings:
     # Empty means: start the embedded PostgreSQL in data_dir.
     database_url: str = ""
+    # Set when DATABASE_URL goes through a transaction pooler (PgBouncer in transaction mode):
+    # the LISTEN connection, the liveness lock and migrations need a session of their own and
+    # connect here, directly; the pool goes through the pooler (docs/operations.md, "PgBouncer").
+    direct_database_url: str = ""
     data_dir: Path = Path(".chatd")
     host: str = "127.0.0.1"
     port: int = 8080
-    log_level: str = "INFO"
+    # Empty: INFO with DATABASE_URL (a deployment), WARNING with the embedded database (a
+    # developer's `make run`: a few lines to read, not the engine's events). See `log_level_of`.
+    log_level: str = ""
+    # "text" (event key=value) or "json" (one object per line, for log shippers).
+    log_format: str = "text"
 
     # Replica engine.
     max_concurrent_runs: int = 50
@@ -46,6 +54,9 @@ class Settings:
     # The poison-chat guard: runs of one chat in a row that may crash (or die with their
     # replica) without progress before the chat ends in `error` (kind "poison").
     max_failed_runs: int = 5
+    # How long a chat waits in requires_action for its client's tool results before the
+    # replicas answer the pending calls with an error and end the turn (docs/requires_action.md).
+    requires_action_timeout_s: float = 300.0
 
     # Per-user limits: no user can slow down or starve another (docs/reliability.md,
     # "Fairness"). Reaching one answers 429 with a JSON body naming the limit.
@@ -67,6 +78,12 @@ class Settings:
     max_body_bytes: int = 1_000_000
     keepalive_interval_s: float = 15.0
     max_queued_events_per_client: int = 1000
+    # Browser sessions (docs/web.md): the cookie's lifetime, the one-time login code's, and the
+    # public address of the service (its scheme decides the cookie's Secure flag behind a proxy
+    # that terminates TLS; it is also the base of the printed login URL).
+    session_ttl_s: float = 7 * 24 * 3600.0
+    login_code_ttl_s: float = 300.0
+    public_url: str = ""
 
     anthropic_api_key: str = field(default_factory=lambda: os.environ.get("ANTHROPIC_API_KEY", ""))
     openai_api_key: str = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", ""))
@@ -80,10 +97,12 @@ class Settings:
         defaults = cls()
         return cls(
             database_url=os.environ.get("DATABASE_URL", ""),
+            direct_database_url=os.environ.get("CHATD_DIRECT_DATABASE_URL", ""),
             data_dir=Path(os.environ.get("CHATD_DATA_DIR", str(defaults.data_dir))),
             host=os.environ.get("CHATD_HOST", defaults.host),
             port=_env_int("CHATD_PORT", defaults.port),
             log_level=os.environ.get("CHATD_LOG_LEVEL", defaults.log_level),
+            log_format=os.environ.get("CHATD_LOG_FORMAT", defaults.log_format).strip().lower(),
             max_concurrent_runs=_env_int("CHATD_MAX_CONCURRENT_RUNS", defaults.max_concurrent_runs),
             acquire_poll_interval_s=_env_float(
                 "CHATD_ACQUIRE_POLL_INTERVAL_S", defaults.acquire_poll_interval_s
@@ -103,6 +122,9 @@ class Settings:
             max_steps_per_turn=_env_int("CHATD_MAX_STEPS_PER_TURN", defaults.max_steps_per_turn),
             queue_limit=_env_int("CHATD_QUEUE_LIMIT", defaults.queue_limit),
             max_failed_runs=_env_int("CHATD_MAX_FAILED_RUNS", defaults.max_failed_runs),
+            requires_action_timeout_s=_env_float(
+                "CHATD_REQUIRES_ACTION_TIMEOUT_S", defaults.requires_action_timeout_s
+            ),
             max_chats_per_user=_env_int("CHATD_MAX_CHATS_PER_USER", defaults.max_chats_per_user),
             max_pending_chats_per_user=_env_int(
                 "CHATD_MAX_PENDING_CHATS_PER_USER", defaults.max_pending_chats_per_user
@@ -129,6 +151,9 @@ class Settings:
             keepalive_interval_s=_env_float(
                 "CHATD_KEEPALIVE_INTERVAL_S", defaults.keepalive_interval_s
             ),
+            session_ttl_s=_env_float("CHATD_SESSION_TTL_S", defaults.session_ttl_s),
+            login_code_ttl_s=_env_float("CHATD_LOGIN_CODE_TTL_S", defaults.login_code_ttl_s),
+            public_url=os.environ.get("CHATD_PUBLIC_URL", defaults.public_url).rstrip("/"),
         )
 
 
@@ -147,3 +172,11 @@ def read_local_token(data_dir: Path) -> str | None:
     except (FileNotFoundError, PermissionError, NotADirectoryError):
         return None
     return token or None
+
+
+def log_level_of(settings: Settings) -> str:
+    """The log level to use: CHATD_LOG_LEVEL when set, else INFO for a deployment on its own
+    PostgreSQL and WARNING for the embedded one (docs/operations.md, "Running")."""
+    if settings.log_level:
+        return settings.log_level
+    return "INFO" if settings.database_url else "WARNING"

@@ -1,12 +1,20 @@
-"""What `/metrics` shows: collectors of samples from the stream hubs, the listener and the
-replica engine, and their Prometheus text exposition. The engine and the streams know nothing
-of HTTP; the service hands `engine_metrics(replica)` to `build_app(metrics=...)`."""
+"""What `/metrics` shows (docs/operations.md, "Metrics"): the instruments rooms record events
+into (app/instruments.py: histograms and counters), and snapshot samples read at scrape time
+from the stream hubs, the listener, the pool and the replica engine. prometheus_client renders
+both. The engine and the streams know nothing of HTTP; the service hands
+`engine_metrics(replica)` to `build_app(metrics=...)`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+import asyncpg
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric as Metric_
+from prometheus_client.registry import Collector as RegistryCollector
 
 from app.db.listener import Listener
 from app.engine.chatloop import RunEnd
@@ -101,31 +109,38 @@ def listener_metrics(listener: Listener) -> Collector:
     return collect
 
 
-def render(collectors: Iterable[Collector]) -> str:
-    lines: list[str] = []
-    described: set[str] = set()
-    for collector in collectors:
-        for metric in collector():
-            if metric.name not in described:
-                described.add(metric.name)
-                lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-                lines.append(f"# TYPE {metric.name} {metric.kind}")
-            labels = ",".join(
-                f'{key}="{_escape_label(value)}"' for key, value in sorted(metric.labels.items())
-            )
-            value = int(metric.value) if float(metric.value).is_integer() else metric.value
-            lines.append(
-                f"{metric.name}{{{labels}}} {value}" if labels else f"{metric.name} {value}"
-            )
-    return "\n".join(lines) + "\n"
+def render(collectors: Iterable[Collector]) -> bytes:
+    """The Prometheus text exposition of the process's instruments (app/instruments.py, with
+    prometheus_client's process and GC collectors) followed by this application's snapshot
+    samples, both produced by prometheus_client."""
+    snapshot = CollectorRegistry(auto_describe=False)
+    snapshot.register(_Snapshot(list(collectors)))
+    return generate_latest(REGISTRY) + generate_latest(snapshot)
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+class _Snapshot(RegistryCollector):
+    """The samples of the collectors, read at scrape time, as metric families."""
 
+    def __init__(self, collectors: list[Collector]) -> None:
+        self._collectors = collectors
 
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    def collect(self) -> Iterator[Metric_]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for collector in self._collectors:
+            for metric in collector():
+                family = families.get(metric.name)
+                if family is None:
+                    labels = sorted(metric.labels)
+                    family = (
+                        CounterMetricFamily(metric.name, metric.help, labels=labels)
+                        if metric.kind == "counter"
+                        else GaugeMetricFamily(metric.name, metric.help, labels=labels)
+                    )
+                    families[metric.name] = family
+                family.add_metric(
+                    [metric.labels[key] for key in sorted(metric.labels)], metric.value
+                )
+        yield from families.values()
 
 
 def engine_metrics(replica: Replica) -> Collector:
@@ -214,5 +229,38 @@ def engine_metrics(replica: Replica) -> Collector:
             for end in RunEnd
         ]
         return samples
+
+    return collect
+
+
+def pool_metrics(pool: asyncpg.Pool) -> Collector:
+    def collect() -> Iterable[Metric]:
+        size = pool.get_size()
+        return [
+            Metric("chatd_db_pool_connections", "gauge", "Connections the pool holds.", size),
+            Metric(
+                "chatd_db_pool_in_use",
+                "gauge",
+                "Pool connections in use (a statement or a transaction).",
+                size - pool.get_idle_size(),
+            ),
+            Metric("chatd_db_pool_max", "gauge", "The pool's maximum size.", pool.get_max_size()),
+        ]
+
+    return collect
+
+
+def requires_action_metrics(waiting: int) -> Collector:
+    """A count read from the database by the scrape (app/http/ops_endpoints.py)."""
+
+    def collect() -> Iterable[Metric]:
+        return [
+            Metric(
+                "chatd_chats_requires_action",
+                "gauge",
+                "Chats waiting for their clients' tool results (all replicas).",
+                waiting,
+            )
+        ]
 
     return collect

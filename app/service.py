@@ -25,6 +25,7 @@ from app.db.migrate import migrate_dsn
 from app.engine.replica import ENGINE_SERVER_SETTINGS, Replica
 from app.http.auth import ensure_local_token
 from app.http.server import build_app
+from app.http.sessions import local_login_url
 from app.log import get_logger
 from app.metrics import engine_metrics
 from app.providers import retry
@@ -42,8 +43,11 @@ def database(settings: Settings) -> Iterator[str]:
         yield settings.database_url
         return
     embedded: EmbeddedPostgres = start_embedded_postgres(settings.data_dir)
-    print(f"chatd: embedded PostgreSQL in {embedded.data_dir.resolve()}", flush=True)
-    print(f"chatd: connect with: {embedded.psql_command()}", flush=True)
+    print(
+        f"chatd: data in {embedded.data_dir.resolve()} (embedded PostgreSQL;"
+        f" psql: {embedded.psql_command()})",
+        flush=True,
+    )
     try:
         yield embedded.dsn
     finally:
@@ -73,7 +77,11 @@ async def wait_for_database(dsn: str) -> None:
 
 
 async def serve(settings: Settings, dsn: str) -> None:
-    await wait_for_database(dsn)
+    # Sessions of their own (LISTEN, the liveness lock, the migration lock) connect directly;
+    # the pool may go through a transaction pooler (Settings.direct_database_url).
+    direct_dsn = settings.direct_database_url or dsn
+    through_pooler = direct_dsn != dsn
+    await wait_for_database(direct_dsn)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,7 +90,11 @@ async def serve(settings: Settings, dsn: str) -> None:
     # The engine needs a server-side bound on idle transactions (see ENGINE_SERVER_SETTINGS)
     # and room for its runs next to the HTTP handlers.
     pool = await create_pool(
-        dsn, min_size=1, max_size=POOL_MAX_SIZE, server_settings=ENGINE_SERVER_SETTINGS
+        dsn,
+        min_size=1,
+        max_size=POOL_MAX_SIZE,
+        server_settings=ENGINE_SERVER_SETTINGS,
+        transaction_pooler=through_pooler,
     )
     try:
         # `make run`: a local admin user and its token, written to the data directory where
@@ -90,12 +102,16 @@ async def serve(settings: Settings, dsn: str) -> None:
         local_token = (
             await ensure_local_token(pool, settings.data_dir) if not settings.database_url else None
         )
-        listener = Listener(dsn)
+        # And a one-time URL that logs a browser in as that user (docs/web.md).
+        login_url = (
+            await local_login_url(pool, settings, local_token) if local_token is not None else None
+        )
+        listener = Listener(direct_dsn)
         replica = Replica(
             settings=settings,
             pool=pool,
             listener=listener,
-            dsn=dsn,
+            dsn=direct_dsn,
             address=f"http://{settings.host}:{settings.port}",
             stream_step=retry.stream_step,
         )
@@ -107,6 +123,7 @@ async def serve(settings: Settings, dsn: str) -> None:
                     pool=pool,
                     listener=listener,
                     metrics=[engine_metrics(replica)],
+                    server_tool_names=replica.server_tool_names,
                 ),
                 shutdown_timeout=2.0,
             )
@@ -119,6 +136,8 @@ async def serve(settings: Settings, dsn: str) -> None:
                 await site.start()
                 log.info("service.listening", url=f"http://{settings.host}:{settings.port}")
                 print(f"chatd: serving on http://{settings.host}:{settings.port}", flush=True)
+                if login_url is not None:
+                    print(f"chatd: open in a browser (one-time link): {login_url}", flush=True)
                 if local_token is not None:
                     print(f"chatd: local admin token: {local_token}", flush=True)
                     print('chatd: try it: chatd chat "hello"', flush=True)

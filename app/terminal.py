@@ -1,6 +1,13 @@
 """`chatd chat "text" [--chat ID]`: a terminal client of the HTTP API. It sends the message
 (creating the chat unless --chat is given), streams the answer to stdout as it arrives (SSE),
-shows retries and errors on stderr, and turns Ctrl-C into an interrupt (a second Ctrl-C quits).
+shows tool calls and their results, shows retries and errors on stderr, and turns Ctrl-C into an
+interrupt (a second Ctrl-C quits).
+
+Client-side tools (docs/requires_action.md): a chat the client creates declares the built-in
+`ask_user_question` (its definition is fetched from the server). When the chat waits for its
+client (`action_required`), the client asks its user: a question with its choices, or, for any
+other client tool of the chat, a JSON result; it reads the answers from stdin, posts them to
+`tool-results` and keeps streaming the rest of the turn.
 
 If the stream breaks (network, server restart, the client fell behind), it reconnects from the
 last cursor it received, so nothing is printed twice and nothing is skipped.
@@ -17,15 +24,18 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import aiohttp
 
 from app.config import Settings, read_local_token
 
 TERMINAL = ("waiting", "error")
+# The built-in client tool this client answers (app/state/client_tools.py, served by the API).
+ASK_USER_QUESTION = "ask_user_question"
 RECONNECT_ATTEMPTS = 20
 RECONNECT_BACKOFF_MAX_S = 5.0
 
@@ -135,9 +145,27 @@ class ApiClient:
                 )
             return response.status, payload
 
-    async def create_chat(self, text: str) -> dict[str, Any]:
-        _, chat = await self._json("POST", "/api/v1/chats", {"content": text})
+    async def create_chat(
+        self, text: str, tools: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"content": text}
+        if tools:
+            body["tools"] = tools
+        _, chat = await self._json("POST", "/api/v1/chats", body)
         return dict(chat)
+
+    async def ask_user_question_tool(self) -> dict[str, Any] | None:
+        """The server's definition of ask_user_question; None from a server without one."""
+        try:
+            _, definition = await self._json("GET", "/api/v1/tools/ask_user_question")
+        except ClientError as exc:
+            if ": 404 " in str(exc):
+                return None
+            raise
+        return dict(definition)
+
+    async def post_tool_results(self, chat_id: str, results: list[dict[str, Any]]) -> None:
+        await self._json("POST", f"/api/v1/chats/{chat_id}/tool-results", {"results": results})
 
     async def send(self, chat_id: str, text: str) -> tuple[int, dict[str, Any]]:
         status, body = await self._json(
@@ -192,6 +220,8 @@ class Renderer:
     # before the stream read them) is printed from the message.
     _step_text: str = ""
     _step_calls: set[str] = field(default_factory=set)
+    # Tool results shown as live parts: their tool message does not print them again.
+    _results_shown: set[str] = field(default_factory=set)
 
     def _write(self, text: str) -> None:
         if text:
@@ -223,6 +253,15 @@ class Renderer:
             self._write(f"→ {part.get('name')}({json.dumps(part.get('args'))[:200]})\n")
             self._step_calls.add(str(part.get("id")))
             self._step_printed = True
+        elif kind == "tool_result":
+            self._tool_result(part)
+            self._results_shown.add(str(part.get("tool_call_id")))
+
+    def _tool_result(self, part: dict[str, Any]) -> None:
+        self._end_line()
+        result = json.dumps(part.get("result"))[:200]
+        flag = " (error)" if part.get("is_error") else ""
+        self._write(f"  ↳ {part.get('name')}{flag}: {result}\n")
 
     def message(self, message: dict[str, Any]) -> None:
         role = message.get("role")
@@ -236,9 +275,11 @@ class Renderer:
             self._end_line()
         elif role == "tool":
             for part in message.get("content", []):
-                result = json.dumps(part.get("result"))[:200]
-                flag = " (error)" if part.get("is_error") else ""
-                self._write(f"  ↳ {part.get('name')}{flag}: {result}\n")
+                call_id = str(part.get("tool_call_id"))
+                if call_id in self._results_shown:
+                    self._results_shown.discard(call_id)  # shown live already
+                else:
+                    self._tool_result(part)
         elif role == "system" and any(
             part.get("type") == "compaction" for part in message.get("content", [])
         ):
@@ -263,6 +304,22 @@ class Renderer:
     def void_step(self) -> None:
         self._end_line()
         self._forget_step()
+        self._results_shown = set()
+
+    def question(self, text: str) -> None:
+        """A question to the user (stdout: it is part of the conversation)."""
+        self._end_line()
+        self._write(text if text.endswith("\n") else text + "\n")
+
+    def prompt(self, text: str = "> ") -> None:
+        self._end_line()
+        self._write(text)
+
+    def answered(self, *, echoed: bool) -> None:
+        """The user answered a prompt; a terminal that echoed the answer is at a new line."""
+        if echoed:
+            self._at_line_start = True
+        self._end_line()
 
     def finish(self) -> None:
         self._end_line()
@@ -296,14 +353,97 @@ class Turn:
         return None
 
 
-class Conversation:
-    """One `chatd chat` invocation: send, then stream until the turn is over."""
+class LineSource(Protocol):
+    """Where the answers to client tool calls come from: one line per call (None: no more).
+    `echoed`: the line and its newline already show on the terminal (a tty echoes them)."""
 
-    def __init__(self, api: ApiClient, renderer: Renderer) -> None:
+    echoed: bool
+
+    async def readline(self) -> str | None: ...
+
+
+class StdinLines:
+    """Lines of a blocking text stream (stdin) for asyncio, each read only when asked for, in a
+    daemon thread: a read that is still blocked never holds the process up at exit. A question
+    abandoned while its line is being read (the turn was stopped) leaves the read going; the
+    line it gets answers the next question."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._pending: asyncio.Future[str | None] | None = None
+        try:
+            self.echoed = stream.isatty()
+        except (OSError, ValueError):
+            self.echoed = False
+
+    async def readline(self) -> str | None:
+        if self._pending is None:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[str | None] = loop.create_future()
+            self._pending = future
+            threading.Thread(
+                target=self._read, args=(loop, future), name="chatd-stdin", daemon=True
+            ).start()
+        line = await asyncio.shield(self._pending)
+        self._pending = None
+        return line
+
+    def _read(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str | None]) -> None:
+        try:
+            raw = self._stream.readline()
+        except (OSError, ValueError):  # a closed or broken stdin: no more answers
+            raw = ""
+        line = raw.rstrip("\r\n") if raw else None
+
+        def deliver() -> None:
+            if not future.done():
+                future.set_result(line)
+
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(deliver)
+
+
+def ask_user_question_result(args: dict[str, Any], line: str) -> dict[str, Any]:
+    """The answer to ask_user_question: `{"answer": text}`; a number picks that choice."""
+    choices = _choices(args)
+    picked = line.strip()
+    if choices and picked.isdigit() and 1 <= int(picked) <= len(choices):
+        return {"answer": choices[int(picked) - 1]}
+    return {"answer": line}
+
+
+def _choices(args: dict[str, Any]) -> list[str]:
+    choices = args.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [str(choice) for choice in choices]
+
+
+def typed_result(line: str) -> tuple[Any, bool]:
+    """A result the user typed for a client tool: JSON if it parses, else the text itself; a
+    line that starts with `!` is an error result (the rest is the message)."""
+    if line.startswith("!"):
+        return line[1:].strip(), True
+    try:
+        return json.loads(line), False
+    except ValueError:
+        return line, False
+
+
+class Conversation:
+    """One `chatd chat` invocation: send, then stream until the turn is over, answering the
+    client tool calls of the chat from `answers` meanwhile."""
+
+    def __init__(
+        self, api: ApiClient, renderer: Renderer, answers: LineSource | None = None
+    ) -> None:
         self.api = api
         self.renderer = renderer
+        self.answers = answers
         self.turn: Turn | None = None
         self._interrupts: set[asyncio.Task[None]] = set()
+        self._answering: asyncio.Task[None] | None = None
+        self._answered: set[str] = set()  # ids of the calls answered (or being answered)
 
     def interrupt(self) -> None:
         """Ask the server to stop the run; the partial answer is kept and streamed to its end."""
@@ -331,6 +471,7 @@ class Conversation:
                         async for event in iter_sse(response):
                             if event.id:
                                 self.turn.cursor = event.id
+                            self._follow_action(self.turn.chat_id, event)
                             outcome = _apply(self.turn, event, self.renderer)
                             if outcome is not None:
                                 return outcome
@@ -341,13 +482,81 @@ class Conversation:
                     raise ClientError("the stream keeps failing; giving up")
                 await asyncio.sleep(min(0.05 * 2**attempts, RECONNECT_BACKOFF_MAX_S))
         finally:
+            self._stop_answering()
+            if self._answering is not None:
+                await asyncio.wait({self._answering})
             self.renderer.finish()
             if self._interrupts:
                 await asyncio.wait(set(self._interrupts))
 
+    # --- client tool calls ------------------------------------------------------------------
+
+    def _follow_action(self, chat_id: str, event: SseEvent) -> None:
+        """`action_required`: answer the calls (once each, however often a reconnect replays
+        the event). A status other than requires_action: the calls were settled otherwise (a
+        Stop, the time-out, another client's answer); stop asking."""
+        if event.event not in ("action_required", "status"):
+            return
+        data = event.json()
+        if data.get("type") == "status":
+            if data.get("status") != "requires_action":
+                self._stop_answering()
+            return
+        calls = [c for c in data.get("pending_tool_calls") or [] if isinstance(c, dict)]
+        ids = {str(call.get("id")) for call in calls}
+        if not calls or ids <= self._answered:
+            return
+        self._stop_answering()
+        self._answered |= ids
+        self._answering = asyncio.create_task(self._answer(chat_id, calls), name="answer")
+
+    def _stop_answering(self) -> None:
+        if self._answering is not None and not self._answering.done():
+            self._answering.cancel()
+
+    async def _answer(self, chat_id: str, calls: list[dict[str, Any]]) -> None:
+        try:
+            if self.answers is None:
+                names = ", ".join(str(call.get("name")) for call in calls)
+                self.renderer.note(
+                    f"[the model called client tools ({names}); this client cannot answer them]"
+                )
+                return
+            results = [await self._answer_call(self.answers, call) for call in calls]
+            await self.api.post_tool_results(chat_id, results)
+        except (ClientError, aiohttp.ClientError) as exc:
+            self.renderer.note(f"[the answer was not taken: {exc}]")
+
+    async def _answer_call(self, answers: LineSource, call: dict[str, Any]) -> dict[str, Any]:
+        name = str(call.get("name"))
+        args = call.get("args") if isinstance(call.get("args"), dict) else {}
+        assert isinstance(args, dict)
+        if name == ASK_USER_QUESTION:
+            self.renderer.question(f"? {args.get('question', '')}")
+            for number, choice in enumerate(_choices(args), start=1):
+                self.renderer.question(f"  {number}. {choice}")
+        else:
+            self.renderer.question(
+                f"? {name}({json.dumps(args)[:200]}) needs a result from you: JSON or text"
+                " (start with ! for an error)"
+            )
+        self.renderer.prompt()
+        line = await answers.readline()
+        self.renderer.answered(echoed=answers.echoed and line is not None)
+        result: dict[str, Any] = {"tool_call_id": call.get("id")}
+        if line is None:
+            return result | {"result": "the user gave no answer (end of input)", "is_error": True}
+        if name == ASK_USER_QUESTION:
+            return result | {"result": ask_user_question_result(args, line)}
+        value, is_error = typed_result(line)
+        return result | {"result": value, "is_error": is_error}
+
     async def _send(self, text: str, chat_id: str | None) -> Turn:
         if chat_id is None:
-            chat = await self.api.create_chat(text)
+            # A chat this client creates can ask its user questions. A chat it continues keeps
+            # the tools it has (its client tools would be replaced by the ones sent).
+            ask = await self.api.ask_user_question_tool() if self.answers is not None else None
+            chat = await self.api.create_chat(text, tools=[ask] if ask is not None else None)
             self.renderer.note(f"chat {chat['id']}")
             return Turn(chat["id"], chat["status"], chat["version"])
         status, body = await self.api.send(chat_id, text)
@@ -445,7 +654,9 @@ async def _run_chat(text: str, *, chat_id: str | None, url: str, token: str) -> 
     loop = asyncio.get_running_loop()
     quit_requested = asyncio.Event()
     async with aiohttp.ClientSession() as session:
-        conversation = Conversation(ApiClient(session, url, token), renderer)
+        conversation = Conversation(
+            ApiClient(session, url, token), renderer, answers=StdinLines(sys.stdin)
+        )
         presses = 0
 
         def on_sigint() -> None:

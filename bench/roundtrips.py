@@ -22,6 +22,7 @@ from collections import Counter
 import asyncpg
 
 from app.config import Settings
+from app.db.connections import create_pool
 from app.db.listener import Listener
 from app.db.queries import Queries
 from app.engine.replica import ENGINE_SERVER_SETTINGS, Replica
@@ -70,14 +71,13 @@ async def _turns(
 ) -> tuple[Counter[str], int, int]:
     """Answer `rounds` x `chats_per_round` chats; returns the statement counts of the measured
     part, the listener's round trips (LISTEN/UNLISTEN commands) and the channels they carried."""
-    pool = await asyncpg.create_pool(
+    pool = await create_pool(
         dsn,
         min_size=1,
         max_size=POOL_MAX_SIZE,
         server_settings=ENGINE_SERVER_SETTINGS,
         init=log.init_connection,
     )
-    assert pool is not None
     listener = Listener(dsn)
     listener_task = asyncio.create_task(listener.run(), name="bench-listener")
     conn = await asyncpg.connect(dsn)

@@ -78,7 +78,8 @@ CREATE TABLE chats (
     root_chat_id           uuid REFERENCES chats (id),
     title                  text NOT NULL DEFAULT '' CHECK (length(title) <= 200),
     status                 text NOT NULL DEFAULT 'waiting'
-                           CHECK (status IN ('waiting', 'pending', 'running', 'error')),
+                           CHECK (status IN ('waiting', 'pending', 'running', 'requires_action',
+                                             'error')),
     -- Bumped by chats_bump_version_v1 on every UPDATE; carried by every notification.
     version                bigint NOT NULL DEFAULT 1,
     -- Bumped on every acquire: the fencing token of a run together with worker_id.
@@ -98,8 +99,18 @@ CREATE TABLE chats (
     failed_runs            integer NOT NULL DEFAULT 0,
     -- The MCP servers the chat chose at creation; NULL: every enabled one (migration 0007).
     mcp_server_ids         uuid[],
+    -- Tools the chat's client executes (migration 0008): [{name, description, input_schema}].
+    client_tools           jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(client_tools) = 'array'),
+    -- While requires_action: the calls the client must answer ([{id, name, args}]) and when the
+    -- replicas stop waiting for them.
+    pending_tool_calls     jsonb CHECK (jsonb_typeof(pending_tool_calls) = 'array'),
+    action_deadline_at     timestamptz,
     -- A running chat always has an owner replica and nothing else has one.
-    CONSTRAINT chats_running_has_worker CHECK ((status = 'running') = (worker_id IS NOT NULL))
+    CONSTRAINT chats_running_has_worker CHECK ((status = 'running') = (worker_id IS NOT NULL)),
+    -- The calls and the deadline exist exactly while the chat waits for its client.
+    CONSTRAINT chats_action_has_calls
+        CHECK ((status = 'requires_action')
+               = (pending_tool_calls IS NOT NULL AND action_deadline_at IS NOT NULL))
 );
 
 -- Acquire scans pending chats oldest first; the partial index holds only the pending ones, so it
@@ -111,6 +122,9 @@ CREATE INDEX chats_running_worker_idx ON chats (worker_id) WHERE status = 'runni
 CREATE INDEX chats_owner_created_idx ON chats (owner_id, created_at DESC, id DESC);
 -- Sub-agent tools look up children of a chat.
 CREATE INDEX chats_parent_idx ON chats (parent_chat_id) WHERE parent_chat_id IS NOT NULL;
+-- The sweepers look for chats whose client did not answer in time (migration 0008).
+CREATE INDEX chats_action_deadline_idx ON chats (action_deadline_at)
+    WHERE status = 'requires_action';
 
 CREATE TABLE chat_messages (
     id                 bigserial PRIMARY KEY,
@@ -250,6 +264,35 @@ SELECT c.organization_id, c.owner_id, u.chat_id, u.kind, u.model_config_id, u.in
        u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.cost_micros, u.created_at
 FROM chat_usage u
 JOIN chats c ON c.id = u.chat_id;
+
+-- Browser sessions and one-time login codes (migration 0006; docs/web.md).
+CREATE TABLE browser_sessions (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    token_hash bytea NOT NULL UNIQUE,
+    csrf_token text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL
+);
+
+CREATE INDEX browser_sessions_user_id_idx ON browser_sessions (user_id);
+-- Expired sessions are deleted when sessions are created; this index finds them.
+CREATE INDEX browser_sessions_expires_at_idx ON browser_sessions (expires_at);
+
+-- One-time login codes: what `chatd serve` prints, with the embedded database, as a URL that
+-- logs a browser in with one click. Stored hashed, short-lived, and spent by the first request
+-- that presents one (used_at is set in the same statement that checks it).
+CREATE TABLE browser_login_codes (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    code_hash  bytea NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    used_at    timestamptz
+);
+
+CREATE INDEX browser_login_codes_user_id_idx ON browser_login_codes (user_id);
+CREATE INDEX browser_login_codes_expires_at_idx ON browser_login_codes (expires_at);
 
 -- MCP servers (migration 0007, docs/tools.md). `transport` holds what reaches the server,
 -- secrets included: {"type": "stdio", "command", "args", "env"} or {"type": "http", "url",

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,14 @@ class ApiInstance:
 
 @contextlib.asynccontextmanager
 async def api_instance(
-    database_url: str, *, pool_size: int = 10, **overrides: Any
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    server_tool_names: Collection[str] = (),
+    **overrides: Any,
 ) -> AsyncIterator[ApiInstance]:
+    """`server_tool_names`: the server-side tools the API refuses as client tool names (an
+    instance has no worker, so none by default)."""
     settings = Settings(database_url=database_url, keepalive_interval_s=5.0)
     for name, value in overrides.items():
         setattr(settings, name, value)
@@ -58,7 +64,10 @@ async def api_instance(
     try:
         async with asyncio.timeout(10):
             await listener.wait_connected()
-        app = build_app(settings=settings, pool=pool, listener=listener)
+        names = frozenset(server_tool_names)
+        app = build_app(
+            settings=settings, pool=pool, listener=listener, server_tool_names=lambda: names
+        )
         client = TestClient(TestServer(app))
         await client.start_server()
         try:
@@ -229,6 +238,29 @@ class SimulatedWorker:
             status,
             json.dumps(last_error) if last_error is not None else None,
         )
+
+    async def require_action(self, calls: list[dict[str, Any]]) -> None:
+        """The step that called client tools, and the hand-over to the client, as the engine
+        writes them (runs_persist_step + runs_require_action, one transaction)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", self.chat_id)
+            await conn.execute("DELETE FROM chat_stream_parts WHERE chat_id = $1", self.chat_id)
+            await factories.create_message(
+                conn,
+                chat_id=self.chat_id,
+                role="assistant",
+                content=[{"type": "tool_call", **call} for call in calls],
+            )
+            await conn.execute(
+                """
+                UPDATE chats SET status = 'requires_action', worker_id = NULL,
+                                 pending_tool_calls = $2::jsonb,
+                                 action_deadline_at = now() + interval '1 hour'
+                WHERE id = $1
+                """,
+                self.chat_id,
+                json.dumps(calls),
+            )
 
     async def heartbeat(self) -> None:
         await self.pool.execute("UPDATE chats SET heartbeat_at = now() WHERE id = $1", self.chat_id)

@@ -2,9 +2,9 @@
 arrows drawn there, every arrow drawn is used, and no import circle exists between modules.
 
 A room is a package under app/ (`app/stream/`) or a top-level module (`app/cli.py`). The
-foundation (config, errors, log, aio, text) may be imported by anyone and imports nothing of
-chatd. Imports are read with `ast`, so imports inside functions (the usual way a circle is
-hidden) and under `if TYPE_CHECKING:` count too."""
+foundation (config, errors, log, aio, text, instruments) may be imported by anyone and imports
+nothing of chatd. Imports are read with `ast`, so imports inside functions (the usual way a
+circle is hidden) and under `if TYPE_CHECKING:` count too."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
-FOUNDATION = frozenset({"config", "errors", "log", "aio", "text"})
+FOUNDATION = frozenset({"config", "errors", "log", "aio", "text", "instruments"})
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -170,3 +170,23 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
     rooms, arrows = drawn_arrows("<!-- arrows -->\n```\ntools -> state\nstate -> (none)\n```\n")
     assert rooms == {"tools", "state"}
     assert room_arrows(graph) - arrows == {("state", "tools")}
+
+
+def shared_file_names(root: Path = APP) -> dict[str, list[str]]:
+    """File names used by more than one module under `root` (`__init__.py` aside)."""
+    by_name: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        if path.name != "__init__.py":
+            by_name.setdefault(path.name, []).append(str(path.relative_to(root.parent)))
+    return {name: paths for name, paths in by_name.items() if len(paths) > 1}
+
+
+def test_no_two_modules_share_a_file_name(tmp_path: Path) -> None:
+    """A file name alone says where a thing is: `streams.py` is never two rooms."""
+    assert shared_file_names() == {}
+    (tmp_path / "app" / "http").mkdir(parents=True)
+    (tmp_path / "app" / "errors.py").write_text("")
+    (tmp_path / "app" / "http" / "errors.py").write_text("")
+    assert shared_file_names(tmp_path / "app") == {
+        "errors.py": ["app/errors.py", "app/http/errors.py"]
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,11 +43,31 @@ async def _newest_chat(api: ApiInstance) -> uuid.UUID:
     return chat_id
 
 
+class Lines:
+    """What the user types, line by line (None: the input ended)."""
+
+    echoed = False
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def readline(self) -> str | None:
+        return await self.queue.get()
+
+
 async def _converse(
-    api: ApiInstance, user: ApiUser, terminal: Terminal, text: str, chat_id: str | None = None
+    api: ApiInstance,
+    user: ApiUser,
+    terminal: Terminal,
+    text: str,
+    chat_id: str | None = None,
+    *,
+    answers: Lines | None = None,
 ) -> asyncio.Task[int]:
     session = aiohttp.ClientSession()
-    conversation = Conversation(ApiClient(session, api.url("/"), user.token), terminal.renderer)
+    conversation = Conversation(
+        ApiClient(session, api.url("/"), user.token), terminal.renderer, answers=answers
+    )
 
     async def run() -> int:
         try:
@@ -138,6 +159,75 @@ async def test_a_queued_message_waits_for_its_own_turn(api: ApiInstance) -> None
     await worker.finish()
     assert await asyncio.wait_for(task, 10) == 0
     assert terminal.out.getvalue().endswith("echo queued\n")
+
+
+async def test_a_client_tool_call_is_answered_with_what_the_user_types(api: ApiInstance) -> None:
+    user = await factories.create_api_user(api.pool)
+    terminal = Terminal()
+    lines = Lines()
+    task = await _converse(api, user, terminal, "where am I?", answers=lines)
+    chat_id = await _newest_chat(api)
+    # The chat the terminal created declares the built-in question tool.
+    tools = await api.pool.fetchval("SELECT client_tools FROM chats WHERE id = $1", chat_id)
+    assert [tool["name"] for tool in json.loads(tools)] == ["ask_user_question"]
+    worker = SimulatedWorker(api.pool, chat_id)
+    await worker.acquire()
+    calls = [
+        {"id": "call_1", "name": "get_location", "args": {"precise": True}},
+        {"id": "call_2", "name": "get_location", "args": {}},
+    ]
+    await worker.require_action(calls)
+    await wait_for(lambda: "needs a result" in terminal.out.getvalue(), message="the prompt")
+    assert 'get_location({"precise": true})' in terminal.out.getvalue()
+    lines.queue.put_nowait('{"city": "Lyon"}')
+    lines.queue.put_nowait("!permission denied")
+    await wait_for(
+        lambda: api.pool.fetchval("SELECT status = 'pending' FROM chats WHERE id = $1", chat_id),
+        message="the answer taken",
+    )
+    results = json.loads(
+        await api.pool.fetchval(
+            "SELECT content FROM chat_messages WHERE chat_id = $1 AND role = 'tool'", chat_id
+        )
+    )
+    assert [(r["tool_call_id"], r["result"], r["is_error"]) for r in results] == [
+        ("call_1", {"city": "Lyon"}, False),
+        ("call_2", "permission denied", True),
+    ]
+    await worker.acquire()
+    await worker.persist("you are in Lyon")
+    await worker.finish()
+    assert await asyncio.wait_for(task, 10) == 0
+    out = terminal.out.getvalue()
+    assert '↳ get_location: {"city": "Lyon"}' in out
+    assert '↳ get_location (error): "permission denied"' in out
+    assert out.endswith("you are in Lyon\n")
+
+
+async def test_a_stop_while_the_user_is_asked_ends_the_turn(api: ApiInstance) -> None:
+    user = await factories.create_api_user(api.pool)
+    terminal = Terminal()
+    lines = Lines()
+    task = await _converse(api, user, terminal, "a question for me", answers=lines)
+    chat_id = await _newest_chat(api)
+    worker = SimulatedWorker(api.pool, chat_id)
+    await worker.acquire()
+    question = {"question": "Sure?", "choices": ["yes", "no"]}
+    await worker.require_action([{"id": "call_q", "name": "ask_user_question", "args": question}])
+    await wait_for(lambda: "2. no" in terminal.out.getvalue(), message="the question")
+    async with api.client.post(
+        f"/api/v1/chats/{chat_id}/interrupt", headers=user.headers
+    ) as response:
+        assert response.status == 200
+    assert await asyncio.wait_for(task, 10) == 0  # the turn ended: no answer is waited for
+    assert lines.queue.empty()
+    (result,) = json.loads(
+        await api.pool.fetchval(
+            "SELECT content FROM chat_messages WHERE chat_id = $1 AND role = 'tool'", chat_id
+        )
+    )
+    assert (result["result"], result["is_error"]) == ("interrupted", True)
+    assert '↳ ask_user_question (error): "interrupted"' in terminal.out.getvalue()
 
 
 def test_defaults_come_from_the_environment_then_the_local_token(

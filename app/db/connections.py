@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -56,16 +58,27 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 10,
     server_settings: dict[str, str] | None = None,
+    transaction_pooler: bool = False,
+    init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> asyncpg.Pool:
-    """A pool whose connections carry the replica's bounds (see `connect`)."""
+    """A pool whose connections carry the replica's bounds (see `connect`).
+
+    With `transaction_pooler` (PgBouncer in transaction mode in front), consecutive transactions
+    of one pooled connection may run on different server sessions, so nothing may outlive a
+    transaction: no named prepared statements (asyncpg's statement cache is off; every statement
+    is prepared unnamed in its own round trip) and no startup parameters (PgBouncer refuses
+    unknown ones; set `idle_transaction_timeout` in PgBouncer instead, docs/operations.md)."""
+    settings = KEEPALIVE_SERVER_SETTINGS | (server_settings or {})
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         timeout=CONNECT_TIMEOUT_S,
         command_timeout=COMMAND_TIMEOUT_S,
-        server_settings=KEEPALIVE_SERVER_SETTINGS | (server_settings or {}),
-        init=_init_pooled,
+        server_settings=None if transaction_pooler else settings,
+        statement_cache_size=0 if transaction_pooler else 100,
+        init=functools.partial(_init_pooled, then=init),
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
@@ -86,8 +99,22 @@ async def drop_pool_connections(pool: asyncpg.Pool) -> None:
             holder.terminate()
 
 
-async def _init_pooled(conn: asyncpg.Connection) -> None:
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, which does nothing: chatd keeps no session state on pooled
+    connections (LISTEN and the liveness lock have connections of their own; settings are
+    transaction-local, `set_config(..., true)`; tests/db/test_queries.py checks the SQL), so
+    asyncpg's default reset (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`)
+    would be one wasted round trip per use of the pool. asyncpg still rolls back a
+    transaction a caller left open. Measured in docs/benchmarks.md."""
+    del conn
+
+
+async def _init_pooled(
+    conn: asyncpg.Connection, *, then: Callable[[asyncpg.Connection], Awaitable[None]] | None
+) -> None:
     _tune_socket(conn)
+    if then is not None:
+        await then(conn)  # the caller's own hook (the round-trip benchmark counts statements)
 
 
 def _tune_socket(conn: asyncpg.Connection) -> None:

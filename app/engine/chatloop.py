@@ -1,7 +1,9 @@
 """The chat loop of one run (docs/engine.md, "The chat loop"): build the prompt, stream one
 model step, write its live parts through the replica's flusher, run its tool calls, persist
 the step (fenced), repeat while the model asks for tools (up to a step limit), then end the
-turn, which may pop a queued message and go on.
+turn, which may pop a queued message and go on. A step that calls client-side tools ends the
+run instead: the step is persisted and the chat waits for its client (`requires_action`,
+docs/requires_action.md); the client's results make it pending, and a later run goes on.
 
 Cancellation is information. A run is stopped for one of four causes (`StopCause`), always set
 *before* anything is cancelled:
@@ -42,6 +44,7 @@ from typing import Any
 
 import asyncpg
 
+from app import instruments
 from app.aio import Backoff
 from app.db.failures import is_outage
 from app.db.listener import Listener, Notice, Resync, Subscription
@@ -73,6 +76,7 @@ from app.providers.base import (
 from app.providers.catalog import provider_for
 from app.providers.retry import RetryInfo
 from app.state import runs
+from app.state.client_tools import pending_call
 from app.state.model import Chat, Message, Owner, default_title
 from app.state.runs import RunToken, StepRecord, UsageKind, UsageRecord
 from app.text import storable, storable_json
@@ -118,6 +122,7 @@ class RunEnd(enum.Enum):
     FAILED = "failed"  # a terminal provider error: status error
     REQUEUED = "requeued"  # shutdown / lost liveness: given back to pending
     LOST = "lost"  # lost ownership or fenced out: wrote nothing more
+    REQUIRES_ACTION = "requires_action"  # client tools called: the chat waits for its client
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class RunDeps:
     provider_for: Callable[[ModelConfig], Provider] = provider_for
     queue_limit: int = DEFAULT_QUEUE_LIMIT  # of a child chat, for message_agent
     max_children_per_chat: int = DEFAULT_MAX_CHILDREN  # open sub-agents, for spawn_agent
+    # How long a chat waits in requires_action for its client (Settings).
+    requires_action_timeout_s: float = 300.0
 
 
 class Run:
@@ -319,6 +326,7 @@ class Run:
                     await asyncio.wait({watcher})
         except FencedOut:
             log.info("run.fenced_out", **self._log)
+            instruments.TURNS.labels(outcome="lost").inc()
             end = RunEnd.LOST
         finally:
             self._step_task = None
@@ -343,11 +351,11 @@ class Run:
             if end is not None:
                 return end
 
-    async def _turn(
+    async def _turn(  # noqa: PLR0911, PLR0912  each way a step can end the turn, in order
         self, config: ModelConfig, provider: Provider, model_config_id: uuid.UUID
     ) -> RunEnd | None:
-        """One user turn: steps until the model stops calling tools. None when a queued message
-        continues the run with another turn."""
+        """One user turn: steps until the model stops calling tools (or calls a client's). None
+        when a queued message continues the run with another turn."""
         deps = self._deps
         final: StepRecord | None = None
         for step_number in range(1, deps.max_steps_per_turn + 1):
@@ -360,6 +368,7 @@ class Run:
                 self._title_question = first_question(history)
             output = StepOutput()
             step = await self._run_step(config, provider, history, output, step_number)
+            instruments.STEPS.labels(outcome=_step_outcome(step, output, self.stop_cause())).inc()
             if step.cancelled():
                 if self.stop_cause() is not None:
                     return await self._abandon()
@@ -381,6 +390,8 @@ class Run:
                 final = record
                 break
             await deps.flusher.settle(self.token)
+            if output.client_calls:
+                return await self._require_action(config, output, record, model_config_id)
             await runs.persist_step(deps.pool, self.token, record, model_config_id=model_config_id)
             self.steps_persisted += 1
             log.info("run.step_persisted", step=step_number, **self._log)
@@ -389,6 +400,40 @@ class Run:
         # A step that completed is kept whatever stop arrived meanwhile: ending the turn is as
         # good a hand-over as a requeue (and a run that lost its chat is fenced out here).
         return await self._end_turn(final, model_config_id, interrupted=self._interrupt_pending())
+
+    async def _require_action(
+        self,
+        config: ModelConfig,
+        output: StepOutput,
+        record: StepRecord,
+        model_config_id: uuid.UUID,
+    ) -> RunEnd | None:
+        """The step called client-side tools (its server-side calls have run): persist it and
+        hand the chat to its client (requires_action), ending the run. A Stop that arrived
+        meanwhile wins: the turn ends as interrupted, the client calls answered "interrupted"."""
+        if self._interrupt_pending():
+            interrupted = output.record(config, interrupted=True)
+            return await self._end_turn(interrupted, model_config_id, interrupted=True)
+        pending = [pending_call(call.id, call.name, call.args) for call in output.client_calls]
+        self._releasing = True
+        chat = await runs.require_action(
+            self._deps.pool,
+            self.token,
+            record,
+            pending,
+            timeout_s=self._deps.requires_action_timeout_s,
+            model_config_id=model_config_id,
+        )
+        if chat is None:  # a Stop marked on the row before the write could lock it
+            self._releasing = False
+            interrupted = output.record(config, interrupted=True)
+            return await self._end_turn(interrupted, model_config_id, interrupted=True)
+        self.steps_persisted += 1
+        # The turn is not over: the run that continues it asks for the title when it ends.
+        self._title_question = None
+        log.info("run.requires_action", calls=len(pending), **self._log)
+        instruments.TURNS.labels(outcome="requires_action").inc()
+        return RunEnd.REQUIRES_ACTION
 
     async def _run_step(
         self,
@@ -425,7 +470,13 @@ class Run:
         live parts go to the flusher."""
         flusher = self._deps.flusher
 
+        loop = asyncio.get_running_loop()
+        attempt_started: float | None = None  # None once the attempt's first delta came
+
         async def on_retry(notice: RetryInfo) -> None:
+            nonlocal attempt_started
+            instruments.RETRIES.labels(provider=config.provider, kind=notice.error.kind).inc()
+            attempt_started = loop.time()
             # The attempt's parts are void: nothing of it may be flushed after the control part.
             output.content.clear()
             output.tool_calls.clear()
@@ -440,15 +491,30 @@ class Run:
             log.info("run.retrying", attempt=notice.attempt, kind=notice.error.kind, **self._log)
 
         history = await self._compact(config, provider, history, on_retry, output.meter)
-        # The step's tools, every source merged (app/tools/toolset.py): offered and executed.
+        # The step's tools, every source merged (app/tools/toolset.py): offered, and the
+        # server-side ones executed here.
         tools = await self._deps.tools.for_chat(self.chat_id)
         request = dataclasses.replace(
-            build_request(config, history, tools, for_child=self._is_child),
+            build_request(
+                config,
+                history,
+                tools.registry,
+                for_child=self._is_child,
+                client_tools=tools.client,
+            ),
             meter=output.meter,
         )
         # Model and tool output is stored as it came, except for what PostgreSQL cannot store
         # (NUL, lone surrogates): app/text.py.
+        step_started = attempt_started = loop.time()
         async for event in self._deps.stream_step(provider, request, on_retry=on_retry):
+            if attempt_started is not None and isinstance(
+                event, TextDelta | ReasoningDelta | ToolCall
+            ):
+                instruments.TIME_TO_FIRST_TOKEN.labels(provider=config.provider).observe(
+                    loop.time() - attempt_started
+                )
+                attempt_started = None
             if isinstance(event, TextDelta):
                 text = storable(event.text)
                 output.add_delta("text", text)
@@ -466,9 +532,16 @@ class Run:
             elif isinstance(event, StepFinished):
                 output.finished = event
                 output.meter.take()  # the final usage is the StepFinished's
+        instruments.STEP_DURATION.labels(provider=config.provider).observe(
+            loop.time() - step_started
+        )
 
+        client_names = tools.client_names
         for call in output.tool_calls:
-            outcome = await tools.call(call.name, call.args, self._tool_context)
+            if call.name in client_names:
+                output.client_calls.append(call)  # the chat's client runs it
+                continue
+            outcome = await tools.registry.call(call.name, call.args, self._tool_context)
             result = storable_json(outcome.result)
             part = tool_result_part(call, result, is_error=outcome.is_error)
             output.tool_results.append(part)
@@ -577,6 +650,7 @@ class Run:
         # No await between the write and this: any Stop seen after it is a new one.
         self._handled_version = max(self._handled_version, outcome.chat.version)
         self._version = max(self._version, outcome.chat.version)
+        instruments.TURNS.labels(outcome="interrupted" if interrupted else "answered").inc()
         if step is not None and not step.is_empty:
             self.steps_persisted += 1
         self._releasing = outcome.next_message is None
@@ -606,6 +680,7 @@ class Run:
             storable_json(error.as_json()),
             usage=self._usage_record("failed_attempt", spent),
         )
+        instruments.TURNS.labels(outcome="failed").inc()
         return RunEnd.FAILED
 
     def _usage_record(self, kind: UsageKind, usage: Usage | None) -> UsageRecord | None:
@@ -649,6 +724,7 @@ class Run:
             await self._record_spend("abandoned", output.meter.take())
         if cause == StopCause.LOST_OWNERSHIP:
             log.info("run.stopped", cause=cause.label, **self._log)
+            instruments.TURNS.labels(outcome="lost").inc()
             return RunEnd.LOST
         self._releasing = True
         # Shutdown or lost liveness: hand the chat on. This is the one write that must finish
@@ -659,8 +735,10 @@ class Run:
             await asyncio.shield(write)
         except FencedOut:
             log.info("run.stopped", cause=cause.label, given_back=False, **self._log)
+            instruments.TURNS.labels(outcome="lost").inc()
             return RunEnd.LOST
         log.info("run.stopped", cause=cause.label, given_back=True, **self._log)
+        instruments.TURNS.labels(outcome="requeued").inc()
         return RunEnd.REQUEUED
 
     async def _give_back(self) -> Chat:
@@ -672,3 +750,12 @@ def _retrieve_exception(task: asyncio.Future[Any]) -> None:
     """A shielded write may end after its run was cancelled; its outcome is logged there."""
     if not task.cancelled():
         task.exception()
+
+
+def _step_outcome(step: asyncio.Task[None], output: StepOutput, cause: StopCause | None) -> str:
+    """How a step ended, for the `chatd_steps_total` counter."""
+    if step.cancelled():
+        return "abandoned" if cause is not None else "interrupted"
+    if step.exception() is not None:
+        return "failed"
+    return "tool_use" if output.tool_calls else "end_turn"

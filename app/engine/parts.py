@@ -38,12 +38,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
+from app import instruments
 from app.aio import Backoff
 from app.db.failures import is_transient
 from app.db.queries import project_queries
@@ -319,6 +321,7 @@ class PartFlusher:
         # One autocommit statement is one transaction (see parts_flush). The server is asked to
         # cancel the statement at the deadline; the outer deadline bounds the wait for the
         # connection too.
+        started = time.perf_counter()
         async with asyncio.timeout(self._flush_timeout_s):
             written: int = await self._pool.fetchval(
                 Q.sql("parts_flush"),
@@ -329,6 +332,8 @@ class PartFlusher:
                 [json.dumps(p.part) for p in batch],
                 [p.seq for p in batch],
             )
+        instruments.PART_FLUSH_DURATION.observe(time.perf_counter() - started)
+        instruments.PART_FLUSH_SIZE.observe(len(batch))
         return written
 
 

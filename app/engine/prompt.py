@@ -4,6 +4,7 @@ first question, for titles; the text of a message)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from app.engine import compaction
@@ -11,6 +12,7 @@ from app.providers.base import (
     ModelConfig,
     ModelRequest,
     PromptMessage,
+    ToolSpec,
 )
 from app.state.model import Message
 from app.tools.registry import ToolRegistry
@@ -28,8 +30,11 @@ def build_request(
     tools: ToolRegistry,
     *,
     for_child: bool = False,
+    client_tools: Sequence[ToolSpec] = (),
 ) -> ModelRequest:
     """The prompt of a step. `history` is the visible, uncompressed history in id order.
+    `client_tools`: the chat's client-side tools, offered after the server's (a name the
+    server's registry has is left out: the server's tool is the one that runs).
 
     - The latest compaction summary comes first: it is the last section of the system text, so
       every adapter (Anthropic `system`, OpenAI's system message; the echo model ignores it)
@@ -58,7 +63,10 @@ def build_request(
         config=config,
         messages=messages,
         system="\n\n".join(system),
-        tools=tools.specs(for_child=for_child),
+        tools=[
+            *tools.specs(for_child=for_child),
+            *(spec for spec in client_tools if tools.get(spec.name) is None),
+        ],
     )
 
 

@@ -12,7 +12,8 @@ Liveness. A replica holds a session advisory lock keyed by its id on a dedicated
 (not from the pool) and heartbeats its row. Every `liveness_check_interval_s` the sweeper of
 every replica looks for registered replicas whose lock is free (their session ended) or whose
 heartbeat is older than `stale_threshold_s` (connected but stuck), deletes their rows and gives
-their running chats back, in one transaction that is safe to run on several replicas at once.
+their running chats back, in one transaction that is safe to run on several replicas at once;
+then it ends the waits of requires_action chats whose client did not answer in time.
 A replica that loses its own liveness connection, or finds its row deleted, stops its runs (it
 can no longer prove ownership) and registers again under a new id."""
 
@@ -125,6 +126,7 @@ class Replica:
             stream_step=stream_step,
             queue_limit=settings.queue_limit,
             max_children_per_chat=settings.max_children_per_chat,
+            requires_action_timeout_s=settings.requires_action_timeout_s,
         )
         # Keyed by run token, not chat id: after an edit the same chat may be re-acquired here
         # (generation + 1) while the old run is still stopping; both are live runs.
@@ -154,6 +156,11 @@ class Replica:
     @property
     def listener(self) -> Listener:
         return self._listener
+
+    def server_tool_names(self) -> frozenset[str]:
+        """The names of the tools this replica runs: a chat's client tools may not take them
+        (the API refuses such a definition)."""
+        return frozenset(self._deps.tools.names())
 
     @property
     def registered(self) -> bool:
@@ -357,6 +364,7 @@ class Replica:
                 check_orphans = loop.time() >= next_orphan_check
                 async with asyncio.timeout(SWEEP_TIMEOUT_S):
                     await self.sweep(orphans=check_orphans)
+                    await self.expire_actions()
                     if check_orphans:
                         next_orphan_check = loop.time() + self.settings.stale_threshold_s
                         if removed := await parts.delete_orphan_parts(self._pool):
@@ -406,6 +414,16 @@ class Replica:
             )
         self.stats.requeued_for_others += len(requeued)
         return requeued
+
+    async def expire_actions(self) -> list[Chat]:
+        """The time-out of requires_action (docs/requires_action.md): chats whose client did not
+        post its tool results before the deadline get error results and their turn ends. Every
+        replica looks, every sweep (one probe of a partial index that holds only the chats
+        waiting for a client); SKIP LOCKED keeps them from doing the same chat twice."""
+        expired = await runs.expire_actions(self._pool)
+        for chat in expired:
+            log.info("run.action_timed_out", chat_id=chat.id, status=chat.status, **self._fields())
+        return expired
 
     # --- acquiring and running -------------------------------------------------------------
 

@@ -102,6 +102,9 @@ class StepOutput:
     content: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[dict[str, Any]] = field(default_factory=list)
+    # The calls of client-side tools: not run here, their results come from the chat's client
+    # (docs/requires_action.md). A subset of tool_calls, without results in tool_results.
+    client_calls: list[ToolCall] = field(default_factory=list)
     finished: StepFinished | None = None
     # The usage the provider reported for the attempt in progress, before its StepFinished.
     meter: UsageMeter = field(default_factory=UsageMeter)

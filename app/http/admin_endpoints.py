@@ -8,10 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from app.errors import ValidationFailed
-from app.http.models import (
-    CreateModelConfigRequest,
-    UpdateModelConfigRequest,
-)
+from app.http.models import CreateModelConfigRequest, UpdateModelConfigRequest
 from app.http.routing import Call, json_response
 from app.providers.pricing import validate_prices
 from app.state import admin

@@ -1,6 +1,7 @@
-"""The chat routes' handlers: create, list, read, send, edit, Stop, queue operations, archive.
-They translate HTTP to calls of the state machine (app/state/chats.py); they never pick an
-error status (the middleware does) and never run SQL."""
+"""The chat routes' handlers: create, list, read, send, edit, Stop, queue operations, archive,
+tool results (and the built-in client tool's definition). They translate HTTP to calls of the
+state machine (app/state/chats.py); they never pick an error status (the middleware does) and
+never run SQL."""
 
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from aiohttp import web
 from app.errors import ValidationFailed
 from app.http.models import (
     PAGE_CURSOR_PATTERN,
+    ClientToolDefinition,
     CreateChatRequest,
     EditMessageRequest,
     ListChatsQuery,
     ListMessagesQuery,
     SendMessageRequest,
     TextPart,
+    ToolResultsRequest,
     UpdateChatRequest,
 )
 from app.http.routing import Call, json_response
 from app.state import chats
+from app.state.client_tools import ASK_USER_QUESTION_TOOL
 from app.state.model import Chat, Message, UserLimits
 
 
@@ -31,6 +35,13 @@ def _content(value: str | tuple[TextPart, ...] | list[TextPart]) -> str | list[d
     if isinstance(value, str):
         return value
     return [part.model_dump() for part in value]
+
+
+def _tools(value: list[ClientToolDefinition] | None) -> list[dict[str, Any]] | None:
+    """The definitions as the client wrote them (defaults the model filled in left out)."""
+    if value is None:
+        return None
+    return [tool.model_dump(mode="json", exclude_unset=True) for tool in value]
 
 
 PAGE_CURSOR = re.compile(PAGE_CURSOR_PATTERN)
@@ -78,6 +89,8 @@ async def create_chat(call: Call) -> web.StreamResponse:
         model_config_id=body.model_config_id,
         client_type=body.client_type,
         limits=_limits(call),
+        tools=_tools(body.tools),
+        server_tool_names=call.server_tool_names(),
         mcp_server_ids=body.mcp_server_ids,
     )
     return json_response(chat.to_json(), status=201)
@@ -143,6 +156,8 @@ async def send_message(call: Call) -> web.StreamResponse:
         _content(body.content),
         queue_limit=call.settings.queue_limit,
         limits=_limits(call),
+        tools=_tools(body.tools),
+        server_tool_names=call.server_tool_names(),
     )
     if result.message is not None:
         return json_response({"message": result.message.to_json()}, status=201)
@@ -177,3 +192,20 @@ async def promote_queued(call: Call) -> web.StreamResponse:
     if isinstance(promoted, Message):
         return json_response(promoted.to_json())
     return json_response({"queued": promoted.to_json()}, status=202)
+
+
+async def submit_tool_results(call: Call) -> web.StreamResponse:
+    chat_id = call.path_uuid("id")
+    body = await call.body(ToolResultsRequest)
+    chat, message = await chats.submit_tool_results(
+        call.pool,
+        call.owner,
+        chat_id,
+        [result.model_dump(mode="json") for result in body.results],
+    )
+    return json_response({"chat": chat.to_json(), "message": message.to_json()})
+
+
+async def ask_user_question_tool(call: Call) -> web.StreamResponse:
+    del call
+    return json_response(ASK_USER_QUESTION_TOOL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Collection
 from typing import Any
 
 import asyncpg
@@ -25,3 +26,6 @@ SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 # What `/metrics` collects (app/metrics.py).
 METRICS: web.AppKey[list[Collector]] = web.AppKey("metrics")
+# The names of the server-side tools (the replica's registry): a chat's client tools may not
+# take them. A callable, so that a source of tools that changes (plug-ins, MCP) is asked anew.
+SERVER_TOOL_NAMES: web.AppKey[Callable[[], Collection[str]]] = web.AppKey("server_tool_names")

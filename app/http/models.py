@@ -9,8 +9,26 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
+from app.http.auth import MAX_TOKEN_CHARS
+from app.state.client_tools import (
+    CLIENT_TOOL_NAME_PATTERN,
+    MAX_CLIENT_TOOLS,
+    MAX_CLIENT_TOOLS_CHARS,
+    MAX_INPUT_SCHEMA_CHARS,
+    MAX_RESULT_CHARS,
+    MAX_TOOL_DESCRIPTION_CHARS,
+)
 from app.state.mcp_servers import MAX_SERVERS_PER_CHAT
 from app.state.model import MAX_PARTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, NON_BLANK_PATTERN
 
@@ -18,7 +36,7 @@ MAX_INT4 = 2**31 - 1
 MAX_LIST_LIMIT = 200
 MAX_MESSAGES_LIMIT = 1000
 
-ChatStatus = Literal["waiting", "pending", "running", "error"]
+ChatStatus = Literal["waiting", "pending", "running", "requires_action", "error"]
 Provider = Literal["anthropic", "openai", "builtin"]
 
 
@@ -60,11 +78,47 @@ UserContent = (
 Title = Annotated[StrictStr, Field(max_length=MAX_TITLE_CHARS)]
 
 
+class InputSchema(BaseModel):
+    """A JSON Schema object of type `object` (what every provider needs of a tool's input);
+    the rest of the schema is the client's business."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        json_schema_extra={"description": f"At most {MAX_INPUT_SCHEMA_CHARS} characters of JSON."},
+    )
+
+    type: Literal["object"]
+    properties: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    required: list[StrictStr] = Field(default_factory=list)
+
+
+class ClientToolDefinition(Strict):
+    """A tool the chat's client executes (docs/requires_action.md)."""
+
+    name: Annotated[StrictStr, Field(pattern=CLIENT_TOOL_NAME_PATTERN)]
+    description: Annotated[StrictStr, Field(max_length=MAX_TOOL_DESCRIPTION_CHARS)] = ""
+    input_schema: InputSchema
+
+
+ClientTools = Annotated[
+    list[ClientToolDefinition],
+    Field(
+        max_length=MAX_CLIENT_TOOLS,
+        description="Tools the client executes: calling one puts the chat in requires_action."
+        " Names are unique in the list and may not be those of server-side tools (400);"
+        f" at most {MAX_CLIENT_TOOLS_CHARS} characters of JSON in all.",
+        json_schema_extra={"x-unique-by": "name"},
+    ),
+]
+
+
 class CreateChatRequest(Strict):
     content: UserContent = Field(description="The first user message: text, or text parts.")
     model_config_id: uuid.UUID | None = None
     title: Title | None = None
     client_type: Literal["ui", "api"] = "api"
+    tools: ClientTools | None = None
     mcp_server_ids: list[uuid.UUID] | None = Field(
         None,
         max_length=MAX_SERVERS_PER_CHAT,
@@ -80,6 +134,30 @@ class UpdateChatRequest(Strict):
 
 class SendMessageRequest(Strict):
     content: UserContent
+    tools: ClientTools | None = Field(
+        None, description="Replaces the chat's client tools (at once); absent: unchanged."
+    )
+
+
+class ToolResult(Strict):
+    tool_call_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    result: Any = Field(
+        description=f"Any JSON value (at most {MAX_RESULT_CHARS} characters of JSON): what the"
+        " model reads as the tool's output."
+    )
+    is_error: StrictBool = False
+
+
+class ToolResultsRequest(Strict):
+    results: Annotated[
+        list[ToolResult],
+        Field(
+            min_length=1,
+            max_length=MAX_CLIENT_TOOLS * 4,
+            description="One result for every pending tool call, each call once.",
+            json_schema_extra={"x-unique-by": "tool_call_id"},
+        ),
+    ]
 
 
 class EditMessageRequest(Strict):
@@ -272,6 +350,12 @@ class SpendLimitBody(Described):
     resets_at: str
 
 
+class PendingToolCall(Described):
+    id: str
+    name: str
+    args: dict[str, Any]
+
+
 class ChatOut(Described):
     id: uuid.UUID
     owner_id: uuid.UUID
@@ -285,6 +369,12 @@ class ChatOut(Described):
     archived: bool
     created_at: datetime
     updated_at: datetime
+    pending_tool_calls: list[PendingToolCall] | None = Field(
+        description="While requires_action: the client tool calls waiting for results."
+    )
+    action_deadline_at: datetime | None = Field(
+        description="While requires_action: when the pending calls time out."
+    )
 
 
 class Usage(Described):
@@ -338,6 +428,11 @@ class MessageEnvelope(Described):
 
 class QueuedEnvelope(Described):
     queued: QueuedOut
+
+
+class ToolResultsAnswer(Described):
+    chat: ChatOut
+    message: MessageOut = Field(description="The tool message holding the results.")
 
 
 class ModelConfigOut(Described):
@@ -463,6 +558,13 @@ class ErrorEvent(Described):
     detail: str | None
 
 
+class ActionRequiredEvent(Described):
+    type: Literal["action_required"]
+    chat_id: uuid.UUID
+    pending_tool_calls: list[PendingToolCall]
+    action_deadline_at: datetime | None
+
+
 class HistoryResetEvent(Described):
     type: Literal["history_reset"]
     chat_id: uuid.UUID
@@ -477,6 +579,7 @@ StreamEvent = Annotated[
     | QueueEvent
     | RetryEvent
     | ErrorEvent
+    | ActionRequiredEvent
     | HistoryResetEvent,
     Field(discriminator="type"),
 ]
@@ -501,3 +604,182 @@ class ChatListChangeEvent(Described):
 class ResyncEvent(Described):
     type: Literal["resync"]
     reason: Literal["overflow", "reconnected"]
+
+
+# Browser sessions (docs/web.md).
+
+Secret = Annotated[StrictStr, Field(min_length=1, max_length=MAX_TOKEN_CHARS)]
+
+
+class CreateSessionRequest(Strict):
+    token: Secret = Field(description="An API token (`chatd token create USER`).")
+
+
+class LoginCodeRequest(Strict):
+    code: Secret = Field(description="The code of a one-time login URL (`/login#code=<code>`).")
+
+
+class SessionUser(Strict):
+    id: uuid.UUID
+    name: str
+    is_admin: bool
+
+
+class SessionOut(Strict):
+    user: SessionUser
+    csrf_token: str = Field(
+        description="Send it as X-CSRF-Token with every cookie-authenticated request that"
+        " changes state (POST, PUT, PATCH, DELETE)."
+    )
+    expires_at: datetime
+
+
+# --------------------------------------------------------------------------------------------
+# The Vercel AI SDK (docs/api.md, "Vercel AI SDK").
+
+
+class Loose(BaseModel):
+    """Unknown fields are ignored: the AI SDK's clients send fields of their own (extras of the
+    transport's `body`, a part's `state`, provider metadata)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, protected_namespaces=())
+
+
+class UIMessagePartIn(Loose):
+    type: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    # Read only on the text parts of the last user message, and checked there.
+    text: Any = None
+
+
+_UI_TEXT_PART: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "text"},
+        "text": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+    },
+    "required": ["type", "text"],
+}
+_UI_OTHER_PART: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {
+            "type": "string",
+            "pattern": "^(?!(text|file)$).+$",
+            "maxLength": 200,
+            "description": "step-start, reasoning, data-*, source-*, tool parts: ignored",
+        }
+    },
+    "required": ["type"],
+}
+# What chatd takes from `messages`, as JSON Schema can say it: the last user message must have a
+# text part with a character that is not blank, and no file part (JSON Schema cannot name the
+# last item of a list, so the document asks it of every user message; the server checks only
+# the last one, and ignores every other message).
+UI_MESSAGES_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 1,
+    "description": "The AI SDK's UI messages. chatd owns the history: it reads only the last"
+    " user message (its text parts; other parts are ignored, file parts refused).",
+    "items": {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "role": {"const": "user"},
+                    "parts": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": MAX_PARTS,
+                        "items": {"anyOf": [_UI_TEXT_PART, _UI_OTHER_PART]},
+                        "contains": {
+                            "type": "object",
+                            "properties": {
+                                "type": {"type": "string", "pattern": "^text$"},
+                                "text": {"type": "string", "pattern": NON_BLANK_PATTERN},
+                            },
+                            "required": ["type", "text"],
+                        },
+                    },
+                },
+                "required": ["role", "parts"],
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "role": {"enum": ["assistant", "system"]},
+                    "parts": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "type": {"type": "string", "minLength": 1, "maxLength": 200}
+                            },
+                            "required": ["type"],
+                        },
+                    },
+                },
+                "required": ["role", "parts"],
+            },
+        ]
+    },
+    "contains": {
+        "type": "object",
+        "properties": {"role": {"type": "string", "pattern": "^user$"}},
+        "required": ["role"],
+    },
+}
+
+
+class UIMessageIn(Loose):
+    id: Annotated[StrictStr, Field(max_length=1000)] | None = None
+    role: Literal["system", "user", "assistant"]
+    parts: list[UIMessagePartIn]
+
+
+class AiSdkChatRequest(Loose):
+    """The body the AI SDK's `DefaultChatTransport` posts (unknown fields are ignored)."""
+
+    id: uuid.UUID = Field(description="The chat's id, chosen by the client (a UUID).")
+    messages: Annotated[
+        list[UIMessageIn],
+        Field(min_length=1),
+        WithJsonSchema(UI_MESSAGES_SCHEMA, mode="validation"),
+    ]
+    trigger: Literal["submit-message", "regenerate-message"] = Field(
+        description="submit-message sends the last user message; regenerate-message answers"
+        " chatd's last user message again (an edit of it with its own content)."
+    )
+    message_id: StrictStr | None = Field(
+        None, alias="messageId", description="Sent by the AI SDK; chatd does not use it."
+    )
+    model_config_id: uuid.UUID | None = Field(
+        None, description="The model of a chat this request creates (else the default model)."
+    )
+
+
+class UIMessageChunk(BaseModel):
+    """One `data:` line of the UI message stream (protocol v1); the stream ends with
+    `data: [DONE]`. The fields besides `type` depend on it (docs/api.md, "Vercel AI SDK")."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: Literal[
+        "start",
+        "start-step",
+        "text-start",
+        "text-delta",
+        "text-end",
+        "reasoning-start",
+        "reasoning-delta",
+        "reasoning-end",
+        "tool-input-available",
+        "tool-output-available",
+        "tool-output-error",
+        "data-chatd-retry",
+        "finish-step",
+        "finish",
+        "abort",
+        "error",
+    ]

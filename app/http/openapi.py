@@ -9,9 +9,17 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from app.http.routing import Route
+from app.http.models import ErrorBody
+from app.http.routing import Answer, Route
+from app.http.sessions import COOKIE_NAME, CSRF_HEADER, UNSAFE_METHODS
 
 REF = "#/components/schemas/{model}"
+# Every route that changes state may refuse a cookie-authenticated request without its CSRF
+# token; the document says so where the route's own declaration does not already have a 403.
+_CSRF_REFUSED = Answer(
+    "authenticated by the session cookie without the right CSRF token (or from another origin)",
+    ErrorBody,
+)
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
     "uuid": {"type": "string", "format": "uuid"},
@@ -33,7 +41,7 @@ def _mark_integers(node: Any) -> None:
 
 
 def openapi_document(routes: list[Route], *, version: str = "0.1.0") -> dict[str, Any]:  # noqa: PLR0912  one branch per optional OpenAPI field
-    models: list[type[BaseModel]] = []
+    models: list[type[BaseModel]] = [ErrorBody]
     for route in routes:
         answer_models = [model for answer in route.answers.values() for model in answer.models]
         for model in (route.body, route.query, *answer_models):
@@ -55,7 +63,8 @@ def openapi_document(routes: list[Route], *, version: str = "0.1.0") -> dict[str
         }
         if route.description:
             operation["description"] = route.description
-        operation["security"] = [{"bearer": []}] if route.auth else []
+        # A route that needs a user takes a bearer token or the browser session cookie.
+        operation["security"] = [{"bearer": []}, {"session": []}] if route.auth else []
         if route.admin:
             operation["x-admin-only"] = True
         parameters: list[dict[str, Any]] = []
@@ -94,7 +103,10 @@ def openapi_document(routes: list[Route], *, version: str = "0.1.0") -> dict[str
                 "required": True,
                 "content": {"application/json": {"schema": ref(route.body)}},
             }
-        for status, answer in sorted(route.answers.items()):
+        answers = dict(route.answers)
+        if route.auth and route.method in UNSAFE_METHODS and 403 not in answers:
+            answers[403] = _CSRF_REFUSED
+        for status, answer in sorted(answers.items()):
             response: dict[str, Any] = {"description": answer.description}
             if answer.alternatives:
                 schema = {"oneOf": [ref(model) for model in answer.models]}
@@ -119,7 +131,16 @@ def openapi_document(routes: list[Route], *, version: str = "0.1.0") -> dict[str
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": COOKIE_NAME,
+                    "description": f"A browser session (docs/web.md). Requests that change"
+                    f" state also send the session's CSRF token in {CSRF_HEADER}.",
+                },
+            },
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"session": []}],
     }

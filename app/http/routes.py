@@ -7,25 +7,33 @@ from __future__ import annotations
 
 from app.http import (
     admin_endpoints,
+    ai_sdk_endpoints,
     chat_endpoints,
     mcp_endpoints,
     ops_endpoints,
+    session_endpoints,
+    sessions,
     stream_endpoints,
+    web_endpoints,
 )
 from app.http.models import (
+    AiSdkChatRequest,
     ChatList,
     ChatListChangeEvent,
     ChatOut,
     ChatStreamEvent,
+    ClientToolDefinition,
     CreateChatRequest,
     CreateMcpServerRequest,
     CreateModelConfigRequest,
+    CreateSessionRequest,
     EditMessageRequest,
     ErrorBody,
     Health,
     LimitBody,
     ListChatsQuery,
     ListMessagesQuery,
+    LoginCodeRequest,
     McpServerList,
     McpServerOut,
     MessageEnvelope,
@@ -36,8 +44,12 @@ from app.http.models import (
     QueuedEnvelope,
     ReplicaList,
     SendMessageRequest,
+    SessionOut,
     SpendLimitBody,
     StreamQuery,
+    ToolResultsAnswer,
+    ToolResultsRequest,
+    UIMessageChunk,
     UpdateChatRequest,
     UpdateMcpServerRequest,
     UpdateModelConfigRequest,
@@ -195,9 +207,37 @@ REST_ROUTES: list[Route] = [
         f"{V1}/chats/{{id}}/interrupt",
         chat_endpoints.interrupt,
         "interruptChat",
-        "Stop: a pending chat goes back to waiting, a running one is stopped by its worker",
+        "Stop: a pending chat goes back to waiting, a running one is stopped by its worker,"
+        " a requires_action one goes to waiting with its pending calls answered as errors",
         path_params=_CHAT,
         answers={200: Answer("the chat", ChatOut), **_errors(400, 401, 404)},
+    ),
+    Route(
+        "POST",
+        f"{V1}/chats/{{id}}/tool-results",
+        chat_endpoints.submit_tool_results,
+        "submitToolResults",
+        "Answer the pending client tool calls of a requires_action chat; it goes pending",
+        description="A result for every pending call, each once (400 otherwise); results for"
+        " calls that are not pending (a late answer for an earlier turn) and a chat that is not"
+        " requires_action answer 409 and change nothing. See docs/requires_action.md.",
+        path_params=_CHAT,
+        body=ToolResultsRequest,
+        answers={
+            200: Answer("the chat (pending) and the tool message", ToolResultsAnswer),
+            **_errors(400, 401, 404, 409, 413),
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/tools/ask_user_question",
+        chat_endpoints.ask_user_question_tool,
+        "getAskUserQuestionTool",
+        "The definition of the built-in client tool ask_user_question",
+        description="A client that can put a question to its user declares this definition in"
+        ' `tools`; it answers the calls with `{"answer": text}`.',
+        tag="tools",
+        answers={200: Answer("the definition", ClientToolDefinition), 401: E401},
     ),
     Route(
         "DELETE",
@@ -375,7 +415,7 @@ SYSTEM_ROUTES: list[Route] = [
         "/metrics",
         ops_endpoints.metrics,
         "metrics",
-        "Prometheus metrics (text format 0.0.4)",
+        "Prometheus metrics (text exposition of prometheus_client)",
         tag="operations",
         auth=False,
         answers={200: Answer("metrics", None, media_type="text/plain")},
@@ -423,7 +463,8 @@ STREAM_ROUTES: list[Route] = [
         "streamChat",
         "Server-Sent Events of one chat, resumable from any cursor",
         description="Frames: `id: <message id>:<part id>`, `event: <type>`, `data: <JSON>`;"
-        " types status, message, message_part, queue, retry, error, history_reset;"
+        " types status, message, message_part, queue, retry, error, action_required,"
+        " history_reset;"
         " keep-alive comments. See docs/api.md.",
         tag="streams",
         path_params={"id": "uuid"},
@@ -450,6 +491,7 @@ STREAM_ROUTES: list[Route] = [
             101: Answer("switching to the WebSocket protocol", ChatStreamEvent),
             400: E400,
             401: E401,
+            403: Answer("authenticated by the session cookie from another origin", ErrorBody),
             404: Answer("no such chat (or not yours)", ErrorBody),
             429: E429_STREAMS,
         },
@@ -457,5 +499,190 @@ STREAM_ROUTES: list[Route] = [
 ]
 
 
+# The Vercel AI SDK's transport (docs/api.md, "Vercel AI SDK"). Its streams count against
+# `max_streams_per_user` like the others.
+_UI_STREAM = Answer(
+    "the answer as the AI SDK's UI message stream (header x-vercel-ai-ui-message-stream: v1):"
+    " `data: <chunk>` events, then `data: [DONE]`",
+    UIMessageChunk,
+    media_type="text/event-stream",
+)
+
+AI_SDK_ROUTES: list[Route] = [
+    Route(
+        "POST",
+        f"{V1}/ai-sdk/chats",
+        ai_sdk_endpoints.send_messages,
+        "aiSdkSendMessages",
+        "Vercel AI SDK: send the last user message (or answer again) and stream the answer",
+        description="The body of the AI SDK's `DefaultChatTransport`. The chat `id` is chosen"
+        " by the client: a chat of the caller's is sent to (queued while it is busy), a new id"
+        " creates the chat, another user's chat answers 404. `regenerate-message` edits the"
+        " chat's last user message with its own content. See docs/api.md.",
+        tag="ai-sdk",
+        body=AiSdkChatRequest,
+        answers={
+            200: _UI_STREAM,
+            **_errors(400, 401, 404, 413),
+            409: E409_OR_SPEND,
+            429: E429_QUEUE_OR_LIMIT,  # streams_per_user is a per-user limit too
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/ai-sdk/chats/{{id}}/stream",
+        ai_sdk_endpoints.resume_stream,
+        "aiSdkResumeStream",
+        "Vercel AI SDK: the answer in progress from its start, then live (204 when idle)",
+        description="What `useChat({resume: true})` asks on mount, on any replica.",
+        tag="ai-sdk",
+        path_params=_CHAT,
+        answers={
+            200: _UI_STREAM,
+            204: Answer("the chat is not busy (not pending or running): nothing to resume"),
+            400: E400,
+            401: E401,
+            404: E404,
+            429: E429_LIMIT,  # streams_per_user
+        },
+    ),
+]
+
+
+# Browser sessions and the web page (docs/web.md).
+
+E401_LOGIN = Answer("unknown token, or a login code that is unknown, expired or used", ErrorBody)
+E401_SESSION = Answer("no valid session cookie", ErrorBody)
+E403_ORIGIN = Answer("sent by a page of another origin", ErrorBody)
+
+_COOKIE_NOTE = (
+    f" Sets the `{sessions.COOKIE_NAME}` cookie (HttpOnly, SameSite=Strict, Path=/, Secure over"
+    " https); see docs/web.md."
+)
+
+SESSION_ROUTES: list[Route] = [
+    Route(
+        "POST",
+        f"{V1}/sessions",
+        session_endpoints.create_session,
+        "createSession",
+        "Log a browser in with an API token",
+        description="The answer carries the CSRF token to send with requests that change state."
+        + _COOKIE_NOTE,
+        tag="sessions",
+        auth=False,
+        body=CreateSessionRequest,
+        answers={
+            201: Answer("logged in", SessionOut),
+            400: E400,
+            401: E401_LOGIN,
+            403: E403_ORIGIN,
+            413: E413,
+        },
+    ),
+    Route(
+        "POST",
+        f"{V1}/sessions/login-code",
+        session_endpoints.create_session_from_login_code,
+        "createSessionFromLoginCode",
+        "Log a browser in with a one-time login code",
+        description="The code of the URL `chatd serve` prints with the embedded database; each"
+        " code works once, for a few minutes." + _COOKIE_NOTE,
+        tag="sessions",
+        auth=False,
+        body=LoginCodeRequest,
+        answers={
+            201: Answer("logged in", SessionOut),
+            400: E400,
+            401: E401_LOGIN,
+            403: E403_ORIGIN,
+            413: E413,
+        },
+    ),
+    Route(
+        "GET",
+        f"{V1}/sessions/current",
+        session_endpoints.get_current_session,
+        "getCurrentSession",
+        "The browser session of the cookie: its user and CSRF token",
+        description="401 without a valid session cookie (a bearer token is not a session).",
+        tag="sessions",
+        answers={200: Answer("the session", SessionOut), 401: E401_SESSION},
+    ),
+    Route(
+        "DELETE",
+        f"{V1}/sessions/current",
+        session_endpoints.delete_current_session,
+        "deleteCurrentSession",
+        "Log out: the session ends and its cookie is cleared",
+        tag="sessions",
+        answers={
+            204: Answer("logged out"),
+            401: E401_SESSION,
+            403: Answer("missing or wrong CSRF token", ErrorBody),
+        },
+    ),
+]
+
+
+_NOT_MODIFIED = Answer("not modified (the ETag sent in If-None-Match still matches)")
+
+
+def web_routes() -> list[Route]:
+    """The page and one route per file of app/web/static."""
+    index = web_endpoints.STATIC_FILES[web_endpoints.INDEX]
+    routes = [
+        Route(
+            "GET",
+            path,
+            web_endpoints.serve_static(index, page=True),
+            operation_id,
+            summary,
+            tag="web",
+            auth=False,
+            answers={200: Answer("the page", None, media_type="text/html"), 304: _NOT_MODIFIED},
+        )
+        for path, operation_id, summary in (
+            ("/", "webPage", "The web page (docs/web.md)"),
+            (
+                sessions.LOGIN_PATH,
+                "webLoginPage",
+                "The web page; with `#code=<code>` it logs in with a one-time code",
+            ),
+        )
+    ]
+    for name, static in web_endpoints.STATIC_FILES.items():
+        if name == web_endpoints.INDEX:
+            continue
+        routes.append(
+            Route(
+                "GET",
+                web_endpoints.STATIC_PREFIX + name,
+                web_endpoints.serve_static(static, page=False),
+                web_endpoints.static_operation_id(name),
+                f"A file of the web page: {name}",
+                tag="web",
+                auth=False,
+                answers={
+                    200: Answer(name, None, media_type=static.content_type),
+                    304: _NOT_MODIFIED,
+                },
+            )
+        )
+    return routes
+
+
+WEB_ROUTES: list[Route] = web_routes()
+# The routes anyone may open (the page must load before anyone is logged in).
+PUBLIC_PATHS = frozenset(route.path for route in [*SESSION_ROUTES, *WEB_ROUTES] if not route.auth)
+
+
 def all_routes() -> list[Route]:
-    return [*SYSTEM_ROUTES, *STREAM_ROUTES, *REST_ROUTES]
+    return [
+        *SYSTEM_ROUTES,
+        *STREAM_ROUTES,
+        *REST_ROUTES,
+        *AI_SDK_ROUTES,
+        *SESSION_ROUTES,
+        *WEB_ROUTES,
+    ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -18,7 +18,8 @@ from app.config import Settings
 from app.db.listener import Listener
 from app.errors import Forbidden
 from app.http import keys
-from app.http.auth import User, authenticate, bearer_token
+from app.http.auth import User
+from app.http.sessions import authenticate_request
 from app.http.validation import path_id, path_uuid, read_body, read_query
 from app.state.model import Owner
 from app.stream.hub import StreamHubs
@@ -95,6 +96,9 @@ class Call:
     def hubs(self) -> StreamHubs:
         return self.request.app[keys.STREAM_HUBS]
 
+    def server_tool_names(self) -> Collection[str]:
+        return self.request.app[keys.SERVER_TOOL_NAMES]()
+
     async def body(self, model: type[M]) -> M:
         assert model is self.route.body, f"{self.route.operation_id} declares {self.route.body}"
         return await read_body(self.request, model, max_bytes=self.settings.max_body_bytes)
@@ -116,8 +120,8 @@ def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
     async def handle(request: web.Request) -> web.StreamResponse:
         user: User | None = None
         if route.auth:
-            token = bearer_token(request.headers.get("Authorization"))
-            user = await authenticate(request.app[keys.POOL], token)
+            # A bearer header, else the browser session cookie (with its CSRF check).
+            user = await authenticate_request(request)
             if route.admin and not user.is_admin:
                 raise Forbidden("this route is for admins")
         return await route.handler(Call(request, route, user))

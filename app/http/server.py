@@ -5,7 +5,7 @@ the stream hubs opened and closed in cleanup_ctx, and streams told to end on shu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
 import asyncpg
 from aiohttp import WSCloseCode, web
@@ -18,7 +18,7 @@ from app.http.keys import METRICS, OPENAPI
 from app.http.openapi import openapi_document
 from app.http.routes import all_routes
 from app.http.routing import add_routes
-from app.metrics import Collector, listener_metrics, stream_metrics
+from app.metrics import Collector, listener_metrics, pool_metrics, stream_metrics
 from app.stream.hub import StreamHubs
 
 
@@ -56,14 +56,18 @@ def build_app(
     pool: asyncpg.Pool,
     listener: Listener,
     metrics: Sequence[Collector] = (),
+    server_tool_names: Callable[[], Collection[str]] = frozenset,
 ) -> web.Application:
+    """`server_tool_names`: the names of the replica's server-side tools, which client tool
+    definitions may not take (none by default: an API without a worker)."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app[keys.SERVER_TOOL_NAMES] = server_tool_names
     app[keys.SETTINGS] = settings
     app[keys.POOL] = pool
     app[keys.LISTENER] = listener
     app[keys.WEBSOCKETS] = set()
     app[keys.SHUTDOWN] = asyncio.Event()
-    app[METRICS] = [listener_metrics(listener), *metrics]
+    app[METRICS] = [listener_metrics(listener), pool_metrics(pool), *metrics]
     routes = all_routes()
     app[OPENAPI] = openapi_document(routes)
     add_routes(app, routes)

@@ -1,20 +1,37 @@
 """The chat state machine as driven by users: create, send, interrupt, edit, queue operations,
-archive. Each operation is one transaction that first locks the chat row and raises a typed
-error (NotFound, InvalidTransition, QueueFull, ValidationFailed) for what it does not allow,
-changing nothing. The worker's side of the machine (acquire, step, finish) is in runs.py."""
+archive, and the answer to client tool calls (requires_action -> pending). Each operation is one
+transaction that first locks the chat row and raises a typed error (NotFound, InvalidTransition,
+QueueFull, ValidationFailed) for what it does not allow, changing nothing. The worker's side of
+the machine (acquire, step, finish) is in runs.py."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from app.db.queries import Conn, project_queries, transaction
-from app.errors import InvalidTransition, LimitReached, NotFound, QueueFull, ValidationFailed
+from app.errors import (
+    Conflict,
+    InvalidTransition,
+    LimitReached,
+    NotFound,
+    QueueFull,
+    ValidationFailed,
+)
 from app.state import mcp_servers
+from app.state.client_tools import (
+    ARCHIVED_RESULT,
+    INTERRUPTED_RESULT,
+    answer_parts,
+    check_results_shape,
+    error_results,
+    normalize_client_tools,
+)
 from app.state.model import (
     MAX_TITLE_CHARS,
     NO_LIMITS,
@@ -119,11 +136,20 @@ async def create_chat(
     parent_chat_id: uuid.UUID | None = None,
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
+    chat_id: uuid.UUID | None = None,
+    tools: object = None,
+    server_tool_names: Collection[str] = (),
     mcp_server_ids: list[uuid.UUID] | None = None,
 ) -> tuple[Chat, Message]:
-    """Insert a pending chat and its first user message in one transaction. `mcp_server_ids`:
-    the MCP servers its runs use (None: every enabled one; a child inherits its parent's)."""
+    """Insert a pending chat and its first user message in one transaction. `chat_id`: an id
+    the client chose (the AI SDK names its chats); Conflict when a chat has it already, whoever
+    owns it. `tools`: the chat's client tool definitions (app/state/client_tools.py);
+    `server_tool_names` are the names they may not take. `mcp_server_ids`: the MCP servers its
+    runs use (None: every enabled one; a child inherits its parent's)."""
     parts = normalize_user_content(content)
+    client_tools = (
+        normalize_client_tools(tools, reserved=server_tool_names) if tools is not None else []
+    )
     if title is not None and len(title) > MAX_TITLE_CHARS:
         raise ValidationFailed(
             f"title is longer than {MAX_TITLE_CHARS} characters",
@@ -160,9 +186,12 @@ async def create_chat(
             title if title is not None else default_title(parts),
             config_id,
             client_type,
+            chat_id,
+            json.dumps(client_tools),
             mcp_server_ids,
         )
-        assert chat_row is not None
+        if chat_row is None:
+            raise Conflict("a chat with this id exists")
         message_row = await conn.fetchrow(
             Q.sql("chats_insert_message"), chat_row["id"], "user", json.dumps(parts)
         )
@@ -179,14 +208,23 @@ async def send_message(
     queue_limit: int,
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
+    tools: object = None,
+    server_tool_names: Collection[str] = (),
 ) -> SendResult:
-    """waiting/error -> pending with the new message; pending/running -> queued (bounded).
+    """waiting/error -> pending with the new message; pending/running/requires_action -> queued
+    (bounded; a requires_action chat answers it once its turn is over).
 
     An idle chat may still have queued messages (a Stop leaves the queue as it was; so does an
     error). Then the new message goes to the tail of that queue and the queue's head is sent
     instead (the chat goes pending, the run then works through the queue in order): messages
-    are answered in the order they were sent, and the result is `queued`."""
+    are answered in the order they were sent, and the result is `queued`.
+
+    `tools` (when not None) replaces the chat's client tools at once, whatever the status: the
+    next step of the chat, in this turn or the next, is offered them."""
     parts = normalize_user_content(content)
+    client_tools = (
+        normalize_client_tools(tools, reserved=server_tool_names) if tools is not None else None
+    )
     async with transaction(pool) as conn:
         if fence is not None:
             await fence(conn)
@@ -194,6 +232,8 @@ async def send_message(
         await check_spend_limit(
             conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
         )
+        if client_tools is not None and client_tools != json.loads(chat_row["client_tools"]):
+            await conn.execute(Q.sql("chats_set_client_tools"), chat_id, json.dumps(client_tools))
         if chat_row["status"] in ("waiting", "error"):
             await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
             head = await conn.fetchrow(Q.sql("chats_pop_queue_head"), chat_id)
@@ -223,9 +263,49 @@ async def send_message(
         return SendResult(Chat.from_record(chat_row), queued=QueuedMessage.from_record(queued_row))
 
 
+async def send_or_create(
+    pool: asyncpg.Pool,
+    owner: Owner,
+    chat_id: uuid.UUID,
+    content: object,
+    *,
+    queue_limit: int,
+    limits: UserLimits = NO_LIMITS,
+    model_config_id: uuid.UUID | None = None,
+    client_type: str = "api",
+) -> SendResult:
+    """Send to the caller's chat `chat_id` (or queue, as send_message does), creating it with
+    this first message when no chat has that id (the AI SDK's clients choose their chat ids).
+    Another user's chat is NotFound, like a missing one of a transition."""
+    try:
+        return await send_message(
+            pool, owner, chat_id, content, queue_limit=queue_limit, limits=limits
+        )
+    except NotFound:
+        pass
+    try:
+        chat, message = await create_chat(
+            pool,
+            owner,
+            content,
+            model_config_id=model_config_id,
+            client_type=client_type,
+            limits=limits,
+            chat_id=chat_id,
+        )
+        return SendResult(chat, message=message)
+    except Conflict:
+        # Created meanwhile: by this caller (a concurrent first request), then this is a send;
+        # by another user, then send_message answers NotFound.
+        return await send_message(
+            pool, owner, chat_id, content, queue_limit=queue_limit, limits=limits
+        )
+
+
 async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat:
-    """Stop. pending -> waiting at once; running -> marked, the worker completes it; idle chats
-    are left as they are (Stop is idempotent)."""
+    """Stop. pending -> waiting at once; running -> marked, the worker completes it;
+    requires_action -> waiting at once, the pending calls answered "interrupted" (is_error);
+    idle chats are left as they are (Stop is idempotent)."""
     async with transaction(pool) as conn:
         chat_row = await _lock_chat(conn, owner, chat_id)
         updated: asyncpg.Record | None = chat_row
@@ -235,8 +315,56 @@ async def interrupt(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Cha
             updated = await conn.fetchrow(Q.sql("chats_interrupt_pending"), chat_id)
         elif chat_row["status"] == "running":
             updated = await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
+        elif chat_row["status"] == "requires_action":
+            updated = await _close_action(conn, chat_row, INTERRUPTED_RESULT)
         assert updated is not None
         return Chat.from_record(updated)
+
+
+async def _close_action(conn: Conn, chat_row: asyncpg.Record, reason: str) -> asyncpg.Record:
+    """requires_action -> waiting without the client's results (Stop, archive, promote): every
+    pending call gets an error result saying why, so that the history never holds a tool call
+    without its result (the next prompt would be refused by the providers), then the chat is
+    the user's again. The caller holds the row lock."""
+    pending: list[dict[str, Any]] = json.loads(chat_row["pending_tool_calls"])
+    await conn.execute(
+        Q.sql("chats_insert_message"),
+        chat_row["id"],
+        "tool",
+        json.dumps(error_results(pending, reason)),
+    )
+    closed = await conn.fetchrow(Q.sql("chats_close_action"), chat_row["id"])
+    assert closed is not None
+    return closed
+
+
+async def submit_tool_results(
+    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, results: object
+) -> tuple[Chat, Message]:
+    """The client's answer to the pending tool calls: requires_action -> pending with one `tool`
+    message holding a result for every pending call, in one transaction; any replica then
+    continues the turn. Refused, changing nothing: a chat that is not requires_action (409: e.g.
+    a late answer, after a time-out, a Stop or another client's answer), results for calls that
+    are not pending (409: a late answer for an earlier turn), a pending call left unanswered or
+    one answered twice (400)."""
+    checked = check_results_shape(results)
+    async with transaction(pool) as conn:
+        chat_row = await _lock_chat(conn, owner, chat_id)
+        if chat_row["status"] != "requires_action":
+            raise InvalidTransition(
+                transition="post tool results to",
+                from_status=chat_row["status"],
+                reason="it waits for no tool results (they may have timed out, been answered"
+                " or been interrupted)",
+            )
+        pending: list[dict[str, Any]] = json.loads(chat_row["pending_tool_calls"])
+        parts = answer_parts(pending, checked)
+        message_row = await conn.fetchrow(
+            Q.sql("chats_insert_message"), chat_id, "tool", json.dumps(parts)
+        )
+        updated = await conn.fetchrow(Q.sql("chats_answer_action"), chat_id)
+        assert message_row is not None and updated is not None
+        return Chat.from_record(updated), Message.from_record(message_row)
 
 
 async def edit_message(
@@ -264,26 +392,67 @@ async def edit_message(
                 from_status=chat_row["status"],
                 reason=f"only user messages can be edited, this one is {message_row['role']}",
             )
-        await check_spend_limit(
-            conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
-        )
-        await _check_user_limits(
+        return await _replace_from(
             conn,
-            owner.user_id,
-            limits,
-            new_chat=False,
-            new_pending=chat_row["status"] != "pending",
+            owner,
+            chat_row=chat_row,
+            message_id=message_id,
+            content_json=json.dumps(parts),
+            limits=limits,
         )
-        await conn.execute(Q.sql("chats_soft_delete_messages_from"), chat_id, message_id)
-        await conn.execute(Q.sql("chats_uncompress_for_deleted_summaries"), chat_id, message_id)
-        await conn.execute(Q.sql("chats_clear_queue"), chat_id)
-        await conn.execute(Q.sql("chats_clear_stream_parts"), chat_id)
-        new_row = await conn.fetchrow(
-            Q.sql("chats_insert_message"), chat_id, "user", json.dumps(parts)
+
+
+async def regenerate(
+    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, *, limits: UserLimits = NO_LIMITS
+) -> Message:
+    """Run the chat's last user message again: an edit of that message with its own content
+    (the AI SDK's "regenerate"), found and replaced under the chat's lock."""
+    async with transaction(pool) as conn:
+        chat_row = await _lock_unarchived_chat(conn, owner, chat_id, "regenerate the answer of")
+        message_row = await conn.fetchrow(Q.sql("chats_last_user_message"), chat_id)
+        if message_row is None:
+            raise NotFound("the chat has no user message to answer again")
+        return await _replace_from(
+            conn,
+            owner,
+            chat_row=chat_row,
+            message_id=message_row["id"],
+            content_json=message_row["content"],
+            limits=limits,
         )
-        await conn.fetchrow(Q.sql("chats_reset_to_pending"), chat_id)
-        assert new_row is not None
-        return Message.from_record(new_row)
+
+
+async def _replace_from(
+    conn: Conn,
+    owner: Owner,
+    *,
+    chat_row: asyncpg.Record,
+    message_id: int,
+    content_json: str,
+    limits: UserLimits,
+) -> Message:
+    """The edit itself, on the locked chat: message `message_id` and everything after it are
+    soft-deleted, `content_json` becomes the new user message, the queue is cleared and the
+    chat starts over (pending)."""
+    chat_id = chat_row["id"]
+    await check_spend_limit(
+        conn, organization_id=chat_row["organization_id"], user_id=owner.user_id
+    )
+    await _check_user_limits(
+        conn,
+        owner.user_id,
+        limits,
+        new_chat=False,
+        new_pending=chat_row["status"] != "pending",
+    )
+    await conn.execute(Q.sql("chats_soft_delete_messages_from"), chat_id, message_id)
+    await conn.execute(Q.sql("chats_uncompress_for_deleted_summaries"), chat_id, message_id)
+    await conn.execute(Q.sql("chats_clear_queue"), chat_id)
+    await conn.execute(Q.sql("chats_clear_stream_parts"), chat_id)
+    new_row = await conn.fetchrow(Q.sql("chats_insert_message"), chat_id, "user", content_json)
+    await conn.fetchrow(Q.sql("chats_reset_to_pending"), chat_id)
+    assert new_row is not None
+    return Message.from_record(new_row)
 
 
 async def delete_queued(
@@ -315,6 +484,12 @@ async def promote_queued(
                 raise NotFound("queued message not found")
             await conn.fetchrow(Q.sql("chats_request_interrupt"), chat_id)
             return QueuedMessage.from_record(queued_row)
+        if chat_row["status"] == "requires_action":
+            # As on a running chat, "send this now" interrupts the turn: the pending calls are
+            # answered "interrupted", then the message is sent at once (nothing to wait for).
+            if await conn.fetchval(Q.sql("chats_queued_exists"), queued_id, chat_id) is None:
+                raise NotFound("queued message not found")
+            chat_row = await _close_action(conn, chat_row, INTERRUPTED_RESULT)
         makes_pending = chat_row["status"] in ("waiting", "error") and not chat_row["archived"]
         if makes_pending:
             await _check_user_limits(conn, owner.user_id, limits, new_chat=False, new_pending=True)
@@ -340,7 +515,8 @@ async def update_chat(
     fence: Fence | None = None,
     limits: UserLimits = NO_LIMITS,
 ) -> Chat:
-    """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting). Unarchiving
+    """PATCH title and/or archived. Archiving a busy chat stops it (-> waiting; the pending calls
+    of a requires_action chat get error results). Unarchiving
     counts against max_chats_per_user like a new chat (or archive/create/unarchive would get
     around it)."""
     if title is not None and len(title) > MAX_TITLE_CHARS:
@@ -354,6 +530,9 @@ async def update_chat(
         current = await _lock_chat(conn, owner, chat_id)
         if archived is False and current["archived"]:
             await _check_user_limits(conn, owner.user_id, limits, new_chat=True, new_pending=False)
+        if archived and current["status"] == "requires_action":
+            # Archiving stops the chat: the pending calls are answered (is_error) first.
+            await _close_action(conn, current, ARCHIVED_RESULT)
         row = await conn.fetchrow(Q.sql("chats_update_fields"), chat_id, title, archived)
         if archived:
             await conn.execute(Q.sql("chats_archive_children"), chat_id)
@@ -367,6 +546,16 @@ async def get_chat(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Chat
     if row is None:
         raise NotFound("chat not found")
     return Chat.from_record(row)
+
+
+async def last_user_message(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> Message | None:
+    """The user message the chat's latest turn answers; None when the chat is not the caller's
+    (or has none)."""
+    async with transaction(pool) as conn:
+        if await conn.fetchrow(Q.sql("chats_get_for_owner"), chat_id, owner.user_id) is None:
+            return None
+        row = await conn.fetchrow(Q.sql("chats_last_user_message"), chat_id)
+    return Message.from_record(row) if row is not None else None
 
 
 async def list_chats(
@@ -402,3 +591,9 @@ async def list_messages(
         [Message.from_record(row) for row in messages],
         [QueuedMessage.from_record(row) for row in queued],
     )
+
+
+async def count_requiring_action(pool: asyncpg.Pool) -> int:
+    """How many chats wait for their clients' tool results, all replicas together."""
+    count: int = await pool.fetchval(Q.sql("chats_count_requiring_action"))
+    return count

@@ -1,7 +1,8 @@
 """The types every room shares: a chat and its owner, messages, queued messages, per-user
 limits, and what a user's content may hold. States (docs/architecture.md, "Chat states"):
-waiting (the user's turn), pending (needs a replica), running (owned by worker_id), error
-(failed; a new user message makes it pending again)."""
+waiting (the user's turn), pending (needs a replica), running (owned by worker_id),
+requires_action (the model called client tools: the chat waits for the client's results, no
+replica owns it), error (failed; a new user message makes it pending again)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import asyncpg
 
 from app.errors import ValidationFailed
 
-ChatStatus = Literal["waiting", "pending", "running", "error"]
+ChatStatus = Literal["waiting", "pending", "running", "requires_action", "error"]
 
 
 MAX_TEXT_CHARS = 100_000
@@ -80,10 +81,15 @@ class Chat:
     archived: bool
     created_at: datetime
     updated_at: datetime
+    # While requires_action: the client tool calls waiting for results ([{id, name, args}]) and
+    # when the replicas stop waiting for them (docs/requires_action.md).
+    pending_tool_calls: list[dict[str, Any]] | None = None
+    action_deadline_at: datetime | None = None
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> Chat:
         last_error = row["last_error"]
+        pending = row["pending_tool_calls"]
         return cls(
             id=row["id"],
             owner_id=row["owner_id"],
@@ -102,6 +108,8 @@ class Chat:
             archived=row["archived"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            pending_tool_calls=json.loads(pending) if pending is not None else None,
+            action_deadline_at=row["action_deadline_at"],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -119,6 +127,10 @@ class Chat:
             "archived": self.archived,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
+            "pending_tool_calls": self.pending_tool_calls,
+            "action_deadline_at": (
+                self.action_deadline_at.isoformat() if self.action_deadline_at else None
+            ),
         }
 
 

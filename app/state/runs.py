@@ -1,6 +1,6 @@
 """The worker's side of the chat state machine (docs/architecture.md, "Chat states"): acquire,
 persist a step, finish a turn, complete an interrupt, give a chat back (shutdown, lost
-liveness, dead replica), fail.
+liveness, dead replica), fail, wait for a client (requires_action) and give up waiting.
 
 A run is fenced by its `RunToken` (worker_id, generation). Every write below is one transaction
 that first locks the chat row on the condition "running, worker_id = me, generation = g"
@@ -18,9 +18,11 @@ from typing import Any, Literal
 
 import asyncpg
 
+from app import instruments
 from app.db.queries import Conn, project_queries, transaction
 from app.errors import FencedOut
-from app.providers.base import ModelConfig, Usage
+from app.providers.base import ModelConfig, ToolSpec, Usage
+from app.state.client_tools import TIMED_OUT_RESULT, error_results
 from app.state.model import Chat, Message
 
 Q = project_queries()
@@ -118,7 +120,10 @@ async def acquire_fairly(
         return [], False
     rows = await pool.fetch(Q.sql("runs_acquire"), worker_id, limit, max_running_per_user)
     held_back = bool(rows and rows[0]["held_back"])
-    return [Chat.from_record(row) for row in rows if row["id"] is not None], held_back
+    acquired = [row for row in rows if row["id"] is not None]
+    for row in acquired:
+        instruments.ACQUIRE_LATENCY.observe(max(row["pending_s"], 0.0))
+    return [Chat.from_record(row) for row in acquired], held_back
 
 
 async def read_chat(pool: asyncpg.Pool, chat_id: uuid.UUID) -> Chat | None:
@@ -229,6 +234,69 @@ async def persist_step(
             Q.sql("runs_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
         )
         return [Message.from_record(row) for row in rows]
+
+
+async def client_tools(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[ToolSpec]:
+    """The chat's client tools as the model is offered them (read before each step)."""
+    raw = await pool.fetchval(Q.sql("runs_client_tools"), chat_id)
+    definitions: list[dict[str, Any]] = json.loads(raw) if raw is not None else []
+    return [ToolSpec(d["name"], d.get("description", ""), d["input_schema"]) for d in definitions]
+
+
+async def require_action(
+    pool: asyncpg.Pool,
+    token: RunToken,
+    step: StepRecord,
+    pending_calls: list[dict[str, Any]],
+    *,
+    timeout_s: float,
+    model_config_id: uuid.UUID | None,
+) -> Chat | None:
+    """The model called client tools: in one fenced transaction the step is persisted (its
+    assistant message, and a tool message with the results of its server-side calls, if any)
+    and the chat goes running -> requires_action with `pending_calls` and a deadline
+    `timeout_s` from now; worker_id is cleared, so the run's slot is free and no replica owns
+    the chat until the client answers (docs/requires_action.md).
+
+    A Stop marked on the row wins: nothing is written and None is returned; the run then ends
+    the turn as interrupted (the pending calls get "interrupted" results)."""
+    async with transaction(pool) as conn:
+        locked = await lock_owned(conn, token)
+        if locked["interrupt_requested_at"] is not None:
+            return None
+        await _made_progress(conn, locked)
+        await conn.fetch(
+            Q.sql("runs_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
+        )
+        row = await conn.fetchrow(
+            Q.sql("runs_require_action"), token.chat_id, json.dumps(pending_calls), timeout_s
+        )
+        assert row is not None
+        return Chat.from_record(row)
+
+
+async def expire_actions(pool: asyncpg.Pool, *, limit: int = 100) -> list[Chat]:
+    """The replicas' time-out of requires_action: up to `limit` chats whose deadline passed, in
+    one transaction. Each pending call gets the error result TIMED_OUT_RESULT and the turn ends
+    as any turn does: the queue's head (promoted first, then FIFO) becomes the next user message
+    and the chat goes pending, or it goes waiting. Safe on several replicas at once (SKIP LOCKED
+    in runs_lock_expired_actions)."""
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(Q.sql("runs_lock_expired_actions"), limit)
+        ended: list[Chat] = []
+        for row in rows:
+            pending: list[dict[str, Any]] = json.loads(row["pending_tool_calls"])
+            await conn.execute(
+                Q.sql("runs_insert_tool_results"),
+                row["id"],
+                json.dumps(error_results(pending, TIMED_OUT_RESULT)),
+            )
+            next_message = await _pop_next_message(conn, row["id"], promoted_only=False)
+            status = "pending" if next_message is not None else "waiting"
+            updated = await conn.fetchrow(Q.sql("runs_end_action"), row["id"], status)
+            assert updated is not None
+            ended.append(Chat.from_record(updated))
+        return ended
 
 
 async def compact(

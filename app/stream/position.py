@@ -11,7 +11,9 @@ read. It is the whole stream protocol (docs/api.md, "Streams"), without I/O:
     parts before it, so a position behind it starts at the last retry;
   - a step the position was following that vanished without a message (its run failed, was
     requeued or re-acquired) -> `history_reset` for the step only (`reason: step_discarded`);
-  - the status when it changed (never older than one sent), then `error` when it is `error`;
+  - the status when it changed (never older than one sent), then `error` when it is `error`,
+    or `action_required` with the pending client tool calls when it is `requires_action` (again
+    when the calls changed, even if a read missed the statuses in between);
   - the queue when it changed.
 
 A `Position` is the last message id delivered, the part high-water mark, whether a step is in
@@ -50,6 +52,8 @@ class ChatRead:
     status_payload: Payload | None = None
     error_payload: Payload | None = None
     error_key: str | None = None
+    action_payload: Payload | None = None
+    action_key: str | None = None
     messages: list[tuple[int, Payload]] | None = None
     parts: list[LivePart] | None = None
     queue_payload: Payload | None = None
@@ -89,6 +93,18 @@ class ChatRead:
             queue_payload = Payload({"type": "queue", "chat_id": cid, "queued": queued})
             queue_key = queue_payload.json()
         status = row["status"]
+        action_payload = action_key = None
+        if status == "requires_action" and row["pending_tool_calls"] is not None:
+            action_key = row["pending_tool_calls"]
+            deadline = row["action_deadline_at"]
+            action_payload = Payload(
+                {
+                    "type": "action_required",
+                    "chat_id": cid,
+                    "pending_tool_calls": json.loads(action_key),
+                    "action_deadline_at": deadline.isoformat() if deadline else None,
+                }
+            )
         return cls(
             chat_id=chat_id,
             exists=True,
@@ -100,6 +116,8 @@ class ChatRead:
             ),
             error_payload=_error_payload(cid, last_error) if status == "error" else None,
             error_key=row["last_error"] if status == "error" else None,
+            action_payload=action_payload,
+            action_key=action_key,
             messages=messages,
             parts=parts,
             queue_payload=queue_payload,
@@ -173,6 +191,7 @@ class Position:
     version: int = 0
     generation: int | None = None
     error_key: str | None = None
+    action_key: str | None = None
     queue_key: str | None = None
 
     @classmethod
@@ -191,6 +210,7 @@ class Position:
             version=read.version,
             generation=read.generation,
             error_key=read.error_key,
+            action_key=read.action_key,
             queue_key=read.queue_key,
         )
 
@@ -247,18 +267,23 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
                 Frame("retry" if part.is_retry else "message_part", part.payload, position.cursor)
             )
     if position.status is None or read.version > position.version:
-        changed = position.status != read.status or (
-            read.status == "error" and position.error_key != read.error_key
+        changed = (
+            position.status != read.status
+            or (read.status == "error" and position.error_key != read.error_key)
+            or (read.status == "requires_action" and position.action_key != read.action_key)
         )
         position.version = read.version
         position.generation = read.generation
         if changed:
             position.status = read.status
             position.error_key = read.error_key
+            position.action_key = read.action_key
             assert read.status_payload is not None
             frames.append(Frame("status", read.status_payload, position.cursor))
             if read.error_payload is not None:
                 frames.append(Frame("error", read.error_payload, position.cursor))
+            if read.action_payload is not None:
+                frames.append(Frame("action_required", read.action_payload, position.cursor))
     if read.queue_payload is not None and read.queue_key != position.queue_key:
         position.queue_key = read.queue_key
         frames.append(Frame("queue", read.queue_payload, position.cursor))

@@ -17,7 +17,7 @@ and a child that calls it anyway gets an error result.
 
 Plug-in point: a distribution may declare an entry point in the group `chatd.tools` whose object
 is a callable taking the registry (`def register(registry: ToolRegistry) -> None`);
-`app.tools.defaults.default_registry()` loads the built-ins and then every such plug-in. This
+`app.tools.toolset.default_registry()` loads the built-ins and then every such plug-in. This
 module defines the types and the registry only and imports no tool module, so tool modules can
 import it without a circle."""
 

@@ -3,27 +3,33 @@
 1. built-in tools (builtin.py),
 2. the sub-agent tools (agent_tools.py),
 3. plug-ins: every entry point of the `chatd.tools` group (see registry.py),
-4. the tools of the chat's MCP servers, namespaced `<server>__<tool>` (mcp.py, mcp_tools.py).
+4. the tools of the chat's MCP servers, namespaced `<server>__<tool>` (mcp.py, mcp_tools.py),
+5. the chat's client-side tools, which its client runs (docs/requires_action.md).
 
 The first three are the same for every chat and are merged once, when the replica starts
 (`default_registry()`); a name clash among them stops the replica with an error naming both
-sources. The MCP tools depend on the chat (which servers it chose, which are enabled, their
-allow and deny lists, what the servers list now), so `ToolCatalog.for_chat()` merges them into
-a fresh registry before every model step; an MCP tool whose name is taken is refused (logged
-with both sources) and the run goes on with the rest. The model is offered exactly the tools
-of that registry, and its calls are executed through it."""
+sources. The others depend on the chat (which MCP servers it chose, which are enabled, their
+allow and deny lists, what the servers list now; the client tools its last create or send
+named), so `ToolCatalog.for_chat()` merges them before every model step, in that order: a tool
+whose name is taken is refused (logged with both sources) and the run goes on with the rest.
+The API already refuses a client tool named like a static tool; one named like an MCP tool is
+refused here, so the server-side tool is the one that runs. The model is offered exactly the
+step's tools (`StepTools`); the server-side ones are executed through its registry, and a call
+of a client tool pauses the turn for the client."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import uuid
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 import asyncpg
 
 from app.log import get_logger
-from app.state import mcp_servers
+from app.providers.base import ToolSpec
+from app.state import mcp_servers, runs
 from app.state.mcp_servers import McpServer
 from app.tools.agent_tools import register_subagent_tools
 from app.tools.builtin import register_builtin_tools
@@ -50,8 +56,22 @@ def default_registry() -> ToolRegistry:
     return registry
 
 
+@dataclass(frozen=True)
+class StepTools:
+    """The tools of one model step: `registry` runs on this replica (static and MCP tools),
+    `client` are the chat's client-side tools (their calls go to the chat's client)."""
+
+    registry: ToolRegistry
+    client: tuple[ToolSpec, ...] = ()
+
+    @property
+    def client_names(self) -> frozenset[str]:
+        return frozenset(spec.name for spec in self.client)
+
+
 class ToolCatalog:
-    """A replica's sources of tools: the static registry and its MCP connections."""
+    """A replica's sources of tools: the static registry and its MCP connections (and, per
+    chat, the client tools its rows carry)."""
 
     def __init__(
         self, pool: asyncpg.Pool, static: ToolRegistry, mcp: McpClients | None = None
@@ -60,20 +80,36 @@ class ToolCatalog:
         self.static = static
         self._mcp = mcp
 
-    async def for_chat(self, chat_id: uuid.UUID) -> ToolRegistry:
-        """The tools of the chat's next model step: the static ones, then its MCP servers'."""
-        if self._mcp is None:
-            return self.static
-        servers = await mcp_servers.servers_for_chat(self._pool, chat_id)
-        if not servers:
-            return self.static
-        registry = ToolRegistry(self.static.tools())
-        for tool in await self._mcp_tools(servers):
-            try:
-                registry.register(tool)
-            except ToolNameClash as exc:
-                log.warning("tools.name_clash", chat_id=chat_id, error=str(exc))
-        return registry
+    def names(self) -> list[str]:
+        """The static tools' names (the MCP tools' depend on the chat and the step)."""
+        return self.static.names()
+
+    async def for_chat(self, chat_id: uuid.UUID) -> StepTools:
+        """The tools of the chat's next model step: the static ones, its MCP servers', then its
+        client tools."""
+        registry = self.static
+        if self._mcp is not None:
+            servers = await mcp_servers.servers_for_chat(self._pool, chat_id)
+            if servers:
+                registry = ToolRegistry(self.static.tools())
+                for tool in await self._mcp_tools(servers):
+                    try:
+                        registry.register(tool)
+                    except ToolNameClash as exc:
+                        log.warning("tools.name_clash", chat_id=chat_id, error=str(exc))
+        client: list[ToolSpec] = []
+        for spec in await runs.client_tools(self._pool, chat_id):
+            taken = registry.get(spec.name)
+            if taken is not None:
+                log.warning(
+                    "tools.name_clash",
+                    chat_id=chat_id,
+                    error=f"the client tool {spec.name!r} is refused: {taken.source} already"
+                    " registered a tool of that name",
+                )
+                continue
+            client.append(spec)
+        return StepTools(registry, tuple(client))
 
     async def _mcp_tools(self, servers: list[McpServer]) -> list[Tool]:
         """Every server's offered tools, listed concurrently (each listing is bounded by the

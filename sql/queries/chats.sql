@@ -11,12 +11,20 @@ SELECT * FROM chat_model_configs WHERE id = $1 AND enabled;
 
 -- name: chats_insert :one
 -- A chat is born pending with its first message in the same transaction, so it is only
--- visible (and acquirable) once it is durable.
--- $8: the MCP servers it chose (NULL: every enabled one).
-INSERT INTO chats (owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
-                   model_config_id, client_type, mcp_server_ids)
-VALUES ($1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5, 'pending', $6, $7, $8::uuid[])
+-- visible (and acquirable) once it is durable. $8: an id the client chose (the AI SDK's chat
+-- id), or NULL for a new one; an id that is taken inserts nothing (no row comes back).
+-- $9: its client tools (a JSON array). $10: the MCP servers it chose (NULL: every enabled one).
+INSERT INTO chats (id, owner_id, organization_id, parent_chat_id, root_chat_id, title, status,
+                   model_config_id, client_type, client_tools, mcp_server_ids)
+VALUES (coalesce($8::uuid, gen_random_uuid()), $1, $2, $3::uuid, coalesce($4::uuid, $3::uuid), $5,
+        'pending', $6, $7, $9::jsonb, $10::uuid[])
+ON CONFLICT (id) DO NOTHING
 RETURNING *;
+
+-- name: chats_set_client_tools :exec
+-- A send that names `tools` replaces the chat's client tools, in the send's transaction. A run
+-- in progress reads them before each step (runs_client_tools): its next step is offered them.
+UPDATE chats SET client_tools = $2::jsonb WHERE id = $1;
 
 -- name: chats_lock_user_for_limits :exec
 -- Serializes the per-user limit checks of one user (max_chats_per_user,
@@ -92,6 +100,9 @@ WHERE id = (
 )
 RETURNING *;
 
+-- name: chats_queued_exists :one
+SELECT 1 FROM chat_queued_messages WHERE id = $1 AND chat_id = $2;
+
 -- name: chats_delete_queued :one
 DELETE FROM chat_queued_messages WHERE id = $1 AND chat_id = $2 RETURNING *;
 
@@ -122,6 +133,14 @@ RETURNING *;
 SELECT * FROM chat_messages
 WHERE id = $1 AND chat_id = $2 AND NOT deleted;
 
+-- name: chats_last_user_message :one
+-- The user message the chat's latest turn answers (queued messages are not messages yet).
+-- Served by chat_messages_chat_id_idx, read backwards.
+SELECT * FROM chat_messages
+WHERE chat_id = $1 AND role = 'user' AND NOT deleted
+ORDER BY id DESC
+LIMIT 1;
+
 -- name: chats_soft_delete_messages_from :exec
 -- An edit removes the edited message and everything after it from the visible history.
 UPDATE chat_messages SET deleted = true WHERE chat_id = $1 AND id >= $2 AND NOT deleted;
@@ -145,10 +164,31 @@ DELETE FROM chat_stream_parts WHERE chat_id = $1;
 
 -- name: chats_reset_to_pending :one
 -- Edit: whatever the chat was doing, it starts over from the edited message. Clearing worker_id
--- fences out a run in progress (its writes require status = running and its worker id).
+-- fences out a run in progress (its writes require status = running and its worker id). The
+-- calls a requires_action chat waited for were soft-deleted with the rest of the history: they
+-- are dropped.
 UPDATE chats
-SET status = 'pending', worker_id = NULL, last_error = NULL, interrupt_requested_at = NULL
+SET status = 'pending', worker_id = NULL, last_error = NULL, interrupt_requested_at = NULL,
+    pending_tool_calls = NULL, action_deadline_at = NULL
 WHERE id = $1
+RETURNING *;
+
+-- name: chats_answer_action :one
+-- requires_action -> pending: the client's results were inserted in the same transaction (after
+-- the row lock, so the tool message's id follows the step's); any replica continues the turn
+-- (chat_wake). Not counted against max_pending_chats_per_user: the turn was already under way.
+UPDATE chats
+SET status = 'pending', pending_tool_calls = NULL, action_deadline_at = NULL
+WHERE id = $1 AND status = 'requires_action'
+RETURNING *;
+
+-- name: chats_close_action :one
+-- requires_action -> waiting without the client's results (Stop, archive): the pending calls'
+-- error results were inserted in the same transaction. The queue is left as it is, as after any
+-- Stop.
+UPDATE chats
+SET status = 'waiting', pending_tool_calls = NULL, action_deadline_at = NULL
+WHERE id = $1 AND status = 'requires_action'
 RETURNING *;
 
 -- name: chats_update_fields :one
@@ -202,3 +242,8 @@ SET archived = true,
     worker_id = NULL,
     interrupt_requested_at = NULL
 WHERE parent_chat_id = $1 AND NOT archived;
+
+-- name: chats_count_requiring_action :one
+-- For /metrics: the chats waiting for their clients' tool results, across all replicas (the
+-- partial index chats_action_deadline_idx holds exactly these).
+SELECT count(*) FROM chats WHERE status = 'requires_action';

@@ -64,7 +64,7 @@ WITH running AS (
     ORDER BY running_after, updated_at, id
     LIMIT 4 * $2 + 64
 ), candidates AS (
-    SELECT c.id
+    SELECT c.id, q.updated_at AS pending_since
     FROM eligible q
     JOIN chats c ON c.id = q.id
     WHERE c.status = 'pending'
@@ -81,7 +81,9 @@ WITH running AS (
         last_error = NULL
     FROM candidates
     WHERE c.id = candidates.id
-    RETURNING c.*
+    -- How long it waited, for chatd_acquire_latency_seconds: since its last change while
+    -- pending (the trigger stamps updated_at), which is normally when it became pending.
+    RETURNING c.*, extract(epoch FROM c.started_at - candidates.pending_since)::float8 AS pending_s
 )
 SELECT a.*, EXISTS (SELECT 1 FROM ranked WHERE running_after > $3) AS held_back
 FROM (SELECT) AS one
@@ -329,3 +331,50 @@ WHERE c.status = 'running'
   AND (c.id, c.generation) NOT IN (SELECT * FROM unnest($2::uuid[], $3::bigint[]))
 ORDER BY c.id
 FOR UPDATE;
+
+-- name: runs_client_tools :one
+-- The chat's client tools (a JSON array of definitions), read before each step: a send may
+-- replace them while the chat runs (chats_set_client_tools), and the next step is offered the
+-- new ones. A primary-key lookup, next to the step's prompt read.
+SELECT client_tools FROM chats WHERE id = $1;
+
+-- name: runs_require_action :one
+-- The model called client tools: after runs_lock_owned and runs_persist_step in the same
+-- transaction (the step, with the results of its server-side calls, is durable), the run ends
+-- and gives its slot up (worker_id cleared, which also fences anything the run might still
+-- try). $2 the pending calls [{id, name, args}], $3 seconds until the replicas stop waiting for
+-- the client (requires_action_timeout_s). A Stop mark is never carried here: the caller checked
+-- the locked row for one first.
+UPDATE chats
+SET status = 'requires_action', worker_id = NULL, interrupt_requested_at = NULL,
+    pending_tool_calls = $2::jsonb,
+    action_deadline_at = clock_timestamp() + make_interval(secs => $3)
+WHERE id = $1
+RETURNING *;
+
+-- name: runs_lock_expired_actions :many
+-- Up to $1 chats whose client did not answer before the deadline, oldest deadline first, from
+-- the partial index chats_action_deadline_idx (only requires_action chats are in it, so this is
+-- a probe of a tiny index when nothing expired, every sweep of every replica). SKIP LOCKED:
+-- replicas sweeping at once take disjoint chats, and a chat a user's transition holds right now
+-- (its results being posted, a Stop) is left alone: whoever locks it first decides, the other
+-- finds it no longer requires_action.
+SELECT id, pending_tool_calls FROM chats
+WHERE status = 'requires_action' AND action_deadline_at <= clock_timestamp()
+ORDER BY action_deadline_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED;
+
+-- name: runs_insert_tool_results :exec
+-- The error results of an expired chat's pending calls, one `tool` message (its "message"
+-- notification tells watchers), inserted after the row lock like every message.
+INSERT INTO chat_messages (chat_id, role, content)
+VALUES ($1, 'tool', $2::jsonb);
+
+-- name: runs_end_action :one
+-- requires_action -> $2: 'waiting' (the turn is over), or 'pending' when the queue's head was
+-- just made the next user message (as at the end of any turn). The calls and the deadline go.
+UPDATE chats
+SET status = $2, pending_tool_calls = NULL, action_deadline_at = NULL
+WHERE id = $1 AND status = 'requires_action'
+RETURNING *;

@@ -37,6 +37,9 @@
 -- progress, by the same rule), which a hub takes as its own position (never a client's cursor),
 -- and against which a snapshot's cursor is checked. A hub's live reads do not need them.
 --
+-- `pending_tool_calls` and `action_deadline_at` are set while the chat is requires_action: what
+-- the `action_required` event carries.
+--
 -- `found` is false for a chat that does not exist (any more). The CASE branches are evaluated
 -- only when asked for. Every range is served by an index on (chat_id, id).
 SELECT c.id IS NOT NULL AS found,
@@ -45,6 +48,8 @@ SELECT c.id IS NOT NULL AS found,
        c.version,
        c.generation,
        c.last_error,
+       c.pending_tool_calls,
+       c.action_deadline_at,
        CASE WHEN r.history THEN ARRAY(
            SELECT m FROM chat_messages m
            WHERE m.chat_id = c.id AND m.id = ANY(page.ids)

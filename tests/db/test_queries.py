@@ -155,3 +155,35 @@ def test_each_query_file_belongs_to_one_room_of_its_name() -> None:
         "runs.sql: ['app/engine/chatloop.py', 'app/state/runs.py']",
         "parts.sql: ['app/stream/parts_reader.py']",
     ]
+
+
+# What would outlive a transaction on a pooled connection (the pool does not reset sessions,
+# app/db/connections.py `_keep_session`). Only the liveness queries, which run on the replica's
+# own connection, may hold a session advisory lock.
+_SESSION_STATE = re.compile(
+    r"pg_(try_)?advisory_lock(_shared)?\s*\(|\bLISTEN\b|set_config\s*\([^)]*,\s*false\s*\)",
+    re.IGNORECASE,
+)
+_OWN_CONNECTION_FILES = {"liveness.sql"}
+
+
+def _session_state(files: dict[str, str]) -> list[str]:
+    return [
+        f"{file}: {name}"
+        for file, text in files.items()
+        if file not in _OWN_CONNECTION_FILES
+        for name, body in re.findall(r"^-- name: (\w+).*?$(.*?)(?=^-- name:|\Z)", text, re.M | re.S)
+        if _SESSION_STATE.search(
+            "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("--"))
+        )
+    ]
+
+
+def test_pooled_queries_leave_no_session_state() -> None:
+    assert _session_state(_project_query_files()) == []
+    planted = {
+        "runs.sql": "-- name: runs_a :one\nSELECT set_config('lock_timeout', '1s', false);\n"
+        "-- name: runs_b :one\n-- pg_advisory_lock( in a comment is fine\nSELECT 1;\n",
+        "liveness.sql": "-- name: liveness_c :one\nSELECT pg_try_advisory_lock(1, 2);\n",
+    }
+    assert _session_state(planted) == ["runs.sql: runs_a"]

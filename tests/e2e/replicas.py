@@ -32,12 +32,14 @@ class ReplicaProcess:
         name: str = "replica",
         command: list[str] | None = None,
         cwd: Path = PROJECT_ROOT,
+        port: int | None = None,
     ) -> None:
         # By default the checkout's code (`make run`); a test of an installed chatd passes its
         # own `chatd serve` and a directory outside the checkout.
         self._command = command or [sys.executable, "-m", "app.cli", "serve"]
         self._cwd = cwd
-        self.port = free_port()
+        # A given port: a replacement for a replica that died, at the address its clients use.
+        self.port = port if port is not None else free_port()
         self.name = name
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self._env = os.environ | {"CHATD_PORT": str(self.port)} | env

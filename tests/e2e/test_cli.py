@@ -38,7 +38,9 @@ class ChatProcess:
         self.stdout = ""
 
     @classmethod
-    async def start(cls, *args: str, env: dict[str, str] | None = None) -> ChatProcess:
+    async def start(
+        cls, *args: str, env: dict[str, str] | None = None, stdin: int | None = None
+    ) -> ChatProcess:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -47,10 +49,16 @@ class ChatProcess:
             *args,
             cwd=PROJECT_ROOT,
             env=os.environ | {"CHATD_LOG_LEVEL": "WARNING"} | (env or {}),
+            stdin=stdin,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         return cls(process)
+
+    async def type_line(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
 
     async def read_until(self, text: str, timeout_s: float = 30) -> None:
         assert self.process.stdout is not None
@@ -137,6 +145,36 @@ async def test_ctrl_c_interrupts_the_run_and_keeps_the_partial_answer(
     assert answer is not None and json.loads(answer)[0]["text"].startswith("echo: stop")
 
 
+async def test_chat_asks_the_user_the_models_question_and_posts_the_answer(
+    server: ReplicaProcess, pool: asyncpg.Pool
+) -> None:
+    token = await create_token(pool, "cli-user")
+    question = {"question": "Which color do you like?", "choices": ["red", "blue"]}
+    chat = await ChatProcess.start(
+        f"/tool ask_user_question {json.dumps(question)}",
+        "--url",
+        server.url,
+        "--token",
+        token,
+        stdin=asyncio.subprocess.PIPE,
+    )
+    await chat.read_until("2. blue")
+    assert "? Which color do you like?" in chat.stdout
+    row = await pool.fetchrow("SELECT id, status FROM chats ORDER BY created_at DESC LIMIT 1")
+    assert row is not None and row["status"] == "requires_action"  # it waits for the answer
+    await chat.type_line("2")  # the second choice
+    code, out, err = await chat.finish()
+    assert code == 0, err
+    assert out.rstrip().endswith('echo: ask_user_question returned {"answer": "blue"}')
+    assert '↳ ask_user_question: {"answer": "blue"}' in out  # the result, as it happened
+    history = await pool.fetch(
+        "SELECT role, content FROM chat_messages WHERE chat_id = $1 ORDER BY id", row["id"]
+    )
+    assert [r["role"] for r in history] == ["user", "assistant", "tool", "assistant"]
+    (result,) = json.loads(history[2]["content"])
+    assert (result["name"], result["result"]) == ("ask_user_question", {"answer": "blue"})
+
+
 async def test_chat_reports_a_bad_token(server: ReplicaProcess) -> None:
     chat = await ChatProcess.start("hi", "--url", server.url, "--token", "chatd_wrong")
     code, out, err = await chat.finish()
@@ -149,14 +187,24 @@ async def test_serve_on_the_embedded_database_makes_chat_work_without_flags(
 ) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="chatd-cli-"))  # short: the socket lives in it
     serve = ReplicaProcess(
-        log_dir=tmp_path, name="embedded", env={"DATABASE_URL": "", "CHATD_DATA_DIR": str(data_dir)}
+        log_dir=tmp_path,
+        name="embedded",
+        # As on a fresh machine: no log level chosen.
+        env={"DATABASE_URL": "", "CHATD_DATA_DIR": str(data_dir), "CHATD_LOG_LEVEL": ""},
     )
     serve.start()
     try:
         await serve.wait_healthy(timeout_s=90)
         token = local_token_path(data_dir).read_text().strip()
-        # `make run` prints a usable token.
-        await wait_for(lambda: token in serve.logs(), message="the token in the serve output")
+        # `make run` prints a usable token, and reads like a tool: a few lines, no library
+        # chatter (pgserver's initdb output, the engine's INFO events).
+        await wait_for(
+            lambda: 'chatd chat "hello"' in serve.logs(), message="the token in the serve output"
+        )
+        printed = serve.logs().splitlines()
+        assert f"chatd: local admin token: {token}" in printed
+        assert len(printed) <= 10, printed
+        assert all(line.startswith("chatd: ") for line in printed), printed
         chat = await ChatProcess.start(
             "hello local",
             env={"CHATD_DATA_DIR": str(data_dir), "CHATD_PORT": str(serve.port)},

@@ -4,6 +4,9 @@ replicas, and every promise holds anyway.
 - a FAST restart (`pg_ctl restart -m fast`: a minor upgrade, a managed failover);
 - a CRASH restart (`pg_ctl stop -m immediate` + start: crash recovery empties the UNLOGGED
   `chat_stream_parts` and resets its ids);
+- a FAILOVER: the primary's host dies (`pg_ctl stop -m immediate`) and its synchronous standby
+  is promoted; the replicas name both hosts (`postgresql://h1,h2/db?target_session_attrs=
+  read-write`) and follow the new primary;
 - a 10 s BLACK HOLE between the replicas and PostgreSQL (a TcpProxy in front of the server),
   after which the black-holed connections either stay dead (a NAT lost their state) or resume
   with everything held back delivered late (TCP after a short partition: queries the replica
@@ -363,3 +366,28 @@ async def _readiness_lost_during(stage: Stage, duration_s: float) -> dict[str, f
 
     await asyncio.gather(*(probe(r) for r in stage.replicas))
     return noticed
+
+
+async def test_failover_to_a_synchronous_standby_under_30_streaming_chats_keeps_every_promise(
+    tmp_path: Path, pg_cluster: PgCluster
+) -> None:
+    standby = await pg_cluster.create_standby(synchronous=True)
+    try:
+        both_hosts = (
+            f"postgresql://postgres@{pg_cluster.host}:{pg_cluster.port},"
+            f"{standby.host}:{standby.port}/chatd?target_session_attrs=read-write"
+        )
+        async with _stage(tmp_path, pg_cluster, both_hosts) as stage:
+            await _mid_answer(stage)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await pg_cluster.stop(mode="immediate")  # the primary's host is gone
+            await standby.promote()
+            print(f"\nprimary gone and standby promoted in {loop.time() - started:.2f}s")
+            stage.cluster = standby
+            _drop_half_the_clients(stage)
+            await _settle_clients(stage, FOLLOW_TIMEOUT_S)
+            print(f"every client done {loop.time() - started:.2f}s after the primary died")
+            await _check_promises(stage)
+    finally:
+        await standby.destroy()

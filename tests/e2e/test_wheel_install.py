@@ -103,6 +103,9 @@ async def test_an_installed_wheel_migrates_and_serves_without_the_checkout(
     # And the SQL is, inside the package.
     assert "app/_sql/schema.sql" in shipped
     assert "app/_triggers/chats_v1.sql" in shipped
+    # And the web page's files (app/web/static).
+    static = PROJECT_ROOT / "app" / "web" / "static"
+    assert {f"app/web/static/{page.name}" for page in static.iterdir()} - shipped == set()
 
     venv = tmp_path / "venv"
     await install_in_fresh_venv(wheel, venv)
@@ -146,6 +149,8 @@ async def test_an_installed_wheel_migrates_and_serves_without_the_checkout(
     replica.start()
     try:
         await replica.wait_healthy(timeout_s=60)
+        # The page is served from inside the installed package.
+        await replica.wait_healthy(timeout_s=10, path="/static/app.js")
         replica.signal(signal.SIGTERM)
         assert await replica.wait_exit() == 0
     finally:

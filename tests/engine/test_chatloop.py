@@ -443,4 +443,10 @@ async def test_an_unavailable_provider_is_a_config_error(
 
 
 def test_run_end_values_are_the_public_names() -> None:
-    assert {end.value for end in RunEnd} == {"waiting", "failed", "requeued", "lost"}
+    assert {end.value for end in RunEnd} == {
+        "waiting",
+        "failed",
+        "requeued",
+        "lost",
+        "requires_action",
+    }

@@ -384,8 +384,8 @@ async def test_engine_counters_render_as_metrics(database_url: str, pool: asyncp
     async with engine_harness.running_replica(database_url, pool) as replica:
         chat, _ = await chats.create_chat(pool, owner, "count me")
         await engine_harness.wait_status(pool, chat.id, "waiting")
-    text = render([engine_metrics(replica)])
-    assert 'chatd_run_ends_total{end="waiting"} 1' in text
-    assert "chatd_runs_acquired_total 1" in text
+    text = render([engine_metrics(replica)]).decode()
+    assert 'chatd_run_ends_total{end="waiting"} 1.0' in text
+    assert "chatd_runs_acquired_total 1.0" in text
     assert "chatd_part_flushes_total" in text
     assert replica.flusher.stats.transactions >= 1

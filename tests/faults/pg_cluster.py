@@ -34,6 +34,7 @@ import asyncpg
 
 from app.db.embedded import EmbeddedPostgres
 from app.db.migrate import migrate
+from tests.conditions import wait_for
 
 DATABASE = "chatd"
 SUPERUSER = "postgres"
@@ -301,6 +302,53 @@ class PgCluster:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def create_standby(self, *, synchronous: bool = True) -> PgCluster:
+        """A streaming standby of this server (`pg_basebackup -R`), started. With `synchronous`,
+        this server then waits for the standby to flush every commit (`synchronous_standby_names
+        = '*'`), so a failover to it loses no committed transaction."""
+        base = await asyncio.to_thread(_new_base_dir, "chatd-pgs-")
+        data_dir = base / "data"
+        if _as_root():
+            shutil.chown(base, SYSTEM_USER, SYSTEM_USER)
+        await _run(
+            "pg_basebackup",
+            "-D",
+            str(data_dir),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-U",
+            SUPERUSER,
+            "-X",
+            "stream",
+            "-R",
+            "--no-sync",
+        )
+        standby = PgCluster(data_dir)
+        await standby.start()
+        if synchronous:
+            admin = await asyncpg.connect(self.admin_dsn)
+            try:
+                await admin.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+                await admin.execute("SELECT pg_reload_conf()")
+                await wait_for(
+                    lambda: admin.fetchval(
+                        "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+                    ),
+                    timeout_s=COMMAND_TIMEOUT_S,
+                    message="the standby streaming synchronously",
+                )
+            finally:
+                await admin.close()
+        return standby
+
+    async def promote(self) -> None:
+        """Make this standby a primary (`pg_ctl promote`, waiting until it accepts writes)."""
+        await _run(
+            "pg_ctl", "-D", str(self.data_dir), "-w", "-t", str(int(COMMAND_TIMEOUT_S)), "promote"
+        )
 
 
 async def pg_cluster_context() -> AsyncIterator[PgCluster]:

@@ -12,6 +12,7 @@ import stat
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -19,11 +20,16 @@ from aiohttp import web
 from app import cli
 from app.config import local_token_path
 from app.http.auth import ensure_local_token
+from app.http.web_endpoints import INDEX, STATIC_FILES
 from tests import factories
 from tests.factories import ApiUser
 from tests.http_harness import ApiInstance, api_instance
 
 PUBLIC = {"/healthz", "/readyz", "/metrics"}
+# The web page and its files load before anyone is logged in (docs/web.md).
+PUBLIC |= {"/", "/login", *(f"/static/{name}" for name in STATIC_FILES if name != INDEX)}
+# Logging in takes its credentials in the body (tests/http/test_sessions.py).
+LOGIN = {"/api/v1/sessions", "/api/v1/sessions/login-code"}
 SAMPLE_BODY = {"content": "hello", "title": "t", "provider": "builtin", "model": "echo"}
 
 
@@ -64,6 +70,9 @@ async def test_every_route_but_the_public_ones_needs_a_valid_token(api: ApiInsta
                 if path in PUBLIC:
                     assert r.status in (200, 503), (method, path)
                     continue
+                if path in LOGIN:
+                    assert r.status in (400, 401), (method, path)
+                    continue
                 assert r.status == 401, (method, path, headers, await r.text())
                 assert r.content_type == "application/json"
                 assert (await r.json())["message"]
@@ -81,7 +90,11 @@ async def test_another_users_chat_answers_404_on_every_chat_route(api: ApiInstan
     assert len(chat_routes) >= 10  # incl. stream and ws
     for method, path in chat_routes:
         url = _fill(path, alices_chat)
-        body = {"title": "x"} if path == "/api/v1/chats/{id}" else {"content": "x"}
+        body: dict[str, Any] = {"content": "x"}
+        if path == "/api/v1/chats/{id}":
+            body = {"title": "x"}
+        elif path.endswith("/tool-results"):
+            body = {"results": [{"tool_call_id": "call_1", "result": "x"}]}
         async with api.client.request(method, url, headers=mallory.headers, json=body) as response:
             assert response.status == 404, (method, path, await response.text())
             assert (await response.json())["message"] == "chat not found"
@@ -131,7 +144,7 @@ async def test_token_create_command_prints_only_the_token(
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", database_url)
     # main() points the root logger at the (captured) stderr; keep the suite's logging as it is.
-    monkeypatch.setattr(cli, "configure_logging", lambda _level: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)
     assert await asyncio.to_thread(cli.main, ["token", "create", "carol", "--admin"]) == 0
     out = capsys.readouterr().out
     token = out.strip()

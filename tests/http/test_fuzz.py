@@ -58,6 +58,7 @@ EVIL_VALUES: list[Any] = [
     "1:2",
     "9" * 40,
 ]
+ANY_JSON_VALUES: list[Any] = [None, "", "text", 0, -1.5, True, [], {}, [1, "two"], {"k": [None]}]
 EVIL_PATH_SEGMENTS = [
     "x",
     "0",
@@ -117,13 +118,19 @@ class Generator:
         if kind == "array":
             items = schema.get("items", {})
             count = rng.randint(schema.get("minItems", 0), min(schema.get("maxItems", 3), 3))
+            unique_by = schema.get("x-unique-by")  # items' property that must not repeat
             for _attempt in range(100):
                 array = [self.valid(items, depth + 1) for _ in range(count)]
-                if "contains" not in schema or any(
+                if "contains" in schema and not any(
                     _satisfies(schema["contains"], item) for item in array
                 ):
-                    return array
-            raise AssertionError(f"cannot generate an array for {schema['contains']}")
+                    continue
+                if unique_by is not None:
+                    keys = [item.get(unique_by) for item in array]
+                    if len(set(keys)) != len(keys):
+                        continue
+                return array
+            raise AssertionError(f"cannot generate an array for {schema}")
         if kind == "object" or "properties" in schema:
             value = {}
             required = set(schema.get("required", []))
@@ -131,7 +138,9 @@ class Generator:
                 if name in required or rng.random() < 0.5:
                     value[name] = self.valid(prop, depth + 1)
             return value
-        return rng.choice(EVIL_VALUES[:8])
+        # No type: any JSON value (a client tool's result). Strings follow the rule every string
+        # of a request follows (no NUL, no lone surrogate; docs/api.md, "Errors").
+        return rng.choice(ANY_JSON_VALUES)
 
     def text(self, schema: dict[str, Any]) -> str:
         low = schema.get("minLength", 0)

@@ -15,11 +15,15 @@ from app.http import models as http_models
 from app.http.keys import OPENAPI
 from app.http.models import CreateChatRequest, ErrorBody, LimitBody, ListChatsQuery, SpendLimitBody
 from app.http.routes import all_routes
+from app.http.web_endpoints import INDEX, STATIC_FILES
 from tests import factories
 from tests.factories import ApiUser
 from tests.http_harness import ApiInstance, api_instance
 
-PUBLIC = {"/healthz", "/readyz", "/metrics"}
+# The web page and its files load before anyone is logged in; logging in needs no session.
+WEB_PUBLIC = {"/", "/login", *(f"/static/{name}" for name in STATIC_FILES if name != INDEX)}
+SESSION_PUBLIC = {"/api/v1/sessions", "/api/v1/sessions/login-code"}
+PUBLIC = {"/healthz", "/readyz", "/metrics", *WEB_PUBLIC, *SESSION_PUBLIC}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
-from app.errors import InvalidTransition, NotFound, QueueFull, ValidationFailed
+from app.errors import Conflict, InvalidTransition, NotFound, QueueFull, ValidationFailed
 from app.state import chats
 from tests import engine_harness, factories
 
@@ -132,3 +132,44 @@ async def test_interrupting_a_pending_chat_is_final(database_url: str, pool: asy
     row = await engine_harness.chat_row(pool, chat.id)
     assert (row.status, row.generation) == ("waiting", 0)
     assert [role for role, _ in await engine_harness.history(pool, chat.id)] == ["user"]
+
+
+async def test_a_chat_id_chosen_by_the_client_is_taken_once(pool: asyncpg.Pool) -> None:
+    """The AI SDK names its chats: the first request creates the chat under that id, later
+    ones send to it; another user's id is a missing chat, and nothing of theirs changes."""
+    alice = await factories.create_owner(pool)
+    bob = await factories.create_owner(pool)
+    chat_id = uuid.uuid4()
+    created = await chats.send_or_create(pool, alice, chat_id, "first", queue_limit=3)
+    assert created.chat.id == chat_id and created.chat.owner_id == alice.user_id
+    assert created.message is not None
+    again = await chats.send_or_create(pool, alice, chat_id, "second", queue_limit=3)
+    assert again.queued is not None  # the chat is pending: queued, as a send is
+
+    before = await _snapshot(pool)
+    with pytest.raises(Conflict):
+        await chats.create_chat(pool, bob, "mine now", chat_id=chat_id)
+    with pytest.raises(NotFound):
+        await chats.send_or_create(pool, bob, chat_id, "mine now", queue_limit=3)
+    assert await _snapshot(pool) == before
+
+
+async def test_regenerate_edits_the_last_user_message_with_its_own_content(
+    pool: asyncpg.Pool,
+) -> None:
+    owner = await factories.create_owner(pool)
+    chat, first = await chats.create_chat(pool, owner, [{"type": "text", "text": "again"}])
+    async with pool.acquire() as conn:
+        await factories.create_message(conn, chat_id=chat.id, role="assistant", text="once")
+    await pool.execute("UPDATE chats SET status = 'waiting' WHERE id = $1", chat.id)
+
+    rerun = await chats.regenerate(pool, owner, chat.id)
+    assert rerun.id > first.id and rerun.content == first.content
+    assert (await chats.last_user_message(pool, owner, chat.id)) == rerun
+    visible = await chats.list_messages(pool, owner, chat.id)
+    assert [m.id for m in visible[0]] == [rerun.id]
+    assert (await chats.get_chat(pool, owner, chat.id)).status == "pending"
+    other = await factories.create_owner(pool)
+    with pytest.raises(NotFound):
+        await chats.regenerate(pool, other, chat.id)
+    assert await chats.last_user_message(pool, other, chat.id) is None

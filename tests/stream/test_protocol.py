@@ -27,7 +27,9 @@ def _read(
     queue: list[int] | None = None,
     resets: dict[int, int] | None = None,
     error: dict[str, Any] | None = None,
+    calls: list[str] | None = None,
 ) -> ChatRead:
+    action = status == "requires_action"
     return ChatRead(
         chat_id=CHAT,
         exists=True,
@@ -37,6 +39,8 @@ def _read(
         status_payload=Payload({"type": "status", "status": status, "version": version}),
         error_payload=Payload({"type": "error", **(error or {})}) if status == "error" else None,
         error_key=json.dumps(error) if status == "error" else None,
+        action_payload=Payload({"type": "action_required", "calls": calls}) if action else None,
+        action_key=json.dumps(calls) if action else None,
         messages=None
         if messages is None
         else [(m, Payload({"type": "message", "message": {"id": m}})) for m in messages],
@@ -130,6 +134,22 @@ def test_status_is_sent_when_it_changes_never_older() -> None:
     error = {"kind": "auth", "message": "bad key"}
     frames = advance(_read(status="error", version=9, error=error), position)
     assert [f.event for f in frames] == ["status", "error"]
+
+
+def test_action_required_follows_the_status_and_new_calls_are_sent_again() -> None:
+    position = Position(status="running", version=5)
+    frames = advance(
+        _read(messages=[3], status="requires_action", version=6, calls=["a"]), position
+    )
+    assert [f.event for f in frames] == ["message", "status", "action_required"]
+    assert frames[-1].data["calls"] == ["a"]
+    assert advance(_read(status="requires_action", version=7, calls=["a"]), position) == []
+    # The calls were answered, the turn went on and called the client again: the reads in
+    # between were missed, the status is the same, the calls are new.
+    frames = advance(_read(status="requires_action", version=12, calls=["b"]), position)
+    assert [f.event for f in frames] == ["status", "action_required"]
+    assert frames[-1].data["calls"] == ["b"]
+    assert [f.event for f in advance(_read(status="pending", version=13), position)] == ["status"]
 
 
 def test_queue_is_sent_when_it_changes() -> None:

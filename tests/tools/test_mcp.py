@@ -81,7 +81,7 @@ class Chat:
         self.chat_id = chat_id
 
     async def tools(self) -> ToolRegistry:
-        return await self.catalog.for_chat(self.chat_id)
+        return (await self.catalog.for_chat(self.chat_id)).registry
 
     async def names(self) -> set[str]:
         return set((await self.tools()).names())
@@ -291,9 +291,9 @@ async def test_a_chat_uses_only_the_servers_it_chose(
     owner = await factories.create_owner(pool)
     only_one, _ = await chats.create_chat(pool, owner, "hi", mcp_server_ids=[chosen.id])
     none, _ = await chats.create_chat(pool, owner, "hi", mcp_server_ids=[])
-    names = set((await catalog.for_chat(only_one.id)).names())
+    names = set((await catalog.for_chat(only_one.id)).registry.names())
     assert names == STATIC | {f"one__{t}" for t in TEST_TOOLS}
-    assert set((await catalog.for_chat(none.id)).names()) == STATIC
+    assert set((await catalog.for_chat(none.id)).registry.names()) == STATIC
 
 
 async def test_closing_stops_the_stdio_servers(pool: asyncpg.Pool) -> None:
@@ -310,3 +310,30 @@ async def test_closing_stops_the_stdio_servers(pool: asyncpg.Pool) -> None:
     assert not pid_alive(pid)
     # A closed replica's MCP tools answer with an error, never hang.
     assert await chat.names() == STATIC
+
+
+async def test_a_client_tool_named_like_an_mcp_tool_is_refused(
+    pool: asyncpg.Pool, clients: McpClients, caplog: pytest.LogCaptureFixture
+) -> None:
+    await stdio_server(pool)
+    catalog = ToolCatalog(pool, default_registry(), clients)
+    owner = await factories.create_owner(pool)
+    schema = {"type": "object", "properties": {}}
+    chat, _ = await chats.create_chat(
+        pool,
+        owner,
+        "hi",
+        tools=[
+            {"name": "test__add", "description": "the client's", "input_schema": schema},
+            {"name": "pick_file", "description": "the client's", "input_schema": schema},
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="app.tools.toolset"):
+        tools = await catalog.for_chat(chat.id)
+    # The server-side tool runs; the client keeps its other tool.
+    assert [spec.name for spec in tools.client] == ["pick_file"]
+    assert tools.client_names == {"pick_file"}
+    add = tools.registry.get("test__add")
+    assert add is not None and add.source == "MCP server 'test'"
+    clashes = [r.getMessage() for r in caplog.records if "tools.name_clash" in r.getMessage()]
+    assert clashes and "client tool 'test__add'" in clashes[0]
