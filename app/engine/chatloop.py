@@ -78,7 +78,7 @@ from app.providers.retry import RetryInfo
 from app.state import runs
 from app.state.client_tools import pending_call
 from app.state.model import Chat, Message, Owner, default_title
-from app.state.runs import RunToken, StepRecord, UsageKind, UsageRecord
+from app.state.runs import RunToken, StepContext, StepRecord, UsageKind, UsageRecord
 from app.text import storable, storable_json
 from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolContext
 from app.tools.toolset import ToolCatalog
@@ -132,7 +132,7 @@ class RunDeps:
     pool: asyncpg.Pool
     listener: Listener
     flusher: PartFlusher
-    tools: ToolCatalog  # every source of tools; a step's set is `tools.for_chat(chat_id)`
+    tools: ToolCatalog  # every source of tools; a step's set is `tools.for_step(context)`
     max_steps_per_turn: int
     stream_step: StepStreamer = stream_once
     provider_for: Callable[[ModelConfig], Provider] = provider_for
@@ -148,7 +148,6 @@ class Run:
     def __init__(self, chat: Chat, deps: RunDeps) -> None:
         self.token: RunToken = runs.token_of(chat)
         self.chat_id = chat.id
-        self._model_config_id = chat.model_config_id
         self._owner = Owner(user_id=chat.owner_id, organization_id=chat.organization_id)
         self._is_child = chat.parent_chat_id is not None
         self._title = chat.title  # as acquired; the title update is guarded anyway
@@ -318,9 +317,11 @@ class Run:
                 )
                 try:
                     # Subscribed first, read second: a Stop (or a takeover) that raced the
-                    # acquire is in this row or in a notification after it, never lost.
-                    self._observe_chat(await runs.read_chat(deps.pool, self.chat_id))
-                    end = await self._drive()
+                    # acquire is in this row or in a notification after it, never lost. The
+                    # same statement reads what the first step starts from.
+                    context = await runs.step_context(deps.pool, self.chat_id)
+                    self._observe_chat(context.chat if context is not None else None)
+                    end = await self._drive(context)
                 finally:
                     watcher.cancel()
                     await asyncio.wait({watcher})
@@ -335,27 +336,35 @@ class Run:
             deps.flusher.drop(self.token)
         return end
 
-    async def _drive(self) -> RunEnd:
-        deps = self._deps
-        if self.stop_cause() is not None:
+    async def _drive(self, context: StepContext | None) -> RunEnd:
+        if self.stop_cause() is not None or context is None:
             return await self._abandon()
-        config = await runs.load_model_config(deps.pool, self._model_config_id)
+        # The run keeps the model config it started with (a send that changes the chat's model
+        # takes effect on the next run).
+        config = context.config
         try:
-            provider = deps.provider_for(config)
+            provider = self._deps.provider_for(config)
         except ProviderError as exc:
             return await self._fail(exc.error)
         model_config_id = uuid.UUID(config.id)
         self._config, self._provider = config, provider
+        first: StepContext | None = context
         while True:
-            end = await self._turn(config, provider, model_config_id)
+            end = await self._turn(config, provider, model_config_id, first)
             if end is not None:
                 return end
+            first = None
 
     async def _turn(  # noqa: PLR0911, PLR0912  each way a step can end the turn, in order
-        self, config: ModelConfig, provider: Provider, model_config_id: uuid.UUID
+        self,
+        config: ModelConfig,
+        provider: Provider,
+        model_config_id: uuid.UUID,
+        first: StepContext | None,
     ) -> RunEnd | None:
         """One user turn: steps until the model stops calling tools (or calls a client's). None
-        when a queued message continues the run with another turn."""
+        when a queued message continues the run with another turn. `first`: the context of the
+        turn's first step when the run's start already read it."""
         deps = self._deps
         final: StepRecord | None = None
         for step_number in range(1, deps.max_steps_per_turn + 1):
@@ -363,11 +372,15 @@ class Run:
                 return await self._abandon()
             if self._interrupt_pending():
                 return await self._end_turn(None, model_config_id, interrupted=True)
-            history = await runs.prompt_messages(deps.pool, self.chat_id)
+            context, first = first or await runs.step_context(deps.pool, self.chat_id), None
+            if context is None:  # the chat was deleted
+                self._observe_chat(None)
+                return await self._abandon()
+            self._observe_chat(context.chat)
             if step_number == 1:
-                self._title_question = first_question(history)
+                self._title_question = first_question(context.messages)
             output = StepOutput()
-            step = await self._run_step(config, provider, history, output, step_number)
+            step = await self._run_step(config, provider, context, output, step_number)
             instruments.STEPS.labels(outcome=_step_outcome(step, output, self.stop_cause())).inc()
             if step.cancelled():
                 if self.stop_cause() is not None:
@@ -439,14 +452,14 @@ class Run:
         self,
         config: ModelConfig,
         provider: Provider,
-        history: list[Message],
+        context: StepContext,
         output: StepOutput,
         step_number: int,
     ) -> asyncio.Task[None]:
         """Run one step as a task that a stop or an interrupt can cancel; return it ended."""
         self._step_output = output
         step = asyncio.create_task(
-            self._step(config, provider, history, output),
+            self._step(config, provider, context, output),
             name=f"run-step:{self.chat_id}:{self.token.generation}:{step_number}",
         )
         self._step_task = step
@@ -464,7 +477,7 @@ class Run:
         return step
 
     async def _step(
-        self, config: ModelConfig, provider: Provider, history: list[Message], output: StepOutput
+        self, config: ModelConfig, provider: Provider, context: StepContext, output: StepOutput
     ) -> None:
         """Compact the history if it is due, stream one model step, then run its tool calls;
         live parts go to the flusher."""
@@ -490,10 +503,10 @@ class Run:
             )
             log.info("run.retrying", attempt=notice.attempt, kind=notice.error.kind, **self._log)
 
-        history = await self._compact(config, provider, history, on_retry, output.meter)
+        history = await self._compact(config, provider, context.messages, on_retry, output.meter)
         # The step's tools, every source merged (app/tools/toolset.py): offered, and the
         # server-side ones executed here.
-        tools = await self._deps.tools.for_chat(self.chat_id)
+        tools = await self._deps.tools.for_step(context)
         request = dataclasses.replace(
             build_request(
                 config,

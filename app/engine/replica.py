@@ -119,9 +119,7 @@ class Replica:
             pool=pool,
             listener=listener,
             flusher=self.flusher,
-            tools=ToolCatalog(
-                pool, tools if tools is not None else default_registry(), mcp=self.mcp
-            ),
+            tools=ToolCatalog(tools if tools is not None else default_registry(), mcp=self.mcp),
             max_steps_per_turn=settings.max_steps_per_turn,
             stream_step=stream_step,
             queue_limit=settings.queue_limit,

@@ -292,9 +292,3 @@ async def check_server_ids(conn: Conn, server_ids: list[uuid.UUID]) -> list[uuid
             ],
         )
     return unique
-
-
-async def servers_for_chat(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[McpServer]:
-    """The enabled servers a run of the chat uses, by name."""
-    rows = await pool.fetch(Q.sql("mcp_servers_for_chat"), chat_id)
-    return [McpServer.from_record(row) for row in rows]

@@ -23,6 +23,7 @@ from app.db.queries import Conn, project_queries, transaction
 from app.errors import FencedOut
 from app.providers.base import ModelConfig, ToolSpec, Usage
 from app.state.client_tools import TIMED_OUT_RESULT, error_results
+from app.state.mcp_servers import McpServer
 from app.state.model import Chat, Message
 
 Q = project_queries()
@@ -141,10 +142,36 @@ def owns(chat: Chat | None, token: RunToken) -> bool:
     )
 
 
-async def load_model_config(pool: asyncpg.Pool, model_config_id: uuid.UUID | None) -> ModelConfig:
-    row = await pool.fetchrow(Q.sql("runs_model_config"), model_config_id)
+@dataclass(frozen=True)
+class StepContext:
+    """What a model step starts from, read in one statement (runs_step_context): the chat row,
+    its model config, the prompt, its client tools and the MCP servers it uses."""
+
+    chat: Chat
+    config: ModelConfig
+    messages: list[Message]
+    client_tools: list[ToolSpec]
+    mcp_servers: list[McpServer]
+
+
+async def step_context(pool: asyncpg.Pool, chat_id: uuid.UUID) -> StepContext | None:
+    """The context of the chat's next model step, or None when the chat is gone."""
+    row = await pool.fetchrow(Q.sql("runs_step_context"), chat_id)
     if row is None:
-        raise LookupError(f"model config {model_config_id} does not exist")
+        return None
+    config = row["model_config"]
+    if config is None:
+        raise LookupError(f"the model config of chat {chat_id} does not exist")
+    return StepContext(
+        chat=Chat.from_record(row["chat"]),
+        config=_model_config(config),
+        messages=[Message.from_record(message) for message in row["messages"]],
+        client_tools=_client_tools(row["client_tools"]),
+        mcp_servers=[McpServer.from_record(server) for server in row["mcp_servers"]],
+    )
+
+
+def _model_config(row: asyncpg.Record) -> ModelConfig:
     return ModelConfig(
         id=str(row["id"]),
         provider=row["provider"],
@@ -156,7 +183,14 @@ async def load_model_config(pool: asyncpg.Pool, model_config_id: uuid.UUID | Non
     )
 
 
+def _client_tools(raw: str | None) -> list[ToolSpec]:
+    """The chat's client tools (a JSON array of definitions) as the model is offered them."""
+    definitions: list[dict[str, Any]] = json.loads(raw) if raw is not None else []
+    return [ToolSpec(d["name"], d.get("description", ""), d["input_schema"]) for d in definitions]
+
+
 async def prompt_messages(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[Message]:
+    """The prompt alone (after a compaction rewrote it)."""
     rows = await pool.fetch(Q.sql("runs_prompt_messages"), chat_id)
     return [Message.from_record(row) for row in rows]
 
@@ -234,13 +268,6 @@ async def persist_step(
             Q.sql("runs_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
         )
         return [Message.from_record(row) for row in rows]
-
-
-async def client_tools(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[ToolSpec]:
-    """The chat's client tools as the model is offered them (read before each step)."""
-    raw = await pool.fetchval(Q.sql("runs_client_tools"), chat_id)
-    definitions: list[dict[str, Any]] = json.loads(raw) if raw is not None else []
-    return [ToolSpec(d["name"], d.get("description", ""), d["input_schema"]) for d in definitions]
 
 
 async def require_action(

@@ -10,7 +10,8 @@ The first three are the same for every chat and are merged once, when the replic
 (`default_registry()`); a name clash among them stops the replica with an error naming both
 sources. The others depend on the chat (which MCP servers it chose, which are enabled, their
 allow and deny lists, what the servers list now; the client tools its last create or send
-named), so `ToolCatalog.for_chat()` merges them before every model step, in that order: a tool
+named; both read with the step's prompt, app/state/runs.step_context), so
+`ToolCatalog.for_step()` merges them before every model step, in that order: a tool
 whose name is taken is refused (logged with both sources) and the run goes on with the rest.
 The API already refuses a client tool named like a static tool; one named like an MCP tool is
 refused here, so the server-side tool is the one that runs. The model is offered exactly the
@@ -21,16 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import uuid
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-import asyncpg
-
 from app.log import get_logger
 from app.providers.base import ToolSpec
-from app.state import mcp_servers, runs
 from app.state.mcp_servers import McpServer
+from app.state.runs import StepContext
 from app.tools.agent_tools import register_subagent_tools
 from app.tools.builtin import register_builtin_tools
 from app.tools.mcp import McpClients
@@ -73,10 +71,7 @@ class ToolCatalog:
     """A replica's sources of tools: the static registry and its MCP connections (and, per
     chat, the client tools its rows carry)."""
 
-    def __init__(
-        self, pool: asyncpg.Pool, static: ToolRegistry, mcp: McpClients | None = None
-    ) -> None:
-        self._pool = pool
+    def __init__(self, static: ToolRegistry, mcp: McpClients | None = None) -> None:
         self.static = static
         self._mcp = mcp
 
@@ -84,21 +79,21 @@ class ToolCatalog:
         """The static tools' names (the MCP tools' depend on the chat and the step)."""
         return self.static.names()
 
-    async def for_chat(self, chat_id: uuid.UUID) -> StepTools:
-        """The tools of the chat's next model step: the static ones, its MCP servers', then its
-        client tools."""
+    async def for_step(self, context: StepContext) -> StepTools:
+        """The tools of the chat's next model step: the static ones, those of its MCP servers,
+        then its client tools (both as the step's context read them)."""
+        chat_id = context.chat.id
         registry = self.static
-        if self._mcp is not None:
-            servers = await mcp_servers.servers_for_chat(self._pool, chat_id)
-            if servers:
-                registry = ToolRegistry(self.static.tools())
-                for tool in await self._mcp_tools(servers):
-                    try:
-                        registry.register(tool)
-                    except ToolNameClash as exc:
-                        log.warning("tools.name_clash", chat_id=chat_id, error=str(exc))
+        servers = context.mcp_servers
+        if self._mcp is not None and servers:
+            registry = ToolRegistry(self.static.tools())
+            for tool in await self._mcp_tools(servers):
+                try:
+                    registry.register(tool)
+                except ToolNameClash as exc:
+                    log.warning("tools.name_clash", chat_id=chat_id, error=str(exc))
         client: list[ToolSpec] = []
-        for spec in await runs.client_tools(self._pool, chat_id):
+        for spec in context.client_tools:
             taken = registry.get(spec.name)
             if taken is not None:
                 log.warning(

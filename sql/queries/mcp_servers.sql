@@ -34,12 +34,3 @@ DELETE FROM mcp_servers WHERE id = $1 RETURNING id;
 
 -- name: mcp_servers_existing_ids :many
 SELECT id FROM mcp_servers WHERE id = ANY($1::uuid[]);
-
--- name: mcp_servers_for_chat :many
--- The enabled servers of a chat's run: those it chose at creation, or every enabled one when
--- it chose none (mcp_server_ids NULL). One indexed read per model step.
-SELECT s.*
-FROM chats c
-JOIN mcp_servers s ON c.mcp_server_ids IS NULL OR s.id = ANY (c.mcp_server_ids)
-WHERE c.id = $1 AND s.enabled
-ORDER BY s.name;

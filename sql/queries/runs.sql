@@ -98,19 +98,35 @@ WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'
 FOR UPDATE;
 
 -- name: runs_read_chat :one
--- An unlocked read of the row: the ownership check of a run after it subscribed to the chat's
--- channel, and after every listener resync.
+-- An unlocked read of the row: a run's ownership check after every listener resync.
 SELECT * FROM chats WHERE id = $1;
 
--- name: runs_model_config :one
--- The chat's model config, or the default one when the chat names none.
-SELECT * FROM chat_model_configs
-WHERE id = $1 OR ($1::uuid IS NULL AND is_default)
-ORDER BY is_default DESC
-LIMIT 1;
+-- name: runs_step_context :one
+-- Everything a model step starts from, in ONE statement (one round trip per step): the chat row
+-- (on a run's first step it is the ownership check after subscribing to the chat's channel; on
+-- later steps a fresh observation), its model config (or the default one when it names none),
+-- the prompt (the visible, uncompressed history in id order, chat_messages_chat_id_idx), the
+-- client tools (a send may replace them while the chat runs; the next step is offered the new
+-- ones) and the enabled MCP servers it uses (those it chose at creation, or every enabled one
+-- when it chose none), by name. No row: the chat is gone.
+SELECT c AS chat,
+       (SELECT m FROM chat_model_configs m
+        WHERE m.id = c.model_config_id OR (c.model_config_id IS NULL AND m.is_default)
+        ORDER BY m.is_default DESC
+        LIMIT 1) AS model_config,
+       ARRAY(SELECT m FROM chat_messages m
+             WHERE m.chat_id = c.id AND NOT m.deleted AND NOT m.compressed
+             ORDER BY m.id) AS messages,
+       c.client_tools,
+       ARRAY(SELECT s FROM mcp_servers s
+             WHERE s.enabled AND (c.mcp_server_ids IS NULL OR s.id = ANY (c.mcp_server_ids))
+             ORDER BY s.name) AS mcp_servers
+FROM chats c
+WHERE c.id = $1;
 
 -- name: runs_prompt_messages :many
--- What the model sees: the visible, uncompressed history in id order (chat_messages_chat_id_idx).
+-- What the model sees after a compaction rewrote it: the visible, uncompressed history in id
+-- order (chat_messages_chat_id_idx).
 SELECT * FROM chat_messages
 WHERE chat_id = $1 AND NOT deleted AND NOT compressed
 ORDER BY id;
@@ -331,12 +347,6 @@ WHERE c.status = 'running'
   AND (c.id, c.generation) NOT IN (SELECT * FROM unnest($2::uuid[], $3::bigint[]))
 ORDER BY c.id
 FOR UPDATE;
-
--- name: runs_client_tools :one
--- The chat's client tools (a JSON array of definitions), read before each step: a send may
--- replace them while the chat runs (chats_set_client_tools), and the next step is offered the
--- new ones. A primary-key lookup, next to the step's prompt read.
-SELECT client_tools FROM chats WHERE id = $1;
 
 -- name: runs_require_action :one
 -- The model called client tools: after runs_lock_owned and runs_persist_step in the same

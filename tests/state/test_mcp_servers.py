@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.state import chats, mcp_servers
+from app.state import chats, mcp_servers, runs
 from app.state.admin import REDACTED
 from app.state.mcp_servers import McpServerChanges
 from tests import factories
@@ -117,7 +117,7 @@ async def test_a_chat_uses_the_servers_it_chose_or_every_enabled_one(pool: async
     nothing, _ = await chats.create_chat(pool, owner, "hi", mcp_server_ids=[])
 
     async def names(chat_id: uuid.UUID) -> list[str]:
-        return [s.name for s in await mcp_servers.servers_for_chat(pool, chat_id)]
+        return await _servers_of_step(pool, chat_id)
 
     assert await names(every.id) == ["one", "two"]
     assert await names(chosen.id) == ["two"]
@@ -157,4 +157,11 @@ async def test_a_sub_agent_inherits_its_parents_servers(pool: asyncpg.Pool) -> N
     child, _ = await chats.create_chat(pool, owner, "task", parent_chat_id=parent.id)
     stored = await pool.fetchval("SELECT mcp_server_ids FROM chats WHERE id = $1", child.id)
     assert stored == [one.id]
-    assert await mcp_servers.servers_for_chat(pool, child.id) == []
+    assert await _servers_of_step(pool, child.id) == []
+
+
+async def _servers_of_step(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[str]:
+    """The names of the servers a run of the chat uses, as its next step reads them."""
+    context = await runs.step_context(pool, chat_id)
+    assert context is not None
+    return [server.name for server in context.mcp_servers]

@@ -458,12 +458,19 @@ async def test_client_tools_are_checked_and_replaced_by_a_send(pool: asyncpg.Poo
     chat, _ = await chats.create_chat(pool, owner, "hi", tools=[LOCATE])
     stored = await pool.fetchval("SELECT client_tools FROM chats WHERE id = $1", chat.id)
     assert json.loads(stored) == [LOCATE]
-    assert [spec.name for spec in await runs.client_tools(pool, chat.id)] == ["get_location"]
+    assert await _client_tool_names(pool, chat.id) == ["get_location"]
     # A send without tools keeps them; with tools replaces them (also while busy: queued).
     await chats.send_message(pool, owner, chat.id, "more", queue_limit=5)
-    assert [spec.name for spec in await runs.client_tools(pool, chat.id)] == ["get_location"]
+    assert await _client_tool_names(pool, chat.id) == ["get_location"]
     other = {"name": "pick_file", "input_schema": {"type": "object"}}
     await chats.send_message(pool, owner, chat.id, "more", queue_limit=5, tools=[other])
-    assert [spec.name for spec in await runs.client_tools(pool, chat.id)] == ["pick_file"]
+    assert await _client_tool_names(pool, chat.id) == ["pick_file"]
     await chats.send_message(pool, owner, chat.id, "more", queue_limit=5, tools=[])
-    assert await runs.client_tools(pool, chat.id) == []
+    assert await _client_tool_names(pool, chat.id) == []
+
+
+async def _client_tool_names(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[str]:
+    """The chat's client tools as its next step reads them."""
+    context = await runs.step_context(pool, chat_id)
+    assert context is not None
+    return [spec.name for spec in context.client_tools]

@@ -18,12 +18,12 @@ import asyncpg
 import pytest
 
 from app.db.listener import Listener
-from app.state import chats, mcp_servers
+from app.state import chats, mcp_servers, runs
 from app.state.mcp_servers import McpServer, McpServerChanges
 from app.state.model import Owner
 from app.tools.mcp import McpClients
 from app.tools.registry import Tool, ToolContext, ToolOutcome, ToolRegistry
-from app.tools.toolset import ToolCatalog, default_registry
+from app.tools.toolset import StepTools, ToolCatalog, default_registry
 from tests import engine_harness, factories
 from tests.conditions import wait_for
 from tests.mcp_harness import SERVER_SCRIPT, http_mcp_server, pid_alive
@@ -73,15 +73,23 @@ async def new_chat(pool: asyncpg.Pool) -> uuid.UUID:
     return chat
 
 
+async def step_tools(pool: asyncpg.Pool, catalog: ToolCatalog, chat_id: uuid.UUID) -> StepTools:
+    """The chat's tools as a run merges them for its next step."""
+    context = await runs.step_context(pool, chat_id)
+    assert context is not None
+    return await catalog.for_step(context)
+
+
 class Chat:
     """One chat's view of its tools, as a run sees them before each step."""
 
-    def __init__(self, catalog: ToolCatalog, chat_id: uuid.UUID) -> None:
+    def __init__(self, pool: asyncpg.Pool, catalog: ToolCatalog, chat_id: uuid.UUID) -> None:
+        self.pool = pool
         self.catalog = catalog
         self.chat_id = chat_id
 
     async def tools(self) -> ToolRegistry:
-        return (await self.catalog.for_chat(self.chat_id)).registry
+        return (await step_tools(self.pool, self.catalog, self.chat_id)).registry
 
     async def names(self) -> set[str]:
         return set((await self.tools()).names())
@@ -100,8 +108,8 @@ class Chat:
 async def chat_with(
     pool: asyncpg.Pool, clients: McpClients, static: ToolRegistry | None = None
 ) -> Chat:
-    catalog = ToolCatalog(pool, static or default_registry(), clients)
-    return Chat(catalog, await new_chat(pool))
+    catalog = ToolCatalog(static or default_registry(), clients)
+    return Chat(pool, catalog, await new_chat(pool))
 
 
 async def test_a_stdio_servers_tools_join_the_chats_tools_namespaced(
@@ -287,13 +295,13 @@ async def test_a_chat_uses_only_the_servers_it_chose(
 ) -> None:
     chosen = await stdio_server(pool, name="one")
     await stdio_server(pool, name="two")
-    catalog = ToolCatalog(pool, default_registry(), clients)
+    catalog = ToolCatalog(default_registry(), clients)
     owner = await factories.create_owner(pool)
     only_one, _ = await chats.create_chat(pool, owner, "hi", mcp_server_ids=[chosen.id])
     none, _ = await chats.create_chat(pool, owner, "hi", mcp_server_ids=[])
-    names = set((await catalog.for_chat(only_one.id)).registry.names())
+    names = set((await step_tools(pool, catalog, only_one.id)).registry.names())
     assert names == STATIC | {f"one__{t}" for t in TEST_TOOLS}
-    assert set((await catalog.for_chat(none.id)).registry.names()) == STATIC
+    assert set((await step_tools(pool, catalog, none.id)).registry.names()) == STATIC
 
 
 async def test_closing_stops_the_stdio_servers(pool: asyncpg.Pool) -> None:
@@ -316,7 +324,7 @@ async def test_a_client_tool_named_like_an_mcp_tool_is_refused(
     pool: asyncpg.Pool, clients: McpClients, caplog: pytest.LogCaptureFixture
 ) -> None:
     await stdio_server(pool)
-    catalog = ToolCatalog(pool, default_registry(), clients)
+    catalog = ToolCatalog(default_registry(), clients)
     owner = await factories.create_owner(pool)
     schema = {"type": "object", "properties": {}}
     chat, _ = await chats.create_chat(
@@ -329,7 +337,7 @@ async def test_a_client_tool_named_like_an_mcp_tool_is_refused(
         ],
     )
     with caplog.at_level(logging.WARNING, logger="app.tools.toolset"):
-        tools = await catalog.for_chat(chat.id)
+        tools = await step_tools(pool, catalog, chat.id)
     # The server-side tool runs; the client keeps its other tool.
     assert [spec.name for spec in tools.client] == ["pick_file"]
     assert tools.client_names == {"pick_file"}
