@@ -60,3 +60,8 @@ PART_FLUSH_SIZE = Histogram(
     "Live parts written by one flush statement.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
 )
+GROUP_COMMIT_WRITES = Histogram(
+    "chatd_group_commit_writes",
+    "Step writes (persisted steps, ended turns) committed by one group-commit transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 128),
+)

@@ -49,6 +49,7 @@ from app.aio import Backoff
 from app.db.failures import is_outage
 from app.db.listener import Listener, Notice, Resync, Subscription
 from app.engine import compaction, titles
+from app.engine.group_commit import GroupCommitter
 from app.engine.parts import PartFlusher
 from app.engine.prompt import build_request, first_question, history_view, text_of
 from app.engine.step import (
@@ -78,7 +79,14 @@ from app.providers.retry import RetryInfo
 from app.state import runs
 from app.state.client_tools import pending_call
 from app.state.model import Chat, Message, Owner, default_title
-from app.state.runs import RunToken, StepContext, StepRecord, UsageKind, UsageRecord
+from app.state.runs import (
+    RunToken,
+    StepContext,
+    StepRecord,
+    StepWrite,
+    UsageKind,
+    UsageRecord,
+)
 from app.text import storable, storable_json
 from app.tools.registry import DEFAULT_MAX_CHILDREN, DEFAULT_QUEUE_LIMIT, ToolContext
 from app.tools.toolset import ToolCatalog
@@ -132,6 +140,7 @@ class RunDeps:
     pool: asyncpg.Pool
     listener: Listener
     flusher: PartFlusher
+    commits: GroupCommitter  # the step writes (persist step, end turn) of all the runs
     tools: ToolCatalog  # every source of tools; a step's set is `tools.for_step(context)`
     max_steps_per_turn: int
     stream_step: StepStreamer = stream_once
@@ -405,7 +414,9 @@ class Run:
             await deps.flusher.settle(self.token)
             if output.client_calls:
                 return await self._require_action(config, output, record, model_config_id)
-            await runs.persist_step(deps.pool, self.token, record, model_config_id=model_config_id)
+            await deps.commits.write(
+                StepWrite(self.token, record, model_config_id, ends_turn=False)
+            )
             self.steps_persisted += 1
             log.info("run.step_persisted", step=step_number, **self._log)
         else:
@@ -653,12 +664,8 @@ class Run:
     ) -> RunEnd | None:
         await self._deps.flusher.settle(self.token)
         self._releasing = True
-        outcome = await runs.end_turn(
-            self._deps.pool,
-            self.token,
-            interrupted=interrupted,
-            step=step,
-            model_config_id=model_config_id,
+        outcome = await self._deps.commits.write(
+            StepWrite(self.token, step, model_config_id, ends_turn=True, interrupted=interrupted)
         )
         # No await between the write and this: any Stop seen after it is a new one.
         self._handled_version = max(self._handled_version, outcome.chat.version)

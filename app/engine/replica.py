@@ -37,6 +37,7 @@ from app.db.listener import Listener
 from app.db.queries import transaction
 from app.engine import liveness, parts
 from app.engine.chatloop import Run, RunDeps, RunEnd, StopCause
+from app.engine.group_commit import GroupCommitter
 from app.engine.parts import PartFlusher
 from app.engine.step import StepStreamer, stream_once
 from app.errors import FencedOut
@@ -108,6 +109,7 @@ class Replica:
         self._hostname = hostname or socket.gethostname()
         self._address = address
         self.flusher = PartFlusher(pool, interval_ms=settings.part_flush_interval_ms)
+        self.commits = GroupCommitter(pool)
         # This replica's MCP connections (stdio servers are its child processes).
         self.mcp = McpClients(
             call_timeout_s=settings.mcp_call_timeout_s,
@@ -119,6 +121,7 @@ class Replica:
             pool=pool,
             listener=listener,
             flusher=self.flusher,
+            commits=self.commits,
             tools=ToolCatalog(tools if tools is not None else default_registry(), mcp=self.mcp),
             max_steps_per_turn=settings.max_steps_per_turn,
             stream_step=stream_step,
@@ -188,6 +191,7 @@ class Replica:
                 self._task_group = task_group
                 long_lived = [
                     task_group.create_task(self.flusher.run(), name="replica-flusher"),
+                    task_group.create_task(self.commits.run(), name="replica-group-commit"),
                     task_group.create_task(self._liveness_loop(), name="replica-liveness"),
                     task_group.create_task(self._sweeper_loop(), name="replica-sweeper"),
                     task_group.create_task(self._wake_loop(), name="replica-wake"),

@@ -58,11 +58,26 @@ class StepRecord:
 
 
 @dataclass(frozen=True)
-class TurnOutcome:
-    """How a turn ended: `next_message` is the queued message that continues the run (the chat
-    stays running), or None when the chat went back to the user (waiting)."""
+class StepWrite:
+    """One run's fenced write of its step: `ends_turn` False persists a step whose tool calls
+    ran (the turn goes on); True ends the turn (`step` is its last step, an interrupted step's
+    output so far, or None), and the queue decides what follows."""
+
+    token: RunToken
+    step: StepRecord | None
+    model_config_id: uuid.UUID | None
+    ends_turn: bool
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class StepWritten:
+    """What a step write did: the row as it is now, the step's messages as inserted, and
+    `next_message`, the queued message that continues the run (the chat stays running); None
+    when a turn ended with the chat back to the user (waiting), or the turn goes on."""
 
     chat: Chat
+    messages: list[Message]
     next_message: Message | None
 
 
@@ -222,36 +237,92 @@ async def check_owned(pool: asyncpg.Pool, token: RunToken) -> Chat:
         return Chat.from_record(await lock_owned(conn, token))
 
 
-def _step_arrays(step: StepRecord | None) -> list[list[Any]]:
-    """A step's messages as the array arguments of runs_insert_messages (and of the statements
-    shaped like it): roles, contents, then the five usage columns. The assistant's message
-    carries the step's usage and cost; the tool results' message none."""
-    roles: list[str] = []
-    contents: list[str] = []
-    usage_columns: list[list[int]] = [[], [], [], [], []]
-    if step is None:
-        return [roles, contents, *usage_columns]
-    if step.assistant_content or step.tool_results:
-        roles.append("assistant")
-        contents.append(json.dumps(step.assistant_content))
-        for column, value in zip(
-            usage_columns,
-            (
-                step.usage.input_tokens,
-                step.usage.output_tokens,
-                step.usage.cache_read_tokens,
-                step.usage.cache_write_tokens,
-                step.cost_micros,
-            ),
-            strict=True,
-        ):
-            column.append(value)
-    if step.tool_results:
-        roles.append("tool")
-        contents.append(json.dumps(step.tool_results))
-        for column in usage_columns:
-            column.append(0)
-    return [roles, contents, *usage_columns]
+def _write_arrays(writes: Sequence[StepWrite]) -> list[list[Any]]:
+    """The writes as the array arguments of runs_write_steps: per write its chat, model config,
+    whether it ends the turn and whether it was interrupted; then every step's messages,
+    flattened: the (1-based) write each belongs to, role, content, the four token counts and
+    the cost. The assistant's message carries the step's usage and cost; the tool results'
+    message none."""
+    columns: list[list[Any]] = [[] for _ in range(12)]
+    chat_ids, config_ids, ends, interrupted, owner, roles, contents = columns[:7]
+    usage_columns = columns[7:]
+    for n, write in enumerate(writes, start=1):
+        chat_ids.append(write.token.chat_id)
+        config_ids.append(write.model_config_id)
+        ends.append(write.ends_turn)
+        interrupted.append(write.interrupted)
+        step = write.step
+        if step is None:
+            continue
+        if step.assistant_content or step.tool_results:
+            owner.append(n)
+            roles.append("assistant")
+            contents.append(json.dumps(step.assistant_content))
+            usage = step.usage
+            for column, value in zip(
+                usage_columns,
+                (
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cache_read_tokens,
+                    usage.cache_write_tokens,
+                    step.cost_micros,
+                ),
+                strict=True,
+            ):
+                column.append(value)
+        if step.tool_results:
+            owner.append(n)
+            roles.append("tool")
+            contents.append(json.dumps(step.tool_results))
+            for column in usage_columns:
+                column.append(0)
+    return columns
+
+
+async def write_steps(conn: Conn, writes: Sequence[StepWrite]) -> list[StepWritten | FencedOut]:
+    """Inside the caller's transaction: the step writes of several runs in two statements for
+    all of them (runs_lock_owned_many, then runs_write_steps, which says what each write does).
+    Each write is fenced on its own: a run that lost its chat gets FencedOut in its place and
+    nothing of it is written; the others go on. Progress: the poison-chat guard's count of
+    every written chat starts again."""
+    tokens = [write.token for write in writes]
+    locked_rows = await conn.fetch(
+        Q.sql("runs_lock_owned_many"),
+        [token.chat_id for token in tokens],
+        [token.worker_id for token in tokens],
+        [token.generation for token in tokens],
+    )
+    # Keyed by token, not chat id: one replica may briefly run two generations of a chat.
+    locked = {RunToken(row["id"], row["worker_id"], row["generation"]): row for row in locked_rows}
+    owned = [write for write in writes if write.token in locked]
+    written: dict[RunToken, StepWritten] = {}
+    if owned:
+        rows = await conn.fetch(Q.sql("runs_write_steps"), *_write_arrays(owned))
+        for write, row in zip(owned, rows, strict=True):
+            next_message = row["next_message"]
+            written[write.token] = StepWritten(
+                chat=Chat.from_record(row["chat"] or locked[write.token]),
+                messages=[Message.from_record(message) for message in row["messages"]],
+                next_message=Message.from_record(next_message) if next_message else None,
+            )
+    return [written.get(token) or _fenced_out(token) for token in tokens]
+
+
+def _fenced_out(token: RunToken) -> FencedOut:
+    return FencedOut(
+        "the run no longer owns its chat",
+        detail=f"chat {token.chat_id} generation {token.generation}",
+    )
+
+
+async def _write_step(pool: asyncpg.Pool, write: StepWrite) -> StepWritten:
+    """One step write in a transaction of its own; FencedOut when the run lost its chat."""
+    async with transaction(pool) as conn:
+        (outcome,) = await write_steps(conn, [write])
+    if isinstance(outcome, FencedOut):
+        raise outcome
+    return outcome
 
 
 async def persist_step(
@@ -261,13 +332,10 @@ async def persist_step(
     results) are inserted and the chat's live parts deleted, in one fenced transaction, so a
     reader sees either the parts or the messages. The caller must first make sure no flush of
     this chat's parts can commit afterwards (PartFlusher.settle / discard). Progress: the
-    poison-chat guard's count starts again."""
-    async with transaction(pool) as conn:
-        await _made_progress(conn, await lock_owned(conn, token))
-        rows = await conn.fetch(
-            Q.sql("runs_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
-        )
-        return [Message.from_record(row) for row in rows]
+    poison-chat guard's count starts again. A replica's runs write through their group commit
+    (app/engine/group_commit.py), which batches this write with others'."""
+    write = StepWrite(token, step, model_config_id, ends_turn=False)
+    return (await _write_step(pool, write)).messages
 
 
 async def require_action(
@@ -291,10 +359,10 @@ async def require_action(
         locked = await lock_owned(conn, token)
         if locked["interrupt_requested_at"] is not None:
             return None
-        await _made_progress(conn, locked)
-        await conn.fetch(
-            Q.sql("runs_persist_step"), token.chat_id, model_config_id, *_step_arrays(step)
+        (persisted,) = await write_steps(
+            conn, [StepWrite(token, step, model_config_id, ends_turn=False)]
         )
+        assert not isinstance(persisted, FencedOut), "the row is locked by this transaction"
         row = await conn.fetchrow(
             Q.sql("runs_require_action"), token.chat_id, json.dumps(pending_calls), timeout_s
         )
@@ -410,9 +478,8 @@ async def end_turn(
     interrupted: bool,
     step: StepRecord | None = None,
     model_config_id: uuid.UUID | None = None,
-) -> TurnOutcome:
-    """The end of a turn, in one fenced transaction of two statements (runs_lock_owned, then
-    runs_end_turn, which says why it must not be one):
+) -> StepWritten:
+    """The end of a turn, in one fenced transaction (runs_write_steps says what it does):
 
     - `step` (the turn's last step, or an interrupted step's output so far) is persisted
       first, and the chat's live parts are deleted.
@@ -420,24 +487,14 @@ async def end_turn(
       message and the run goes on (the chat stays running). After a Stop (the run was
       interrupted, or the mark arrived while the turn was ending) only a *promoted* message may
       continue the run: that is how "send this queued message now" works on a running chat.
-    - With nothing to continue: -> waiting, the Stop mark cleared."""
-    async with transaction(pool) as conn:
-        locked = await lock_owned(conn, token)
-        await _made_progress(conn, locked)
-        row = await conn.fetchrow(
-            Q.sql("runs_end_turn"),
-            token.chat_id,
-            model_config_id,
-            *_step_arrays(step),
-            interrupted,
-        )
-        assert row is not None
-        chat = Chat.from_record(row["chat"] if row["chat"] is not None else locked)
-        next_message = row["next_message"]
-        if next_message is None:
-            assert chat.status == "waiting"
-            return TurnOutcome(chat, None)
-        return TurnOutcome(chat, Message.from_record(next_message))
+    - With nothing to continue: -> waiting, the Stop mark cleared.
+
+    A replica's runs end their turns through their group commit (app/engine/group_commit.py),
+    which batches this write with others'."""
+    write = StepWrite(token, step, model_config_id, ends_turn=True, interrupted=interrupted)
+    written = await _write_step(pool, write)
+    assert written.next_message is not None or written.chat.status == "waiting"
+    return written
 
 
 async def _give_back(

@@ -145,86 +145,108 @@ FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], 
 ORDER BY m.n
 RETURNING *;
 
--- name: runs_persist_step :many
--- A finished step, in ONE statement after runs_lock_owned in the same transaction: its messages
--- (the assistant's, then the tool results', in array order, one "message" notification) and the
--- deletion of the chat's live parts, so a reader sees either the parts or the messages. Same
--- arguments as runs_insert_messages.
-WITH deleted_parts AS (
-    DELETE FROM chat_stream_parts WHERE chat_id = $1
-)
-INSERT INTO chat_messages (chat_id, role, content, model_config_id, input_tokens, output_tokens,
-                           cache_read_tokens, cache_write_tokens, cost_micros)
-SELECT $1, m.role, m.content::jsonb, $2, m.input_tokens, m.output_tokens, m.cache_read_tokens,
-       m.cache_write_tokens, m.cost_micros
-FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::bigint[])
-     WITH ORDINALITY AS m(role, content, input_tokens, output_tokens, cache_read_tokens,
-                          cache_write_tokens, cost_micros, n)
-ORDER BY m.n
-RETURNING *;
+-- name: runs_lock_owned_many :many
+-- The fence of a group commit (app/engine/group_commit.py): the rows of every run in the batch,
+-- given as (chat id $1, worker $2, generation $3) triples, locked in id order (batches of two
+-- replicas, and a batch and a user's transaction, never wait on each other in a circle). A run
+-- whose row is not returned lost its chat, exactly as with runs_lock_owned; the others go on.
+SELECT c.*
+FROM chats c
+JOIN unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS t(id, worker_id, generation)
+  ON c.id = t.id AND c.worker_id = t.worker_id AND c.generation = t.generation
+WHERE c.status = 'running'
+ORDER BY c.id
+FOR UPDATE OF c;
 
--- name: runs_end_turn :one
--- The end of a turn, in ONE statement after runs_lock_owned in the same transaction (the lock
--- is taken by an earlier statement on purpose: this statement's snapshot then includes every
--- transaction that held the row before us, e.g. a message queued just before the lock was
--- granted; one statement that locked and read at once would miss it). $1 chat, $2 model config
--- of the step, $3..$9 the step's messages as in runs_insert_messages (empty arrays: no step),
--- $10 the run was interrupted.
---   - the live parts of the chat are deleted;
---   - the queue's head is popped (promoted first, then FIFO); after a Stop (the run was
---     interrupted, or the mark is on the row) only a promoted message may continue the run;
---   - the step's messages and the popped message become messages in ONE insert, in that order
---     (ids follow ORDER BY; one "message" notification carries the highest id);
---   - nothing popped: -> waiting, worker_id and the Stop mark cleared (runs_release); popped
---     after a Stop mark: the mark is cleared, the chat runs on; popped without one: the row is
---     not touched (no version bump, no notification), the chat stays running.
--- Returns the row as updated (NULL when untouched) and the popped message as inserted.
-WITH chat AS (
-    SELECT c.interrupt_requested_at IS NOT NULL AS marked
-    FROM chats c
-    WHERE c.id = $1
+-- name: runs_write_steps :many
+-- The step writes of several runs, in ONE statement after their rows were locked by an earlier
+-- statement of the same transaction (runs_lock_owned or runs_lock_owned_many). The lock is a
+-- statement of its own on purpose: this statement's snapshot then includes every transaction
+-- that held a row before us (e.g. a message queued just before the lock was granted); one
+-- statement that locked and read at once would miss it.
+-- One write per chat: $1 chat, $2 model config of its step, $3 whether it ends the turn, $4 the
+-- run was interrupted. The steps' messages, flattened: $5 the (1-based) write each belongs to,
+-- $6..$12 role, content, input/output/cache-read/cache-write tokens, cost, in order.
+-- For every write:
+--   - the chat's live parts are deleted (a reader sees either the parts or the messages);
+--   - a write that ends the turn pops the queue's head (promoted first, then FIFO); after a
+--     Stop (the run was interrupted, or the mark is on the row) only a promoted message may
+--     continue the run;
+--   - the step's messages and the popped message become messages in ONE insert for all chats,
+--     each chat's in its order (ids follow ORDER BY; the statement-level trigger sends one
+--     "message" notification per chat, carrying its highest id);
+--   - the turn ended with nothing popped: -> waiting, worker_id and the Stop mark cleared; popped
+--     after a Stop mark: the mark is cleared, the chat runs on; popped without one, or a step
+--     that does not end the turn: the row is not touched (no version bump, no notification),
+--     unless the poison-chat guard's count must start again (the run made progress).
+-- Returns, per write in order: the chat id, the row as updated (NULL when untouched), the
+-- step's messages and the popped message as inserted.
+WITH writes AS (
+    SELECT w.chat_id, w.model_config_id, w.ends_turn, w.interrupted, w.n,
+           c.interrupt_requested_at IS NOT NULL AS marked
+    FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::bool[])
+         WITH ORDINALITY AS w(chat_id, model_config_id, ends_turn, interrupted, n)
+    JOIN chats c ON c.id = w.chat_id
 ), deleted_parts AS (
-    DELETE FROM chat_stream_parts WHERE chat_id = $1
+    DELETE FROM chat_stream_parts p USING writes w WHERE p.chat_id = w.chat_id
 ), popped AS (
     DELETE FROM chat_queued_messages
-    WHERE id = (
-        SELECT q.id
-        FROM chat_queued_messages q, chat
-        WHERE q.chat_id = $1 AND (q.promoted OR NOT (chat.marked OR $10))
-        ORDER BY q.promoted DESC, q.id
-        LIMIT 1
+    WHERE id IN (
+        SELECT DISTINCT ON (q.chat_id) q.id
+        FROM chat_queued_messages q
+        JOIN writes w ON w.chat_id = q.chat_id
+        WHERE w.ends_turn AND (q.promoted OR NOT (w.marked OR w.interrupted))
+        ORDER BY q.chat_id, q.promoted DESC, q.id
     )
-    RETURNING content
+    RETURNING chat_id, content
 ), inserted AS (
     INSERT INTO chat_messages (chat_id, role, content, model_config_id, input_tokens,
                                output_tokens, cache_read_tokens, cache_write_tokens, cost_micros)
-    SELECT $1, m.role, m.content, m.model_config_id, m.input_tokens, m.output_tokens,
+    SELECT m.chat_id, m.role, m.content, m.model_config_id, m.input_tokens, m.output_tokens,
            m.cache_read_tokens, m.cache_write_tokens, m.cost_micros
     FROM (
-        SELECT s.role, s.content::jsonb AS content, $2::uuid AS model_config_id, s.input_tokens,
-               s.output_tokens, s.cache_read_tokens, s.cache_write_tokens, s.cost_micros, s.n
-        FROM unnest($3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[],
-                    $9::bigint[])
-             WITH ORDINALITY AS s(role, content, input_tokens, output_tokens, cache_read_tokens,
-                                  cache_write_tokens, cost_micros, n)
+        SELECT w.chat_id, s.role, s.content::jsonb AS content, w.model_config_id,
+               s.input_tokens, s.output_tokens, s.cache_read_tokens, s.cache_write_tokens,
+               s.cost_micros, w.n AS write_n, s.n
+        FROM unnest($5::int[], $6::text[], $7::text[], $8::int[], $9::int[], $10::int[],
+                    $11::int[], $12::bigint[])
+             WITH ORDINALITY AS s(write_n, role, content, input_tokens, output_tokens,
+                                  cache_read_tokens, cache_write_tokens, cost_micros, n)
+        JOIN writes w ON w.n = s.write_n
         UNION ALL
-        SELECT 'user', p.content, NULL, 0, 0, 0, 0, 0, 9223372036854775807
+        SELECT p.chat_id, 'user', p.content, NULL, 0, 0, 0, 0, 0, w.n, 9223372036854775807
         FROM popped p
+        JOIN writes w ON w.chat_id = p.chat_id
     ) m
-    ORDER BY m.n
+    ORDER BY m.write_n, m.n
     RETURNING *
+), outcomes AS (
+    SELECT w.chat_id, w.ends_turn,
+           EXISTS (SELECT 1 FROM popped p WHERE p.chat_id = w.chat_id) AS popped
+    FROM writes w
 ), updated AS (
     UPDATE chats c
-    SET status = CASE WHEN next.popped THEN c.status ELSE 'waiting' END,
-        worker_id = CASE WHEN next.popped THEN c.worker_id END,
-        interrupt_requested_at = NULL,
-        heartbeat_at = CASE WHEN next.popped THEN clock_timestamp() ELSE c.heartbeat_at END
-    FROM (SELECT EXISTS (SELECT 1 FROM popped) AS popped) next
-    WHERE c.id = $1 AND (NOT next.popped OR c.interrupt_requested_at IS NOT NULL)
+    SET status = CASE WHEN o.ends_turn AND NOT o.popped THEN 'waiting' ELSE c.status END,
+        worker_id = CASE WHEN o.ends_turn AND NOT o.popped THEN NULL ELSE c.worker_id END,
+        interrupt_requested_at = CASE WHEN o.ends_turn THEN NULL
+                                      ELSE c.interrupt_requested_at END,
+        heartbeat_at = CASE WHEN o.ends_turn AND o.popped THEN clock_timestamp()
+                            ELSE c.heartbeat_at END,
+        failed_runs = 0
+    FROM outcomes o
+    WHERE c.id = o.chat_id
+      AND ((o.ends_turn AND (NOT o.popped OR c.interrupt_requested_at IS NOT NULL))
+           OR c.failed_runs <> 0)
     RETURNING c.*
 )
-SELECT (SELECT u::chats FROM updated u) AS chat,
-       (SELECT i::chat_messages FROM inserted i WHERE i.role = 'user') AS next_message;
+SELECT w.chat_id,
+       (SELECT u::chats FROM updated u WHERE u.id = w.chat_id) AS chat,
+       ARRAY(SELECT i::chat_messages FROM inserted i
+             WHERE i.chat_id = w.chat_id AND i.role <> 'user' ORDER BY i.id) AS messages,
+       (SELECT i::chat_messages FROM inserted i
+        WHERE i.chat_id = w.chat_id AND i.role = 'user') AS next_message
+FROM writes w
+ORDER BY w.n;
 
 -- name: runs_delete_parts :exec
 -- All live parts of the chat: those of the step being persisted (or voided) and any orphan of an
