@@ -49,6 +49,7 @@ from app.aio import Backoff
 from app.db.failures import is_outage
 from app.db.listener import Listener, Notice, Resync, Subscription
 from app.engine import compaction, titles
+from app.engine.context_reader import StepContextReader
 from app.engine.group_commit import GroupCommitter
 from app.engine.parts import PartFlusher
 from app.engine.prompt import build_request, first_question, history_view, text_of
@@ -141,6 +142,7 @@ class RunDeps:
     listener: Listener
     flusher: PartFlusher
     commits: GroupCommitter  # the step writes (persist step, end turn) of all the runs
+    contexts: StepContextReader  # the step-context reads of all the runs
     tools: ToolCatalog  # every source of tools; a step's set is `tools.for_step(context)`
     max_steps_per_turn: int
     stream_step: StepStreamer = stream_once
@@ -328,7 +330,7 @@ class Run:
                     # Subscribed first, read second: a Stop (or a takeover) that raced the
                     # acquire is in this row or in a notification after it, never lost. The
                     # same statement reads what the first step starts from.
-                    context = await runs.step_context(deps.pool, self.chat_id)
+                    context = await deps.contexts.read(self.chat_id)
                     self._observe_chat(context.chat if context is not None else None)
                     end = await self._drive(context)
                 finally:
@@ -381,7 +383,7 @@ class Run:
                 return await self._abandon()
             if self._interrupt_pending():
                 return await self._end_turn(None, model_config_id, interrupted=True)
-            context, first = first or await runs.step_context(deps.pool, self.chat_id), None
+            context, first = first or await deps.contexts.read(self.chat_id), None
             if context is None:  # the chat was deleted
                 self._observe_chat(None)
                 return await self._abandon()

@@ -37,6 +37,7 @@ from app.db.listener import Listener
 from app.db.queries import transaction
 from app.engine import liveness, parts
 from app.engine.chatloop import Run, RunDeps, RunEnd, StopCause
+from app.engine.context_reader import StepContextReader
 from app.engine.group_commit import GroupCommitter
 from app.engine.parts import PartFlusher
 from app.engine.step import StepStreamer, stream_once
@@ -110,6 +111,7 @@ class Replica:
         self._address = address
         self.flusher = PartFlusher(pool, interval_ms=settings.part_flush_interval_ms)
         self.commits = GroupCommitter(pool)
+        self.contexts = StepContextReader(pool)
         # This replica's MCP connections (stdio servers are its child processes).
         self.mcp = McpClients(
             call_timeout_s=settings.mcp_call_timeout_s,
@@ -122,6 +124,7 @@ class Replica:
             listener=listener,
             flusher=self.flusher,
             commits=self.commits,
+            contexts=self.contexts,
             tools=ToolCatalog(tools if tools is not None else default_registry(), mcp=self.mcp),
             max_steps_per_turn=settings.max_steps_per_turn,
             stream_step=stream_step,
@@ -192,6 +195,7 @@ class Replica:
                 long_lived = [
                     task_group.create_task(self.flusher.run(), name="replica-flusher"),
                     task_group.create_task(self.commits.run(), name="replica-group-commit"),
+                    task_group.create_task(self.contexts.run(), name="replica-context-reads"),
                     task_group.create_task(self._liveness_loop(), name="replica-liveness"),
                     task_group.create_task(self._sweeper_loop(), name="replica-sweeper"),
                     task_group.create_task(self._wake_loop(), name="replica-wake"),

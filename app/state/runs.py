@@ -159,7 +159,7 @@ def owns(chat: Chat | None, token: RunToken) -> bool:
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a model step starts from, read in one statement (runs_step_context): the chat row,
+    """What a model step starts from, read in one statement (runs_step_contexts): the chat row,
     its model config, the prompt, its client tools and the MCP servers it uses."""
 
     chat: Chat
@@ -169,14 +169,30 @@ class StepContext:
     mcp_servers: list[McpServer]
 
 
+async def step_contexts(
+    pool: asyncpg.Pool, chat_ids: Sequence[uuid.UUID]
+) -> list[StepContext | LookupError | None]:
+    """The contexts of the chats' next model steps in one statement, in the order asked: None
+    for a chat that is gone, LookupError for one whose model config does not exist."""
+    rows = await pool.fetch(Q.sql("runs_step_contexts"), list(chat_ids))
+    by_id = {row["id"]: row for row in rows}
+    return [_step_context(by_id.get(chat_id)) for chat_id in chat_ids]
+
+
 async def step_context(pool: asyncpg.Pool, chat_id: uuid.UUID) -> StepContext | None:
-    """The context of the chat's next model step, or None when the chat is gone."""
-    row = await pool.fetchrow(Q.sql("runs_step_context"), chat_id)
+    """The context of one chat's next model step, or None when the chat is gone."""
+    (context,) = await step_contexts(pool, [chat_id])
+    if isinstance(context, LookupError):
+        raise context
+    return context
+
+
+def _step_context(row: asyncpg.Record | None) -> StepContext | LookupError | None:
     if row is None:
         return None
     config = row["model_config"]
     if config is None:
-        raise LookupError(f"the model config of chat {chat_id} does not exist")
+        return LookupError(f"the model config of chat {row['id']} does not exist")
     return StepContext(
         chat=Chat.from_record(row["chat"]),
         config=_model_config(config),

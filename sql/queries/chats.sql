@@ -23,7 +23,7 @@ RETURNING *;
 
 -- name: chats_set_client_tools :exec
 -- A send that names `tools` replaces the chat's client tools, in the send's transaction. A run
--- in progress reads them before each step (runs_step_context): its next step is offered them.
+-- in progress reads them before each step (runs_step_contexts): its next step is offered them.
 UPDATE chats SET client_tools = $2::jsonb WHERE id = $1;
 
 -- name: chats_lock_user_for_limits :exec

@@ -101,15 +101,16 @@ FOR UPDATE;
 -- An unlocked read of the row: a run's ownership check after every listener resync.
 SELECT * FROM chats WHERE id = $1;
 
--- name: runs_step_context :one
--- Everything a model step starts from, in ONE statement (one round trip per step): the chat row
+-- name: runs_step_contexts :many
+-- Everything a model step starts from, for every chat in $1, in ONE statement (the runs of a
+-- replica that start or go on together share it, app/engine/context_reader.py): the chat row
 -- (on a run's first step it is the ownership check after subscribing to the chat's channel; on
 -- later steps a fresh observation), its model config (or the default one when it names none),
 -- the prompt (the visible, uncompressed history in id order, chat_messages_chat_id_idx), the
 -- client tools (a send may replace them while the chat runs; the next step is offered the new
 -- ones) and the enabled MCP servers it uses (those it chose at creation, or every enabled one
--- when it chose none), by name. No row: the chat is gone.
-SELECT c AS chat,
+-- when it chose none), by name. A chat that is gone has no row.
+SELECT c.id, c AS chat,
        (SELECT m FROM chat_model_configs m
         WHERE m.id = c.model_config_id OR (c.model_config_id IS NULL AND m.is_default)
         ORDER BY m.is_default DESC
@@ -122,7 +123,7 @@ SELECT c AS chat,
              WHERE s.enabled AND (c.mcp_server_ids IS NULL OR s.id = ANY (c.mcp_server_ids))
              ORDER BY s.name) AS mcp_servers
 FROM chats c
-WHERE c.id = $1;
+WHERE c.id = ANY ($1::uuid[]);
 
 -- name: runs_prompt_messages :many
 -- What the model sees after a compaction rewrote it: the visible, uncompressed history in id

@@ -5,8 +5,9 @@ others, and a write withdrawn by a caller that gave up before its batch began.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from app.engine.group_commit import GroupCommitter
 from app.errors import FencedOut
 from app.providers.base import Usage
-from app.state.runs import RunToken, StepRecord, StepWrite
+from app.state.runs import RunToken, StepRecord, StepWrite, StepWritten
 from tests import factories
 from tests.conditions import wait_for
 from tests.faults.chat_lock import chat_row_locked
@@ -57,20 +58,27 @@ async def _history(conn: asyncpg.Connection, chat_id: uuid.UUID) -> list[str]:
     return [row["role"] for row in rows]
 
 
-def _blocked_behind_lock(
-    conn: asyncpg.Connection, holder: asyncpg.Connection
-) -> Callable[[], Awaitable[bool]]:
-    """A condition: some session waits for a lock that `holder` holds."""
-
-    async def blocked() -> bool:
+@contextlib.asynccontextmanager
+async def _first_batch_blocked(
+    database_url: str, conn: asyncpg.Connection, committer: GroupCommitter, token: RunToken
+) -> AsyncIterator[asyncio.Task[StepWritten]]:
+    """The committer's transaction for `token`'s write waits behind a lock held on its row, so
+    the writes handed over meanwhile form the next batch. Yields the blocked write; the lock is
+    released when the block exits."""
+    async with chat_row_locked(database_url, token.chat_id) as holder:
+        first = asyncio.create_task(committer.write(StepWrite(token, FINAL_STEP, None, True)))
         holder_pid = await holder.fetchval("SELECT pg_backend_pid()")
-        waiting: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
-            holder_pid,
-        )
-        return waiting > 0
 
-    return blocked
+        async def blocked() -> bool:
+            waiting: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
+                holder_pid,
+            )
+            return waiting > 0
+
+        waits: bool = await wait_for(blocked, message="the first batch waits on the lock")
+        assert waits
+        yield first
 
 
 async def test_writes_that_wait_together_commit_together_each_in_its_chats_order(
@@ -81,12 +89,7 @@ async def test_writes_that_wait_together_commit_together_each_in_its_chats_order
         await factories.create_queued_message(conn, chat_id=token.chat_id, text="next")
     # The first write's transaction waits behind a lock; the others arrive meanwhile and must
     # form the next batch: one transaction for five writes of five runs.
-    async with chat_row_locked(database_url, first.chat_id) as holder:
-        lone = asyncio.create_task(committer.write(StepWrite(first, FINAL_STEP, None, True)))
-        blocked: bool = await wait_for(
-            _blocked_behind_lock(conn, holder), message="first batch blocked"
-        )
-        assert blocked
+    async with _first_batch_blocked(database_url, conn, committer, first) as lone:
         batch = [
             asyncio.create_task(committer.write(StepWrite(token, TOOL_STEP, None, ends_turn=n < 3)))
             for n, token in enumerate(others)
@@ -130,12 +133,7 @@ async def test_a_write_the_database_refuses_fails_without_failing_its_batch(
 ) -> None:
     blocker, good, bad = await _running(conn, 3)
     missing_config = uuid.uuid4()  # the messages' foreign key refuses it
-    async with chat_row_locked(database_url, blocker.chat_id) as holder:
-        first = asyncio.create_task(committer.write(StepWrite(blocker, FINAL_STEP, None, True)))
-        blocked: bool = await wait_for(
-            _blocked_behind_lock(conn, holder), message="first batch blocked"
-        )
-        assert blocked
+    async with _first_batch_blocked(database_url, conn, committer, blocker) as first:
         writes = [
             asyncio.create_task(committer.write(StepWrite(good, FINAL_STEP, None, True))),
             asyncio.create_task(committer.write(StepWrite(bad, FINAL_STEP, missing_config, True))),
@@ -156,12 +154,7 @@ async def test_a_caller_that_gives_up_before_its_batch_began_writes_nothing(
     database_url: str, conn: asyncpg.Connection, committer: GroupCommitter
 ) -> None:
     blocker, withdrawn = await _running(conn, 2)
-    async with chat_row_locked(database_url, blocker.chat_id) as holder:
-        first = asyncio.create_task(committer.write(StepWrite(blocker, FINAL_STEP, None, True)))
-        blocked: bool = await wait_for(
-            _blocked_behind_lock(conn, holder), message="first batch blocked"
-        )
-        assert blocked
+    async with _first_batch_blocked(database_url, conn, committer, blocker) as first:
         gave_up = asyncio.create_task(committer.write(StepWrite(withdrawn, FINAL_STEP, None, True)))
         await wait_for(lambda: committer.queued == 1, message="write queued")
         gave_up.cancel()
