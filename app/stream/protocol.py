@@ -59,7 +59,7 @@ class Frame:
     """One event as sent: SSE (`id:` cursor, `event:`, `data:`) or a WebSocket text frame (the
     same JSON with a `cursor` field). `final` frames end the connection after they are sent."""
 
-    __slots__ = ("_sse", "_ws", "cursor", "event", "final", "payload")
+    __slots__ = ("_sse", "_sse_chunk", "_ws", "cursor", "event", "final", "payload")
 
     def __init__(
         self, event: str, payload: Payload, cursor: StreamCursor | None, *, final: bool = False
@@ -69,6 +69,7 @@ class Frame:
         self.cursor = cursor
         self.final = final
         self._sse: bytes | None = None
+        self._sse_chunk: bytes | None = None
         self._ws: str | None = None
 
     @property
@@ -80,6 +81,14 @@ class Frame:
             head = f"id: {self.cursor}\n" if self.cursor is not None else ""
             self._sse = f"{head}event: {self.event}\ndata: {self.payload.json()}\n\n".encode()
         return self._sse
+
+    def sse_chunk(self) -> bytes:
+        """The SSE bytes as one HTTP/1.1 chunk (`<size in hex>CRLF<bytes>CRLF`): what a chunked
+        response writes for it, framed once for every client."""
+        if self._sse_chunk is None:
+            sse = self.sse()
+            self._sse_chunk = b"%x\r\n%b\r\n" % (len(sse), sse)
+        return self._sse_chunk
 
     def ws(self) -> str:
         if self._ws is None:
