@@ -22,7 +22,6 @@ sent. A hub and each joining client have one."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from app.state.model import Message, QueuedMessage
-from app.stream.protocol import Frame, Payload, StreamCursor, error_event
+from app.stream.protocol import Frame, Payload, StreamCursor, error_event, loads
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class ChatRead:
         if row is None or not row["found"]:
             return cls(chat_id=chat_id, exists=False)
         cid = str(chat_id)
-        last_error = json.loads(row["last_error"]) if row["last_error"] is not None else None
+        last_error = loads(row["last_error"]) if row["last_error"] is not None else None
         messages = None
         if row["messages"] is not None:
             messages = [
@@ -101,7 +100,7 @@ class ChatRead:
                 {
                     "type": "action_required",
                     "chat_id": cid,
-                    "pending_tool_calls": json.loads(action_key),
+                    "pending_tool_calls": loads(action_key),
                     "action_deadline_at": deadline.isoformat() if deadline else None,
                 }
             )
@@ -111,9 +110,8 @@ class ChatRead:
             status=status,
             version=row["version"],
             generation=row["generation"],
-            status_payload=Payload(
-                {"type": "status", "chat_id": cid, "status": status, "version": row["version"]}
-            ),
+            # status_payload: built by `advance` when a position is to be sent the status (most
+            # reads only bring parts).
             error_payload=_error_payload(cid, last_error) if status == "error" else None,
             error_key=row["last_error"] if status == "error" else None,
             action_payload=action_payload,
@@ -122,7 +120,7 @@ class ChatRead:
             parts=parts,
             queue_payload=queue_payload,
             queue_key=queue_key,
-            resets={int(k): int(v) for k, v in json.loads(row["resets"]).items()}
+            resets={int(k): int(v) for k, v in loads(row["resets"]).items()}
             if row["resets"] is not None
             else {},
             more_messages=row["more_messages"],
@@ -132,7 +130,7 @@ class ChatRead:
 
 
 def _live_part(chat_id: str, record: asyncpg.Record) -> LivePart:
-    part = json.loads(record["part"])
+    part = loads(record["part"])
     if isinstance(part, dict) and part.get("type") == "retry":
         return LivePart(
             id=record["id"],
@@ -278,8 +276,10 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
             position.status = read.status
             position.error_key = read.error_key
             position.action_key = read.action_key
-            assert read.status_payload is not None
-            frames.append(Frame("status", read.status_payload, position.cursor))
+            status_payload = read.status_payload or Payload(
+                {"type": "status", "chat_id": cid, "status": read.status, "version": read.version}
+            )
+            frames.append(Frame("status", status_payload, position.cursor))
             if read.error_payload is not None:
                 frames.append(Frame("error", read.error_payload, position.cursor))
             if read.action_payload is not None:
