@@ -32,11 +32,40 @@ from app.state.model import Message, QueuedMessage
 from app.stream.protocol import Frame, Payload, StreamCursor, error_event, loads
 
 
-@dataclass(frozen=True)
 class LivePart:
-    id: int
-    is_retry: bool
-    payload: Payload
+    """A live part of the step in progress. Read from a row, its JSON is decoded only when a
+    position is given it: every read also returns the part the hub already has (the one its
+    cursor names, to see that the step is still there), and most reads bring one new part."""
+
+    __slots__ = ("_chat_id", "_decoded", "_raw", "_role", "id")
+
+    def __init__(self, id: int, is_retry: bool, payload: Payload) -> None:
+        self.id = id
+        self._decoded: tuple[bool, Payload] | None = (is_retry, payload)
+        self._chat_id = self._raw = self._role = ""
+
+    @classmethod
+    def of_record(cls, chat_id: str, record: asyncpg.Record) -> LivePart:
+        part = cls.__new__(cls)
+        part.id = record["id"]
+        part._decoded = None
+        part._chat_id = chat_id
+        part._raw = record["part"]
+        part._role = record["message_role"]
+        return part
+
+    @property
+    def is_retry(self) -> bool:
+        return self._decode()[0]
+
+    @property
+    def payload(self) -> Payload:
+        return self._decode()[1]
+
+    def _decode(self) -> tuple[bool, Payload]:
+        if self._decoded is None:
+            self._decoded = _decode_part(self._chat_id, self.id, self._role, loads(self._raw))
+        return self._decoded
 
 
 @dataclass(frozen=True)
@@ -85,7 +114,7 @@ class ChatRead:
             ]
         parts = None
         if row["parts"] is not None:
-            parts = [_live_part(cid, record) for record in row["parts"]]
+            parts = [LivePart.of_record(cid, record) for record in row["parts"]]
         queue_payload = queue_key = None
         if row["queue"] is not None:
             queued = [QueuedMessage.from_record(record).to_json() for record in row["queue"]]
@@ -129,38 +158,30 @@ class ChatRead:
         )
 
 
-def _live_part(chat_id: str, record: asyncpg.Record) -> LivePart:
-    part = loads(record["part"])
+def _decode_part(chat_id: str, part_id: int, role: str, part: Any) -> tuple[bool, Payload]:
+    """A live part's (is_retry, payload)."""
     if isinstance(part, dict) and part.get("type") == "retry":
-        return LivePart(
-            id=record["id"],
-            is_retry=True,
-            payload=Payload(
-                {
-                    "type": "retry",
-                    "chat_id": chat_id,
-                    "attempt": part.get("attempt"),
-                    "delay_ms": part.get("delay_ms"),
-                    "retrying_at": part.get("retrying_at"),
-                    "kind": part.get("kind"),
-                    "provider": part.get("provider"),
-                    "status_code": part.get("status_code"),
-                    "error": part.get("error"),
-                }
-            ),
-        )
-    return LivePart(
-        id=record["id"],
-        is_retry=False,
-        payload=Payload(
+        return True, Payload(
             {
-                "type": "message_part",
+                "type": "retry",
                 "chat_id": chat_id,
-                "part_id": record["id"],
-                "role": record["message_role"],
-                "part": part,
+                "attempt": part.get("attempt"),
+                "delay_ms": part.get("delay_ms"),
+                "retrying_at": part.get("retrying_at"),
+                "kind": part.get("kind"),
+                "provider": part.get("provider"),
+                "status_code": part.get("status_code"),
+                "error": part.get("error"),
             }
-        ),
+        )
+    return False, Payload(
+        {
+            "type": "message_part",
+            "chat_id": chat_id,
+            "part_id": part_id,
+            "role": role,
+            "part": part,
+        }
     )
 
 
