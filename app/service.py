@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Iterator
 
@@ -132,6 +133,12 @@ async def serve(settings: Settings, dsn: str) -> None:
                 # The engine first, then HTTP: once /readyz answers, this replica also works,
                 # and nothing awaits between the site starting and the lines a user reads.
                 await replica.start()
+                # Everything loaded so far (modules, the provider SDKs' models: hundreds of
+                # thousands of objects) lives as long as the process: out of the collector's
+                # sight, a collection scans only what serving allocates. Without it the
+                # periodic full collections were a third of a streamer's CPU
+                # (docs/benchmarks.md, fan-out).
+                gc.freeze()
                 site = web.TCPSite(runner, settings.host, settings.port)
                 await site.start()
                 log.info("service.listening", url=f"http://{settings.host}:{settings.port}")

@@ -47,14 +47,33 @@ Event = Notice | Resync
 class Subscription:
     """A bounded queue of events for one channel. On overflow the queue is emptied and replaced
     by a single `Resync("overflow")`: re-reading the tables supersedes everything dropped, so
-    memory stays bounded and nothing is silently lost."""
+    memory stays bounded and nothing is silently lost.
 
-    def __init__(self, channel: str, max_queued: int) -> None:
+    Or, with a `handler`, no queue: each event is handed to it as it arrives, from the
+    listener's connection callback. For subscribers that only note what to re-read (the stream
+    hubs): no task to wake per notification. A handler must be quick and must not raise (one
+    that does is logged and the subscriber resynced)."""
+
+    def __init__(
+        self, channel: str, max_queued: int, handler: Callable[[Event], None] | None = None
+    ) -> None:
         self.channel = channel
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=max_queued)
+        self._handler = handler
         self.overflows = 0
 
     def deliver(self, event: Event) -> None:
+        handler = self._handler
+        if handler is not None:
+            try:
+                handler(event)
+            except Exception as exc:
+                log.error(
+                    "listener.handler_failed", channel=self.channel, error=repr(exc), exc_info=True
+                )
+                with contextlib.suppress(Exception):
+                    handler(Resync("overflow"))
+            return
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -168,8 +187,12 @@ class Listener:
         return conn.get_server_pid() if conn is not None and self.connected else None
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[Subscription]:
-        subscription = Subscription(channel, self._max_queued)
+    async def subscribe(
+        self, channel: str, handler: Callable[[Event], None] | None = None
+    ) -> AsyncIterator[Subscription]:
+        """A subscription to `channel`, armed when it is returned; with `handler`, events go to
+        it as they arrive instead of to the subscription's queue (see Subscription)."""
+        subscription = Subscription(channel, self._max_queued, handler)
         self._subscribers.setdefault(channel, set()).add(subscription)
         try:
             await self._applied(channel)
@@ -299,5 +322,9 @@ class Listener:
 
     def _on_notification(self, channel: str, payload: str) -> None:
         self.stats.notifications += 1
-        for subscription in list(self._subscribers.get(channel, ())):
-            subscription.deliver(Notice(channel, payload))
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
+        notice = Notice(channel, payload)  # immutable: one for every subscriber
+        for subscription in list(subscribers):
+            subscription.deliver(notice)

@@ -60,17 +60,66 @@ def _gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def _fits(transport: asyncio.BaseTransport | None, size: int) -> bool:
+    """Whether `size` more bytes stay within the socket buffer's limit (the high-water mark at
+    which the transport pauses the writer): a write that fits cannot wait for the client."""
+    if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        return False
+    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]
+
+
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
-    """One SSE write with a stall deadline; a stalled client is disconnected."""
+    """One SSE write; when the socket's buffer is full, a wait for the client to take it, with
+    a stall deadline: a stalled client is disconnected. A write that fits in the buffer cannot
+    stall, and goes without a timer (the common case: one per batch of frames)."""
+    if _fits(request.transport, len(data)):
+        await response.write(data)
+        return
     deadline_s = request.app[keys.SETTINGS].keepalive_interval_s * STALLED_WRITE_KEEPALIVES
     try:
         async with asyncio.timeout(deadline_s):
             await response.write(data)
+            if request.protocol.writing_paused:
+                # Back-pressure: nothing more is written to a client that does not read (its
+                # frames queue, bounded, meanwhile), and one that stopped reading is dropped.
+                await request.writer.drain()
     except TimeoutError:
         log.info("stream.client_stalled", path=request.path, deadline_s=deadline_s)
         if request.transport is not None:
             request.transport.abort()
         raise ConnectionResetError("client stopped reading") from None
+
+
+class _SseSink:
+    """Writes a batch of live frames straight to the socket, synchronously, from the hub's task
+    (StreamClient.sink): no wake-up of the connection's writer per batch. Only while the socket
+    buffer has room (a slow client's frames queue instead, and its writer applies the stall
+    deadline), and only once the writer has written the response's first bytes (the headers
+    are surely out). The body framing is the response's: HTTP/1.1 chunks (the transfer
+    encoding aiohttp chose for a response without a length) or raw bytes (HTTP/1.0)."""
+
+    __slots__ = ("_chunked", "_loop", "_transport", "last_write")
+
+    def __init__(
+        self, transport: asyncio.WriteTransport, response: web.StreamResponse, last_write: float
+    ) -> None:
+        self._transport = transport
+        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        self._loop = asyncio.get_running_loop()
+        self.last_write = last_write
+
+    def __call__(self, frames: list[Frame]) -> bool:
+        if len(frames) == 1:
+            data = frames[0].sse_chunk() if self._chunked else frames[0].sse()
+        else:
+            data = b"".join(frame.sse() for frame in frames)
+            if self._chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+        if not _fits(self._transport, len(data)):
+            return False
+        self._transport.write(data)
+        self.last_write = self._loop.time()
+        return True
 
 
 async def chat_stream(call: Call) -> web.StreamResponse:
@@ -93,36 +142,55 @@ def _stream_slot(call: Call) -> contextlib.AbstractContextManager[None]:
 
 
 async def _send_sse(call: Call, response: web.StreamResponse, client: StreamClient) -> None:
-    await _write_sse_frames(call, response, client.next, lambda: client.closed)
+    sink: _SseSink | None = None
+
+    def written(last_write: float) -> float:
+        """After a write of the writer: live frames may now go straight to the socket."""
+        nonlocal sink
+        transport = call.request.transport
+        if sink is None and isinstance(transport, asyncio.WriteTransport):
+            sink = _SseSink(transport, response, last_write)
+            client.sink = sink
+        return sink.last_write if sink is not None else last_write
+
+    try:
+        await _write_sse_frames(call, response, client.take, lambda: client.closed, written)
+    finally:
+        client.sink = None
 
 
 async def _write_sse_frames(
     call: Call,
     response: web.StreamResponse,
-    next_frame: Callable[[float], Awaitable[Frame | None]],
+    next_frames: Callable[[float], Awaitable[list[Frame]]],
     finished: Callable[[], bool],
+    written: Callable[[float], float] = lambda last_write: last_write,
 ) -> None:
-    """The SSE writer loop both SSE endpoints share: write each frame `next_frame` gives, and a
-    keep-alive comment when nothing was written for `keepalive_interval_s`; stop after a final
-    frame, or when nothing came and the source is `finished()` or the client is gone (checked
-    every DISCONNECT_CHECK_INTERVAL_S at most)."""
+    """The SSE writer loop both SSE endpoints share: write what `next_frames` gives (everything
+    queued, in one write), and a keep-alive comment when nothing was written for
+    `keepalive_interval_s`; stop after a final frame, or when nothing came and the source is
+    `finished()` or the client is gone (checked every DISCONNECT_CHECK_INTERVAL_S at most).
+    `written` is told of each write and answers the time of the connection's last write (frames
+    may also be written without this loop: `_SseSink`)."""
     loop = asyncio.get_running_loop()
     keepalive_s = call.settings.keepalive_interval_s
     check_s = min(keepalive_s, DISCONNECT_CHECK_INTERVAL_S)
     last_write = loop.time()
     while True:
-        frame = await next_frame(check_s)
-        if frame is None:
+        frames = await next_frames(check_s)
+        if not frames:
             if finished() or _gone(call.request):
                 return
+            last_write = written(last_write)
             if loop.time() - last_write >= keepalive_s:
                 await _write(call.request, response, SSE_KEEPALIVE)
-                last_write = loop.time()
+                last_write = written(loop.time())
             continue
-        await _write(call.request, response, frame.sse())
-        last_write = loop.time()
-        if frame.final:
+        data = frames[0].sse() if len(frames) == 1 else b"".join(f.sse() for f in frames)
+        await _write(call.request, response, data)
+        if frames[-1].final:
             return
+        last_write = written(loop.time())
 
 
 async def chat_websocket(call: Call) -> web.StreamResponse:
@@ -169,20 +237,27 @@ async def _send_ws(
 ) -> None:
     with contextlib.suppress(ConnectionResetError):
         while not ws.closed:
-            frame = await client.next(keepalive_s)
-            if frame is None:
+            frames = await client.take(keepalive_s)
+            if not frames:
                 if client.closed:
                     return
                 continue  # aiohttp's heartbeat pings keep the connection alive
-            try:
-                async with asyncio.timeout(keepalive_s * STALLED_WRITE_KEEPALIVES):
-                    await ws.send_str(frame.ws())
-            except TimeoutError:
-                # A close handshake cannot get through a full buffer either: drop the socket.
-                log.info("stream.client_stalled", chat_id=client.chat_id, transport="ws")
-                if request.transport is not None:
-                    request.transport.abort()
-                return
+            texts = [frame.ws() for frame in frames]
+            if _fits(request.transport, sum(len(text) for text in texts) * 4):
+                for text in texts:  # room in the socket buffer: these cannot stall
+                    await ws.send_str(text)
+            else:
+                try:
+                    async with asyncio.timeout(keepalive_s * STALLED_WRITE_KEEPALIVES):
+                        for text in texts:
+                            await ws.send_str(text)
+                except TimeoutError:
+                    # A close handshake cannot get through a full buffer either: drop the socket.
+                    log.info("stream.client_stalled", chat_id=client.chat_id, transport="ws")
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return
+            frame = frames[-1]
             if frame.final:
                 kind = frame.data.get("kind")
                 code = {
@@ -209,19 +284,19 @@ async def watch_chats(call: Call) -> web.StreamResponse:
 async def _send_watch(
     call: Call, response: web.StreamResponse, subscription: Subscription, shutdown: asyncio.Event
 ) -> None:
-    async def next_frame(timeout_s: float) -> Frame | None:
-        """The next chat-list frame (notices that are not one are skipped); None when nothing
+    async def next_frames(timeout_s: float) -> list[Frame]:
+        """The next chat-list frame (notices that are not one are skipped); none when nothing
         came within timeout_s or the replica is shutting down."""
         while not shutdown.is_set():
             event = await _next_event(subscription, shutdown, timeout_s)
             if event is None:
-                return None
+                return []
             frame = owner_frame(event)
             if frame is not None:
-                return frame
-        return None
+                return [frame]
+        return []
 
-    await _write_sse_frames(call, response, next_frame, shutdown.is_set)
+    await _write_sse_frames(call, response, next_frames, shutdown.is_set)
 
 
 async def _next_event(

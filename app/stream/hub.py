@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -47,11 +46,11 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.db.failures import classify_db_error, is_transient
-from app.db.listener import Listener, Resync, Subscription
+from app.db.listener import Event, Listener, Resync
 from app.errors import LimitReached
 from app.log import get_logger
 from app.stream.position import ChatRead, Position, advance
-from app.stream.protocol import MAX_ID, StreamCursor, notice_frame
+from app.stream.protocol import MAX_ID, StreamCursor, loads, notice_frame
 from app.stream.reader import ReadPolicy, ReadRequest, StreamReader
 from app.stream.subscriber import StreamClient
 
@@ -145,17 +144,10 @@ class ChatStreamHub:
 
     async def _run(self) -> None:
         try:
-            async with (
-                self._listener.subscribe(self.channel) as subscription,
-                asyncio.TaskGroup() as tasks,
-            ):
-                # Armed: from here on every commit to this chat reaches _pump, so the first read
-                # below (the snapshot of the first clients) misses nothing that follows it.
-                pump = tasks.create_task(
-                    self._pump(subscription), name=f"stream-hub-pump:{self.chat_id}"
-                )
-                await self._serve()
-                pump.cancel()  # the chat is gone: nothing more to stream
+            # Armed once subscribed: from here on every commit to this chat reaches _on_event,
+            # so the first read (the snapshot of the first clients) misses nothing after it.
+            async with self._listener.subscribe(self.channel, handler=self._on_event):
+                await self._serve()  # returns when the chat is gone: nothing more to stream
         except Exception as exc:
             # A per-chat hub failing must not take the replica down: its clients are told to
             # reconnect (which builds a new hub) and the failure is logged loudly.
@@ -165,20 +157,21 @@ class ChatStreamHub:
         finally:
             self.finished = True
 
-    async def _pump(self, subscription: Subscription) -> None:
-        """Turn notifications into "what to re-read" flags; the loop reads once for all."""
-        async for event in subscription:
-            if isinstance(event, Resync):
-                self.counters.resyncs += 1
-                self._want_history = self._want_queue = True
-            else:
-                self.counters.notifications += 1
-                self._note(event.payload)
-            self._dirty.set()
+    def _on_event(self, event: Event) -> None:
+        """Turn a notification into "what to re-read" flags; the loop reads once for all. Called
+        by the listener as the notification arrives (no queue, no task of its own: a wake-up
+        less per notification)."""
+        if isinstance(event, Resync):
+            self.counters.resyncs += 1
+            self._want_history = self._want_queue = True
+        else:
+            self.counters.notifications += 1
+            self._note(event.payload)
+        self._dirty.set()
 
     def _note(self, payload: str) -> None:
         try:
-            notice = json.loads(payload)
+            notice = loads(payload)
             kind = notice["type"]
             newest_id = int(notice.get("part_id") or notice.get("message_id") or MAX_ID)
         except (ValueError, TypeError, KeyError, AttributeError):

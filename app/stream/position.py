@@ -22,7 +22,6 @@ sent. A hub and each joining client have one."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,43 @@ from typing import Any
 import asyncpg
 
 from app.state.model import Message, QueuedMessage
-from app.stream.protocol import Frame, Payload, StreamCursor, error_event
+from app.stream.protocol import Frame, Payload, StreamCursor, error_event, loads
 
 
-@dataclass(frozen=True)
 class LivePart:
-    id: int
-    is_retry: bool
-    payload: Payload
+    """A live part of the step in progress. Read from a row, its JSON is decoded only when a
+    position is given it: every read also returns the part the hub already has (the one its
+    cursor names, to see that the step is still there), and most reads bring one new part."""
+
+    __slots__ = ("_chat_id", "_decoded", "_raw", "_role", "id")
+
+    def __init__(self, id: int, is_retry: bool, payload: Payload) -> None:
+        self.id = id
+        self._decoded: tuple[bool, Payload] | None = (is_retry, payload)
+        self._chat_id = self._raw = self._role = ""
+
+    @classmethod
+    def of_record(cls, chat_id: str, record: asyncpg.Record) -> LivePart:
+        part = cls.__new__(cls)
+        part.id = record["id"]
+        part._decoded = None
+        part._chat_id = chat_id
+        part._raw = record["part"]
+        part._role = record["message_role"]
+        return part
+
+    @property
+    def is_retry(self) -> bool:
+        return self._decode()[0]
+
+    @property
+    def payload(self) -> Payload:
+        return self._decode()[1]
+
+    def _decode(self) -> tuple[bool, Payload]:
+        if self._decoded is None:
+            self._decoded = _decode_part(self._chat_id, self.id, self._role, loads(self._raw))
+        return self._decoded
 
 
 @dataclass(frozen=True)
@@ -68,7 +96,7 @@ class ChatRead:
         if row is None or not row["found"]:
             return cls(chat_id=chat_id, exists=False)
         cid = str(chat_id)
-        last_error = json.loads(row["last_error"]) if row["last_error"] is not None else None
+        last_error = loads(row["last_error"]) if row["last_error"] is not None else None
         messages = None
         if row["messages"] is not None:
             messages = [
@@ -86,7 +114,7 @@ class ChatRead:
             ]
         parts = None
         if row["parts"] is not None:
-            parts = [_live_part(cid, record) for record in row["parts"]]
+            parts = [LivePart.of_record(cid, record) for record in row["parts"]]
         queue_payload = queue_key = None
         if row["queue"] is not None:
             queued = [QueuedMessage.from_record(record).to_json() for record in row["queue"]]
@@ -101,7 +129,7 @@ class ChatRead:
                 {
                     "type": "action_required",
                     "chat_id": cid,
-                    "pending_tool_calls": json.loads(action_key),
+                    "pending_tool_calls": loads(action_key),
                     "action_deadline_at": deadline.isoformat() if deadline else None,
                 }
             )
@@ -111,9 +139,8 @@ class ChatRead:
             status=status,
             version=row["version"],
             generation=row["generation"],
-            status_payload=Payload(
-                {"type": "status", "chat_id": cid, "status": status, "version": row["version"]}
-            ),
+            # status_payload: built by `advance` when a position is to be sent the status (most
+            # reads only bring parts).
             error_payload=_error_payload(cid, last_error) if status == "error" else None,
             error_key=row["last_error"] if status == "error" else None,
             action_payload=action_payload,
@@ -122,7 +149,7 @@ class ChatRead:
             parts=parts,
             queue_payload=queue_payload,
             queue_key=queue_key,
-            resets={int(k): int(v) for k, v in json.loads(row["resets"]).items()}
+            resets={int(k): int(v) for k, v in loads(row["resets"]).items()}
             if row["resets"] is not None
             else {},
             more_messages=row["more_messages"],
@@ -131,38 +158,30 @@ class ChatRead:
         )
 
 
-def _live_part(chat_id: str, record: asyncpg.Record) -> LivePart:
-    part = json.loads(record["part"])
+def _decode_part(chat_id: str, part_id: int, role: str, part: Any) -> tuple[bool, Payload]:
+    """A live part's (is_retry, payload)."""
     if isinstance(part, dict) and part.get("type") == "retry":
-        return LivePart(
-            id=record["id"],
-            is_retry=True,
-            payload=Payload(
-                {
-                    "type": "retry",
-                    "chat_id": chat_id,
-                    "attempt": part.get("attempt"),
-                    "delay_ms": part.get("delay_ms"),
-                    "retrying_at": part.get("retrying_at"),
-                    "kind": part.get("kind"),
-                    "provider": part.get("provider"),
-                    "status_code": part.get("status_code"),
-                    "error": part.get("error"),
-                }
-            ),
-        )
-    return LivePart(
-        id=record["id"],
-        is_retry=False,
-        payload=Payload(
+        return True, Payload(
             {
-                "type": "message_part",
+                "type": "retry",
                 "chat_id": chat_id,
-                "part_id": record["id"],
-                "role": record["message_role"],
-                "part": part,
+                "attempt": part.get("attempt"),
+                "delay_ms": part.get("delay_ms"),
+                "retrying_at": part.get("retrying_at"),
+                "kind": part.get("kind"),
+                "provider": part.get("provider"),
+                "status_code": part.get("status_code"),
+                "error": part.get("error"),
             }
-        ),
+        )
+    return False, Payload(
+        {
+            "type": "message_part",
+            "chat_id": chat_id,
+            "part_id": part_id,
+            "role": role,
+            "part": part,
+        }
     )
 
 
@@ -278,8 +297,10 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
             position.status = read.status
             position.error_key = read.error_key
             position.action_key = read.action_key
-            assert read.status_payload is not None
-            frames.append(Frame("status", read.status_payload, position.cursor))
+            status_payload = read.status_payload or Payload(
+                {"type": "status", "chat_id": cid, "status": read.status, "version": read.version}
+            )
+            frames.append(Frame("status", status_payload, position.cursor))
             if read.error_payload is not None:
                 frames.append(Frame("error", read.error_payload, position.cursor))
             if read.action_payload is not None:

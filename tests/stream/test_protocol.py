@@ -207,6 +207,45 @@ async def test_the_resync_frame_carries_the_cursor_of_the_last_frame_delivered()
     assert await client.next(1.0) is None
 
 
+async def test_live_frames_go_to_the_sink_only_while_nothing_is_queued_before_them() -> None:
+    client = StreamClient(CHAT, StreamCursor(1, 0), max_queued=8)
+    frames = [
+        Frame("message_part", Payload({"type": "message_part"}), StreamCursor(1, n))
+        for n in range(1, 7)
+    ]
+    written: list[list[Frame]] = []
+    accept = True
+
+    def sink(batch: list[Frame]) -> bool:
+        if accept:
+            written.append(batch)
+        return accept
+
+    client.sink = sink
+    assert client.push(frames[:2])  # one batch, one write, nothing queued
+    assert written == [frames[:2]] and client.queued == 0
+    assert client.delivered == StreamCursor(1, 2)
+    accept = False  # the socket's buffer is full: the frames queue for the writer
+    assert client.push(frames[2:3])
+    accept = True
+    assert client.push(frames[3:5])  # behind a queued frame: queued too, in order
+    assert written == [frames[:2]] and client.queued == 3
+    assert await client.take(1.0) == frames[2:5]  # the writer takes them all, for one write
+    assert client.delivered == StreamCursor(1, 5)
+    final = Frame("error", Payload({"type": "error"}), StreamCursor(1, 6), final=True)
+    assert client.push([frames[5], final])  # a final frame is the writer's: it ends the stream
+    assert written == [frames[:2]]
+    assert await client.take(1.0) == [frames[5], final]
+    assert await client.take(1.0) == []
+
+
+def test_a_frame_is_framed_once_as_an_http_chunk() -> None:
+    frame = Frame("status", Payload({"type": "status", "text": "é"}), StreamCursor(3, 0))
+    sse = frame.sse()
+    assert frame.sse_chunk() == f"{len(sse):x}\r\n".encode() + sse + b"\r\n"
+    assert frame.sse_chunk() is frame.sse_chunk()
+
+
 @pytest.mark.parametrize(
     "text", ["", "1", "1:", ":1", "a:b", "-1:0", "1:2:3", "1 :2", "99999999999999999999:0"]
 )
