@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from app.aio import Batcher
 from app.config import Settings
 from app.db.listener import Listener
 from app.engine.replica import Replica
@@ -72,6 +73,21 @@ async def running_listener(dsn: str) -> AsyncIterator[Listener]:
         async with asyncio.timeout(10):
             await listener.wait_connected()
         yield listener
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+B = TypeVar("B", bound=Batcher[Any, Any])
+
+
+@asynccontextmanager
+async def batching(batcher: B) -> AsyncIterator[B]:
+    """Run `batcher`'s batch task for the block, as its replica does."""
+    task = asyncio.create_task(batcher.run())
+    await wait_for(lambda: batcher.running, message="batch task running")
+    try:
+        yield batcher
     finally:
         task.cancel()
         await asyncio.wait({task})

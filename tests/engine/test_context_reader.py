@@ -14,16 +14,13 @@ import pytest
 from app.engine.context_reader import StepContextReader
 from tests import factories
 from tests.conditions import wait_for
+from tests.engine_harness import batching
 
 
 @pytest.fixture
 async def reader(pool: asyncpg.Pool) -> AsyncIterator[StepContextReader]:
-    reader = StepContextReader(pool)
-    task = asyncio.create_task(reader.run())
-    await wait_for(lambda: reader.running, message="reader running")
-    yield reader
-    task.cancel()
-    await asyncio.wait({task})
+    async with batching(StepContextReader(pool)) as reader:
+        yield reader
 
 
 async def test_reads_that_wait_together_share_one_statement(

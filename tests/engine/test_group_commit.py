@@ -18,6 +18,7 @@ from app.providers.base import Usage
 from app.state.runs import RunToken, StepRecord, StepWrite, StepWritten
 from tests import factories
 from tests.conditions import wait_for
+from tests.engine_harness import batching
 from tests.faults.chat_lock import chat_row_locked
 
 WORKER = uuid.uuid4()
@@ -43,12 +44,8 @@ async def _running(conn: asyncpg.Connection, count: int) -> list[RunToken]:
 
 @pytest.fixture
 async def committer(pool: asyncpg.Pool) -> AsyncIterator[GroupCommitter]:
-    committer = GroupCommitter(pool)
-    task = asyncio.create_task(committer.run())
-    await wait_for(lambda: committer.running, message="committer running")
-    yield committer
-    task.cancel()
-    await asyncio.wait({task})
+    async with batching(GroupCommitter(pool)) as committer:
+        yield committer
 
 
 async def _history(conn: asyncpg.Connection, chat_id: uuid.UUID) -> list[str]:
