@@ -36,18 +36,18 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from app import instruments
 from app.aio import Backoff
 from app.db.failures import is_outage
-from app.db.listener import Listener, Notice, Resync, Subscription
+from app.db.listener import Event, Listener, Resync
 from app.engine import compaction, titles
 from app.engine.context_reader import StepContextReader
 from app.engine.group_commit import GroupCommitter
@@ -187,6 +187,7 @@ class Run:
         self._handled_version = 0  # row version after the run last honoured a Stop
         self.steps_persisted = 0
         self._releasing = False  # the run's last write (release/fail/requeue) is under way
+        self._resync_due = asyncio.Event()  # the listener resynced: the row must be re-read
         self._log = {
             "chat_id": chat.id,
             "replica_id": self.token.worker_id,
@@ -246,26 +247,33 @@ class Run:
             interrupt_requested=chat.interrupt_requested,
         )
 
-    async def _watch(self, subscription: Subscription) -> None:
-        """Follow the chat's channel: interrupts and loss of ownership reach the run here."""
+    def _on_event(self, event: Event) -> None:
+        """Each event of the chat's channel, as it arrives (Listener handler: no task wakes for
+        the many notifications a run does not act on, such as its own parts and messages).
+        Interrupts and loss of ownership reach the run here; a resync is the watcher's."""
+        if isinstance(event, Resync):
+            self._resync_due.set()
+            return
+        payload = orjson.loads(event.payload)
+        kind = payload.get("type")
+        if kind == "deleted":
+            self.stop(StopCause.LOST_OWNERSHIP)
+        elif kind == "chat":
+            self._observe(
+                version=int(payload["version"]),
+                owned=payload.get("status") == "running"
+                and payload.get("worker_id") == str(self.token.worker_id)
+                and int(payload.get("generation", -1)) == self.token.generation,
+                interrupt_requested=bool(payload.get("interrupt_requested")),
+            )
+
+    async def _watch(self) -> None:
+        """Re-read the row after every listener resync (a notification may have been lost)."""
         try:
-            async for event in subscription:
-                if isinstance(event, Resync):
-                    self._observe_chat(await self._resync_read())
-                    continue
-                assert isinstance(event, Notice)
-                payload = json.loads(event.payload)
-                kind = payload.get("type")
-                if kind == "deleted":
-                    self.stop(StopCause.LOST_OWNERSHIP)
-                elif kind == "chat":
-                    self._observe(
-                        version=int(payload["version"]),
-                        owned=payload.get("status") == "running"
-                        and payload.get("worker_id") == str(self.token.worker_id)
-                        and int(payload.get("generation", -1)) == self.token.generation,
-                        interrupt_requested=bool(payload.get("interrupt_requested")),
-                    )
+            while True:
+                await self._resync_due.wait()
+                self._resync_due.clear()
+                self._observe_chat(await self._resync_read())
         except Exception as exc:
             # Without a watcher the run would be deaf to Stop and to loss of ownership: give
             # the chat back rather than run blind.
@@ -322,10 +330,8 @@ class Run:
         deps = self._deps
         log.info("run.started", **self._log)
         try:
-            async with deps.listener.subscribe(f"chat:{self.chat_id}") as subscription:
-                watcher = asyncio.create_task(
-                    self._watch(subscription), name=f"run-watch:{self.chat_id}"
-                )
+            async with deps.listener.subscribe(f"chat:{self.chat_id}", handler=self._on_event):
+                watcher = asyncio.create_task(self._watch(), name=f"run-watch:{self.chat_id}")
                 try:
                     # Subscribed first, read second: a Stop (or a takeover) that raced the
                     # acquire is in this row or in a notification after it, never lost. The
