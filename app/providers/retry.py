@@ -223,16 +223,21 @@ async def _guarded(
                 watchdog.waiting()
                 try:
                     event = await anext(events)
-                except StopAsyncIteration:
-                    raise ProviderError(_ended_early(provider)) from None
-                except asyncio.CancelledError:
-                    # Only our own deadline is a guard; any other cancellation propagates.
-                    if watchdog.take_expiry(cancelled=True):
+                except BaseException as exc:
+                    # Only our own deadline is a guard: its cancellation (or a TimeoutError the
+                    # provider made of it); anyone else's cancellation propagates.
+                    expired, cancelled_by_others = watchdog.wait_ended()
+                    if expired and (
+                        isinstance(exc, TimeoutError)
+                        or (isinstance(exc, asyncio.CancelledError) and not cancelled_by_others)
+                    ):
                         raise ProviderError(
                             _guard_error(kind, provider, watchdog.timeout_s)
                         ) from None
+                    if isinstance(exc, StopAsyncIteration):
+                        raise ProviderError(_ended_early(provider)) from None
                     raise
-                watchdog.take_expiry(cancelled=False)
+                watchdog.wait_ended()
                 if kind == "startup_timeout":
                     watchdog.set_timeout(guards.silence_timeout_s)
                     kind = "timeout"
@@ -276,14 +281,15 @@ class _Watchdog:
         self.timeout_s = timeout_s
         self.close()
 
-    def take_expiry(self, *, cancelled: bool) -> bool:
-        """End the wait. True when our deadline cancelled it (the cancellation is ours to
-        swallow: nobody else asked to cancel the task meanwhile)."""
+    def wait_ended(self) -> tuple[bool, bool]:
+        """End the wait, however it ended: (whether our deadline expired during it, whether
+        someone else asked to cancel the task too). Our cancel request is withdrawn here, as
+        `asyncio.timeout` does on exit, so it never outlives the wait."""
         self._since = None
         if not self._expired:
-            return False
+            return False, False
         self._expired = False
-        return self._task.uncancel() <= self._cancelling and cancelled
+        return True, self._task.uncancel() > self._cancelling
 
     def close(self) -> None:
         if self._timer is not None:

@@ -519,3 +519,38 @@ async def test_the_silence_guard_applies_after_a_long_startup_timeout() -> None:
     run = await run_step(provider, request(), startup_timeout_s=3600, silence_timeout_s=0.01)
     assert [r.error.kind for r in run.retries] == ["timeout"]
     assert run.events == [TextDelta("ok"), DONE]
+
+
+def converts_the_cancellation(into: Exception) -> Attempt:
+    """Waits for the next event until cancelled, and raises `into` instead of the cancellation
+    (as a transport may)."""
+
+    async def attempt() -> AsyncIterator[ProviderEvent]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise into from None
+        yield DONE
+
+    return attempt
+
+
+async def test_a_guard_cancellation_the_provider_turns_into_a_timeout_error_is_the_guard() -> None:
+    provider = ScriptedProvider([converts_the_cancellation(TimeoutError()), succeeds("ok")])
+    run = await run_step(provider, request(), startup_timeout_s=0.01)
+    assert [r.error.kind for r in run.retries] == ["startup_timeout"]
+    assert run.events == [TextDelta("ok"), DONE]
+
+
+async def test_the_guards_cancel_request_never_outlives_the_wait() -> None:
+    """A provider that turns the guard's cancellation into its own error: the step goes on,
+    and the task is not left with a pending cancel request (later deadlines and the
+    cancellation-cause checks count them)."""
+    provider = ScriptedProvider(
+        [converts_the_cancellation(ConnectionResetError("reset")), succeeds("ok")]
+    )
+    run = await run_step(provider, request(), startup_timeout_s=0.01)
+    assert len(run.retries) == 1
+    assert run.events == [TextDelta("ok"), DONE]
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
