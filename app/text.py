@@ -15,13 +15,18 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def is_storable(text: str) -> bool:
+    if text.isascii():  # O(1) in CPython: a flag of the string; ASCII has no surrogates
+        return "\x00" not in text
     return _UNSTORABLE.search(text) is None
 
 
 def storable(text: str) -> str:
     """`text` with every NUL and lone surrogate replaced by U+FFFD (`text` itself, without a
-    copy, in the usual case: this runs on every streamed delta)."""
-    if _UNSTORABLE.search(text) is None:
+    copy, in the usual case: this runs on every streamed delta, hence the ASCII fast path)."""
+    if text.isascii():
+        if "\x00" not in text:
+            return text
+    elif _UNSTORABLE.search(text) is None:
         return text
     return _UNSTORABLE.sub(REPLACEMENT, text)
 

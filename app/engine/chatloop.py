@@ -550,12 +550,16 @@ class Run:
             if isinstance(event, TextDelta):
                 text = storable(event.text)
                 output.add_delta("text", text)
-                await flusher.add(self.token, "assistant", {"type": "text", "text": text})
+                # offer(): no await per delta while the buffer has room; add() waits for it.
+                part = {"type": "text", "text": text}
+                if not flusher.offer(self.token, "assistant", part):
+                    await flusher.add(self.token, "assistant", part)
             elif isinstance(event, ReasoningDelta):
                 text = storable(event.text)
                 output.add_delta("reasoning", text, storable(event.signature))
-                if text:
-                    await flusher.add(self.token, "assistant", {"type": "reasoning", "text": text})
+                part = {"type": "reasoning", "text": text}
+                if text and not flusher.offer(self.token, "assistant", part):
+                    await flusher.add(self.token, "assistant", part)
             elif isinstance(event, ToolCall):
                 call = ToolCall(
                     id=storable(event.id), name=storable(event.name), args=storable_json(event.args)

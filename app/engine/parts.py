@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from app import instruments
 from app.aio import Backoff
@@ -64,7 +65,7 @@ DISCARD_TIMEOUT_S = FLUSH_TIMEOUT_S + 1.0
 RETRY_BACKOFF_MAX_S = 2.0
 
 
-@dataclass
+@dataclass(slots=True)
 class BufferedPart:
     token: RunToken
     role: str
@@ -135,28 +136,37 @@ class PartFlusher:
         """A run is waiting for room (the next flush is due at once)."""
         return not self._room.is_set()
 
+    def offer(self, token: RunToken, role: str, part: dict[str, Any]) -> bool:
+        """Buffer one live part for the next window if the buffer has room, without awaiting
+        (the path of every streamed delta). False when it is full: then `await add()`."""
+        buffer = self._buffer
+        if len(buffer) >= self._max_buffered:
+            return False
+        self.stats.parts_buffered += 1
+        kind = part.get("type")
+        if kind in _MERGEABLE and buffer:
+            last = buffer[-1]
+            # `is` first: a run hands in the same token object with every part.
+            if (
+                not last.sealed
+                and (last.token is token or last.token == token)
+                and last.role == role
+                and last.part.get("type") == kind
+            ):
+                # The buffered dict is the flusher's own copy: extended in place.
+                last.part["text"] = str(last.part.get("text", "")) + str(part["text"])
+                self.stats.parts_merged += 1
+                return True
+        buffer.append(BufferedPart(token, role, dict(part), next(self._seq)))
+        self._nonempty.set()
+        return True
+
     async def add(self, token: RunToken, role: str, part: dict[str, Any]) -> None:
         """Buffer one live part for the next window; waits while the buffer is full."""
-        while len(self._buffer) >= self._max_buffered:
+        while not self.offer(token, role, part):
             self._room.clear()
             self._nonempty.set()
             await self._room.wait()
-        self.stats.parts_buffered += 1
-        last = self._buffer[-1] if self._buffer else None
-        kind = part.get("type")
-        if (
-            last is not None
-            and kind in _MERGEABLE
-            and not last.sealed
-            and last.token == token
-            and last.role == role
-            and last.part.get("type") == kind
-        ):
-            last.part = {"type": kind, "text": str(last.part.get("text", "")) + str(part["text"])}
-            self.stats.parts_merged += 1
-            return
-        self._buffer.append(BufferedPart(token, role, dict(part), next(self._seq)))
-        self._nonempty.set()
 
     def holds(self, token: RunToken) -> bool:
         """Whether a part of the run is buffered or being written."""
@@ -329,12 +339,22 @@ class PartFlusher:
                 [p.token.worker_id for p in batch],
                 [p.token.generation for p in batch],
                 [p.role for p in batch],
-                [json.dumps(p.part) for p in batch],
+                [_json(p.part) for p in batch],
                 [p.seq for p in batch],
             )
         instruments.PART_FLUSH_DURATION.observe(time.perf_counter() - started)
         instruments.PART_FLUSH_SIZE.observe(len(batch))
         return written
+
+
+def _json(part: dict[str, Any]) -> str:
+    """The part as JSON text: orjson (a tenth of the time of json.dumps, and this runs for every
+    part flushed), json for what orjson refuses (integers beyond 64 bits, keys that are not
+    strings), so every part that was written before still is."""
+    try:
+        return orjson.dumps(part).decode()
+    except TypeError:
+        return json.dumps(part)
 
 
 def _by_run(batch: Iterable[BufferedPart]) -> list[tuple[RunToken, list[BufferedPart]]]:

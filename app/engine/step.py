@@ -99,7 +99,6 @@ class StepOutput:
     """What a step has produced so far, in the persisted shape: consecutive text (reasoning)
     deltas merged into one part, tool calls in the order they came."""
 
-    content: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[dict[str, Any]] = field(default_factory=list)
     # The calls of client-side tools: not run here, their results come from the chat's client
@@ -108,20 +107,49 @@ class StepOutput:
     finished: StepFinished | None = None
     # The usage the provider reported for the attempt in progress, before its StepFinished.
     meter: UsageMeter = field(default_factory=UsageMeter)
+    # The parts (see `content`); the text of `_open_part`, the last one, is `_open_chunks`
+    # joined: one append per delta, joined once when read (adding each delta to the text
+    # copies the whole text every time, quadratic in a long answer).
+    _content: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _open_part: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    _open_chunks: list[str] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def content(self) -> list[dict[str, Any]]:
+        """The step's parts so far, complete (the list itself: `clear()` voids them)."""
+        self._close_open_part()
+        return self._content
 
     def add_delta(self, kind: Literal["text", "reasoning"], text: str, signature: str = "") -> None:
-        if self.content and self.content[-1]["type"] == kind:
-            self.content[-1] = self.content[-1] | {"text": self.content[-1]["text"] + text}
+        content = self._content
+        part = self._open_part
+        if part is not None and content and content[-1] is part and part["type"] == kind:
+            self._open_chunks.append(text)
         else:
-            self.content.append({"type": kind, "text": text})
+            self._close_open_part()
+            if content and content[-1]["type"] == kind:
+                part = content[-1]
+                self._open_chunks = [part["text"], text]
+            else:
+                part = {"type": kind, "text": text}
+                content.append(part)
+                self._open_chunks = [text]
+            self._open_part = part
         if signature:
             # Anthropic's thinking-block signature must travel with the persisted part.
-            self.content[-1]["signature"] = signature
+            part["signature"] = signature
+
+    def _close_open_part(self) -> None:
+        part = self._open_part
+        if part is not None:
+            part["text"] = "".join(self._open_chunks)
+            self._open_part = None
+            self._open_chunks = []
 
     def add_tool_call(self, call: ToolCall) -> dict[str, Any]:
         self.tool_calls.append(call)
         part = {"type": "tool_call", "id": call.id, "name": call.name, "args": call.args}
-        self.content.append(part)
+        self.content.append(part)  # `content`: closes the text part before it
         return part
 
     def record(self, config: ModelConfig, *, interrupted: bool = False) -> StepRecord:

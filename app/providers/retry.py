@@ -216,27 +216,97 @@ async def _guarded(
     retryable error when the provider is silent too long or ends before its StepFinished.
     Closes `events` however it ends."""
     async with _closing(events):
-        timeout_s = guards.startup_timeout_s
+        watchdog = _Watchdog(guards.startup_timeout_s)
         kind: ErrorKind = "startup_timeout"
-        while True:
-            deadline = asyncio.timeout(timeout_s)
-            try:
-                async with deadline:
+        try:
+            while True:
+                watchdog.waiting()
+                try:
                     event = await anext(events)
-            except StopAsyncIteration:
-                raise ProviderError(_ended_early(provider)) from None
-            except TimeoutError:
-                # Only our own deadline is a guard; a TimeoutError from inside the provider is
-                # its own failure and goes to the classifier as it is.
-                if not deadline.expired():
+                except BaseException as exc:
+                    # Only our own deadline is a guard: its cancellation (or a TimeoutError the
+                    # provider made of it); anyone else's cancellation propagates.
+                    expired, cancelled_by_others = watchdog.wait_ended()
+                    if expired and (
+                        isinstance(exc, TimeoutError)
+                        or (isinstance(exc, asyncio.CancelledError) and not cancelled_by_others)
+                    ):
+                        raise ProviderError(
+                            _guard_error(kind, provider, watchdog.timeout_s)
+                        ) from None
+                    if isinstance(exc, StopAsyncIteration):
+                        raise ProviderError(_ended_early(provider)) from None
                     raise
-                raise ProviderError(_guard_error(kind, provider, timeout_s)) from None
-            timeout_s, kind = guards.silence_timeout_s, "timeout"
-            if isinstance(event, StreamProgress):
-                continue
-            yield event
-            if isinstance(event, StepFinished):
-                return  # exactly one StepFinished: whatever follows is not part of the step
+                watchdog.wait_ended()
+                if kind == "startup_timeout":
+                    watchdog.set_timeout(guards.silence_timeout_s)
+                    kind = "timeout"
+                if isinstance(event, StreamProgress):
+                    continue
+                yield event
+                if isinstance(event, StepFinished):
+                    return  # exactly one StepFinished: whatever follows is not part of the step
+        finally:
+            watchdog.close()
+
+
+class _Watchdog:
+    """The guard's deadline on each wait for the provider's next event, without a timer per
+    event: a stream of thousands of deltas would otherwise schedule and cancel one timer per
+    delta (the cancelled handles stay in the event loop's heap until they come due). One timer
+    is armed when a wait starts and none is; when it fires it checks the wait in progress: past
+    its deadline it cancels the task (like `asyncio.timeout`, and undone the same way), before
+    it the timer is armed again for that wait's deadline, and between waits (the caller
+    handling an event) it lets the next wait arm it. A wait is never cut short, and never
+    outlives its deadline by more than the loop's own timer precision."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.timeout_s = timeout_s
+        self._since: float | None = None  # when the wait in progress started
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def waiting(self) -> None:
+        self._since = since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(since + self.timeout_s, self._check)
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """A new timeout for the next waits (a timer armed for the old one may be too late)."""
+        self.timeout_s = timeout_s
+        self.close()
+
+    def wait_ended(self) -> tuple[bool, bool]:
+        """End the wait, however it ended: (whether our deadline expired during it, whether
+        someone else asked to cancel the task too). Our cancel request is withdrawn here, as
+        `asyncio.timeout` does on exit, so it never outlives the wait."""
+        self._since = None
+        if not self._expired:
+            return False, False
+        self._expired = False
+        return True, self._task.uncancel() > self._cancelling
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self._since
+        if since is None:
+            return  # between waits: the next wait arms the timer
+        due = since + self.timeout_s
+        if self._loop.time() >= due:
+            self._expired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
 
 
 @contextlib.asynccontextmanager

@@ -390,3 +390,34 @@ async def test_a_flush_whose_answer_was_lost_is_retried_without_writing_a_part_t
     rows = await observer.fetch("SELECT part FROM chat_stream_parts ORDER BY id")
     await observer.close()
     assert [json.loads(r["part"])["text"] for r in rows] == ["first ", "once ", "more"]
+
+
+async def test_offer_buffers_without_waiting_and_refuses_when_full(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    first, second = await _running(conn, 2)
+    flusher = PartFlusher(pool, max_buffered_parts=2)
+    assert flusher.offer(first, "assistant", _text("a"))
+    assert flusher.offer(first, "assistant", _text("b"))  # merged into the part before
+    assert flusher.offer(second, "assistant", _text("c"))
+    assert not flusher.offer(first, "assistant", _text("d"))  # full: the caller awaits add()
+    assert flusher.buffered == 2
+    await flusher.flush()
+    rows = await conn.fetch("SELECT chat_id, part FROM chat_stream_parts ORDER BY id")
+    assert [(r["chat_id"], json.loads(r["part"])) for r in rows] == [
+        (first.chat_id, _text("ab")),
+        (second.chat_id, _text("c")),
+    ]
+
+
+async def test_parts_json_cannot_encode_fast_are_written_all_the_same(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    (token,) = await _running(conn, 1)
+    flusher = PartFlusher(pool)
+    result = {"type": "tool_result", "tool_call_id": "c", "name": "n", "is_error": False}
+    await flusher.add(token, "tool", result | {"result": 2**70})  # beyond 64 bits
+    await flusher.add(token, "tool", result | {"result": "ünïcode"})
+    await flusher.flush()
+    rows = await conn.fetch("SELECT part FROM chat_stream_parts ORDER BY id")
+    assert [json.loads(r["part"])["result"] for r in rows] == [2**70, "ünïcode"]

@@ -496,3 +496,61 @@ async def test_a_callers_deadline_is_not_mistaken_for_a_provider_cancellation() 
             async for _ in stream_step(provider, request(), on_retry=on_retry):
                 pass
     assert provider.started == 1
+
+
+async def test_the_silence_guard_does_not_count_the_time_the_caller_spends() -> None:
+    """The guard covers the waits for the provider only: a caller slower than the silence
+    timeout between events (a full part buffer, say) never trips it."""
+    provider = ScriptedProvider([succeeds("a", "b", "c")])
+
+    async def on_retry(info: RetryInfo) -> None:
+        raise AssertionError(f"no retry expected: {info}")
+
+    events = []
+    async for event in stream_step(provider, request(), on_retry=on_retry, silence_timeout_s=0.01):
+        events.append(event)
+        await asyncio.sleep(0.03)  # the caller's own work, three silence timeouts long
+    assert events == [TextDelta("a"), TextDelta("b"), TextDelta("c"), DONE]
+
+
+async def test_the_silence_guard_applies_after_a_long_startup_timeout() -> None:
+    provider = ScriptedProvider([])
+    provider.attempts = [blocks(lambda: provider.release, "first"), succeeds("ok")]
+    run = await run_step(provider, request(), startup_timeout_s=3600, silence_timeout_s=0.01)
+    assert [r.error.kind for r in run.retries] == ["timeout"]
+    assert run.events == [TextDelta("ok"), DONE]
+
+
+def converts_the_cancellation(into: Exception) -> Attempt:
+    """Waits for the next event until cancelled, and raises `into` instead of the cancellation
+    (as a transport may)."""
+
+    async def attempt() -> AsyncIterator[ProviderEvent]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise into from None
+        yield DONE
+
+    return attempt
+
+
+async def test_a_guard_cancellation_the_provider_turns_into_a_timeout_error_is_the_guard() -> None:
+    provider = ScriptedProvider([converts_the_cancellation(TimeoutError()), succeeds("ok")])
+    run = await run_step(provider, request(), startup_timeout_s=0.01)
+    assert [r.error.kind for r in run.retries] == ["startup_timeout"]
+    assert run.events == [TextDelta("ok"), DONE]
+
+
+async def test_the_guards_cancel_request_never_outlives_the_wait() -> None:
+    """A provider that turns the guard's cancellation into its own error: the step goes on,
+    and the task is not left with a pending cancel request (later deadlines and the
+    cancellation-cause checks count them)."""
+    provider = ScriptedProvider(
+        [converts_the_cancellation(ConnectionResetError("reset")), succeeds("ok")]
+    )
+    run = await run_step(provider, request(), startup_timeout_s=0.01)
+    assert len(run.retries) == 1
+    assert run.events == [TextDelta("ok"), DONE]
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
