@@ -37,6 +37,7 @@ from app.db.queries import Conn
 from app.state import chats
 from app.state.model import Owner
 from bench.harness import ScenarioResult, percentile
+from bench.processes import postgres_cpu_s, postmaster_pid, sample_process
 from tests.e2e.replicas import ReplicaProcess
 
 DEFAULT_ORGANIZATION_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
@@ -263,7 +264,7 @@ async def pickup(dsn: str, result: ScenarioResult, *, listen: bool) -> None:
 
 
 async def throughput(dsn: str, result: ScenarioResult) -> None:
-    async with replicas(dsn, 2):
+    async with replicas(dsn, 2) as running:
         conn = await asyncpg.connect(dsn)
         watch_conn = await asyncpg.connect(dsn)
         try:
@@ -292,7 +293,13 @@ async def throughput(dsn: str, result: ScenarioResult) -> None:
             # Warm up: a server that has been up a while has its pool connections open and its
             # statements prepared on each of them; the peer gets a warm-up job too.
             await burst(THROUGHPUT_WARMUP_CHATS)
+            postmaster = await postmaster_pid(conn)
+            pids = [r.process.pid for r in running if r.process is not None]
+            replicas_before = sum(sample_process(pid).cpu_s for pid in pids)
+            pg_before = postgres_cpu_s(postmaster)
             elapsed = await burst(THROUGHPUT_CHATS)
+            replicas_cpu_s = sum(sample_process(pid).cpu_s for pid in pids) - replicas_before
+            pg_after = postgres_cpu_s(postmaster)
             assistant_messages = await conn.fetchval(
                 "SELECT count(*) FROM chat_messages WHERE role = 'assistant'"
             )
@@ -300,6 +307,12 @@ async def throughput(dsn: str, result: ScenarioResult) -> None:
             if assistant_messages != expected:
                 result.notes.append(f"turns: {assistant_messages} answers for {expected} chats")
             result.add("turns_per_s", THROUGHPUT_CHATS / elapsed, "1/s", better="higher")
+            # Where a turn's CPU goes (what bounds turns/s on a machine the bench shares): the
+            # replica processes and the PostgreSQL server, per turn, from /proc.
+            result.add("replicas_cpu_us_per_turn", replicas_cpu_s * 1e6 / THROUGHPUT_CHATS, "us")
+            if pg_after:
+                pg_cpu_s = sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items())
+                result.add("postgres_cpu_us_per_turn", pg_cpu_s * 1e6 / THROUGHPUT_CHATS, "us")
         finally:
             await conn.close()
             await watch_conn.close()
