@@ -124,6 +124,11 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     ),
 ]
 
+# Reference scenarios that run interleaved with the scenario they are the reference of when
+# both are selected (scenario -> reference): PGQueuer's jobs/s is the reference of turns/s, and
+# this machine's speed drifts from one minute to the next.
+INTERLEAVED = {"throughput": "peer"}
+
 # The targets on this machine (issue 6, tightened or added by issue 14): (label, scenario,
 # metric, bound, reference). The bound is "<= value" or ">= value"; with a reference (scenario,
 # metric, factor), the value is the factor times that median of the same run.
@@ -257,6 +262,44 @@ def _targets(results: list[ScenarioResult]) -> list[tuple[str, float, float, boo
     return checked
 
 
+async def _run_scenarios(
+    server: BenchServer, names: list[str], runs: int, options: Options, baseline: Path | None
+) -> list[ScenarioResult]:
+    """Each scenario `runs` times; with a baseline tree, the replica scenarios also with it,
+    interleaved run by run."""
+    results: list[ScenarioResult] = []
+    # A reference scenario selected with the scenario it is the reference of runs
+    # interleaved with it, run by run: the ratio then compares neighbouring minutes.
+    companions = {
+        name: companion
+        for name, companion in INTERLEAVED.items()
+        if name in names and companion in names
+    }
+    for name in names:
+        if name in companions.values():
+            continue
+        variants: list[tuple[ScenarioResult, Path | None]] = [(ScenarioResult(name), None)]
+        if name in companions:
+            variants.insert(0, (ScenarioResult(companions[name]), None))
+        if baseline is not None and name in WITH_REPLICAS:
+            variants.append((ScenarioResult(f"{name}@baseline"), baseline))
+        for run in range(runs):
+            for result, tree in variants:
+                chatd_engine.SOURCE_TREE = tree
+                began = time.perf_counter()
+                try:
+                    scenario = result.scenario.removesuffix("@baseline")
+                    await SCENARIOS[scenario](server, result, options)
+                finally:
+                    chatd_engine.SOURCE_TREE = None
+                print(
+                    f"bench: {result.scenario} run {run + 1}/{runs}"
+                    f" {time.perf_counter() - began:.1f}s"
+                )
+        results.extend(result for result, _tree in variants)
+    return results
+
+
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     # No `choices=`: argparse would check the empty default against them and refuse it.
@@ -287,24 +330,7 @@ async def main(argv: list[str]) -> int:
     try:
         version = await server.server_version()
         print(f"bench: PostgreSQL {version} ({server.description}), {args.runs} run(s) each")
-        results: list[ScenarioResult] = []
-        for name in names:
-            variants: list[tuple[ScenarioResult, Path | None]] = [(ScenarioResult(name), None)]
-            if baseline is not None and name in WITH_REPLICAS:
-                variants.append((ScenarioResult(f"{name}@baseline"), baseline))
-            for run in range(args.runs):
-                for result, tree in variants:
-                    chatd_engine.SOURCE_TREE = tree
-                    began = time.perf_counter()
-                    try:
-                        await SCENARIOS[name](server, result, options)
-                    finally:
-                        chatd_engine.SOURCE_TREE = None
-                    print(
-                        f"bench: {result.scenario} run {run + 1}/{args.runs}"
-                        f" {time.perf_counter() - began:.1f}s"
-                    )
-            results.extend(result for result, _tree in variants)
+        results = await _run_scenarios(server, names, args.runs, options, baseline)
     finally:
         server.stop()
 
