@@ -29,43 +29,49 @@ from typing import Any
 import asyncpg
 
 from app.state.model import Message, QueuedMessage
-from app.stream.protocol import Frame, Payload, StreamCursor, error_event, loads
+from app.stream.protocol import Frame, Payload, StreamCursor, dumps, error_event, loads
 
 
 class LivePart:
-    """A live part of the step in progress. Read from a row, its JSON is decoded only when a
-    position is given it: every read also returns the part the hub already has (the one its
-    cursor names, to see that the step is still there), and most reads bring one new part."""
+    """A live part of the step in progress. Read from the row's columns (`stream_read`), its
+    event is built only when a position is given it, by splicing the part's stored JSON text
+    into the frame (no decode, no encode): every read also returns the part the hub already
+    has (the one its cursor names, to see that the step is still there; the read leaves its
+    text out), and most reads bring one new part."""
 
-    __slots__ = ("_chat_id", "_decoded", "_raw", "_role", "id")
+    __slots__ = ("_chat_id", "_payload", "_role", "_text", "id", "is_retry")
 
     def __init__(self, id: int, is_retry: bool, payload: Payload) -> None:
         self.id = id
-        self._decoded: tuple[bool, Payload] | None = (is_retry, payload)
-        self._chat_id = self._raw = self._role = ""
+        self.is_retry = is_retry
+        self._payload: Payload | None = payload
+        self._chat_id = self._role = ""
+        self._text: str | None = None
 
     @classmethod
-    def of_record(cls, chat_id: str, record: asyncpg.Record) -> LivePart:
+    def of_columns(
+        cls, chat_id: str, id: int, role: str, text: str | None, is_retry: bool
+    ) -> LivePart:
         part = cls.__new__(cls)
-        part.id = record["id"]
-        part._decoded = None
+        part.id = id
+        part.is_retry = is_retry
+        part._payload = None
         part._chat_id = chat_id
-        part._raw = record["part"]
-        part._role = record["message_role"]
+        part._role = role
+        part._text = text
         return part
 
     @property
-    def is_retry(self) -> bool:
-        return self._decode()[0]
-
-    @property
     def payload(self) -> Payload:
-        return self._decode()[1]
-
-    def _decode(self) -> tuple[bool, Payload]:
-        if self._decoded is None:
-            self._decoded = _decode_part(self._chat_id, self.id, self._role, loads(self._raw))
-        return self._decoded
+        if self._payload is None:
+            if self._text is None:
+                # The read left out the text of the part at its cursor: it was advanced from
+                # another position than the one it was read for (a bug, never a client's doing).
+                raise LookupError(f"live part {self.id} was read without its text")
+            self._payload = _part_payload(
+                self._chat_id, self.id, self._role, self._text, self.is_retry
+            )
+        return self._payload
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,17 @@ class ChatRead:
                 for record in row["messages"]
             ]
         parts = None
-        if row["parts"] is not None:
-            parts = [LivePart.of_record(cid, record) for record in row["parts"]]
+        part_ids = row["part_ids"]
+        if part_ids is not None:
+            retry_ids = row["part_retry_ids"]
+            parts = [
+                LivePart.of_columns(
+                    cid, part_id, role, text, bool(retry_ids) and part_id in retry_ids
+                )
+                for part_id, role, text in zip(
+                    part_ids, row["part_roles"], row["part_texts"], strict=True
+                )
+            ]
         queue_payload = queue_key = None
         if row["queue"] is not None:
             queued = [QueuedMessage.from_record(record).to_json() for record in row["queue"]]
@@ -158,10 +173,19 @@ class ChatRead:
         )
 
 
-def _decode_part(chat_id: str, part_id: int, role: str, part: Any) -> tuple[bool, Payload]:
-    """A live part's (is_retry, payload)."""
-    if isinstance(part, dict) and part.get("type") == "retry":
-        return True, Payload(
+# The roles' JSON strings (the `role` column's CHECK allows these; anything else is encoded).
+_ROLE_JSON = {role: dumps(role) for role in ("assistant", "tool", "user", "system")}
+
+
+def _part_payload(chat_id: str, part_id: int, role: str, text: str, is_retry: bool) -> Payload:
+    """A live part's event: `retry` for a retry notice, else `message_part` with the part's
+    stored JSON text spliced in as it is. PostgreSQL writes jsonb as `{"a": 1, "b": [2]}`: the
+    spaces after `:` and `,` differ from the compact rest of the event, the JSON is the same
+    (docs/api.md specifies the JSON, not its bytes; every client parses it). Decoding and
+    encoding it again would cost more than the rest of the event."""
+    if is_retry:
+        part = loads(text)
+        return Payload(
             {
                 "type": "retry",
                 "chat_id": chat_id,
@@ -174,14 +198,10 @@ def _decode_part(chat_id: str, part_id: int, role: str, part: Any) -> tuple[bool
                 "error": part.get("error"),
             }
         )
-    return False, Payload(
-        {
-            "type": "message_part",
-            "chat_id": chat_id,
-            "part_id": part_id,
-            "role": role,
-            "part": part,
-        }
+    role_json = _ROLE_JSON.get(role) or dumps(role)
+    return Payload.of_json(
+        b'{"type":"message_part","chat_id":"%b","part_id":%d,"role":%b,"part":%b}'
+        % (chat_id.encode(), part_id, role_json, text.encode())
     )
 
 

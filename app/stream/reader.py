@@ -192,8 +192,9 @@ class StreamReader:
         try:
             return await self._fetch(args, single=single)
         except asyncpg.exceptions.OutdatedSchemaCacheError:
-            # The rows are decoded as the tables' composite types; a migration that changed one
-            # (a rolling deploy) makes asyncpg drop its type cache and raise once.
+            # Messages and the queue are decoded as the tables' composite types; a migration
+            # that changed one (a rolling deploy) makes asyncpg drop its type cache and raise
+            # once.
             self.statements += 1
             return await self._fetch(args, single=single)
 
