@@ -80,6 +80,7 @@ class ChatStreamHub:
     ) -> None:
         self.chat_id = chat_id
         self.channel = f"chat:{chat_id}"
+        self._cid = str(chat_id)  # made once: every read's events carry it
         self.clients: set[StreamClient] = set()
         self.counters = HubCounters()
         self.finished = False
@@ -215,10 +216,11 @@ class ChatStreamHub:
     async def _step(self) -> bool:
         """Read what is due and deliver it; False when the chat is gone."""
         joiners, self._joiners = self._joiners, []
-        # A client catching up gets its next page once it has taken the previous one.
-        self._catching_up = [client for client in self._catching_up if not client.closed]
-        paging = [client for client in self._catching_up if client.queued == 0]
-        snapshots = joiners + paging
+        snapshots = joiners
+        if self._catching_up:
+            # A client catching up gets its next page once it has taken the previous one.
+            self._catching_up = [client for client in self._catching_up if not client.closed]
+            snapshots = joiners + [client for client in self._catching_up if client.queued == 0]
         history = self._want_history or bool(snapshots)
         queue = self._want_queue or bool(snapshots)
         chat = self._want_chat
@@ -330,7 +332,9 @@ class ChatStreamHub:
         position = self._position
         if position is None:
             # The hub's first read: only the chat's state, which becomes its position.
-            own = ReadRequest(self.chat_id, True, MAX_ID, MAX_ID, True, [], state=True)
+            own = ReadRequest(
+                self.chat_id, True, MAX_ID, MAX_ID, True, [], state=True, cid=self._cid
+            )
         else:
             own = ReadRequest(
                 chat_id=self.chat_id,
@@ -339,7 +343,10 @@ class ChatStreamHub:
                 from_part_id=position.part_id,
                 queue=queue,
                 message_cursors=[position.message_id] if position.message_id > 0 else [],
+                cid=self._cid,
             )
+        if not snapshots:  # the usual live read: no grouping of clients by cursor
+            return await self._reader.read(own), []  # within 2 x deadline_s (StreamReader)
         by_cursor: dict[tuple[int, int], list[StreamClient]] = {}
         for client in snapshots:
             by_cursor.setdefault((client.position.message_id, client.position.part_id), []).append(
@@ -354,6 +361,7 @@ class ChatStreamHub:
                 queue=True,
                 message_cursors=[message_id] if message_id > 0 else [],
                 state=True,
+                cid=self._cid,
             )
             for message_id, part_id in by_cursor
         ]

@@ -74,9 +74,11 @@ class LivePart:
         return self._payload
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChatRead:
-    """What one read (a row of `stream_read`) returned, with every payload prepared once."""
+    """What one read (a row of `stream_read`) returned, with every payload prepared once. Not
+    frozen: a frozen dataclass sets each of its fields through `object.__setattr__`, and one
+    of these is made for every read of every hub."""
 
     chat_id: uuid.UUID
     exists: bool
@@ -96,12 +98,13 @@ class ChatRead:
     more_messages: bool = False  # a page: messages after these were left out (and the rest)
     newest_message_id: int | None = None  # the chat's newest visible message (0: none)
     newest_part_id: int = 0  # the newest live part of the step in progress, 0 when none
+    cid: str = ""  # str(chat_id), made once per read (empty: made when needed)
 
     @classmethod
-    def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None) -> ChatRead:
+    def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None, *, cid: str = "") -> ChatRead:
         if row is None or not row["found"]:
             return cls(chat_id=chat_id, exists=False)
-        cid = str(chat_id)
+        cid = cid or str(chat_id)
         last_error = loads(row["last_error"]) if row["last_error"] is not None else None
         messages = None
         if row["messages"] is not None:
@@ -170,6 +173,7 @@ class ChatRead:
             more_messages=row["more_messages"],
             newest_message_id=(row["newest_message_id"] or 0) if row["state"] else None,
             newest_part_id=row["newest_part_id"] or 0,
+            cid=cid,
         )
 
 
@@ -260,7 +264,7 @@ class Position:
 
 def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912  one pure protocol step; its order is the point
     """The frames that take `position` to the state of `read` (and move it there)."""
-    cid = str(read.chat_id)
+    cid = read.cid or str(read.chat_id)
     if not read.exists:
         return [
             Frame(
@@ -290,21 +294,7 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
             # nothing after it to replay; the position continues from the chat's state.
             position.message_id = newest
     if read.parts is not None:
-        fresh = [part for part in read.parts if part.id > position.part_id]
-        last_retry = max((i for i, part in enumerate(fresh) if part.is_retry), default=None)
-        if last_retry is not None:
-            fresh = fresh[last_retry:]  # a retry voids everything before it
-        elif position.in_step and all(part.id != position.part_id for part in read.parts):
-            # The step this position follows is gone without a message and without a retry
-            # notice: its run failed, was requeued or taken over. Its parts are void.
-            position.in_step = False
-            frames.append(_reset_frame(cid, position.message_id + 1, "step_discarded", position))
-        for part in fresh:
-            position.part_id = part.id
-            position.in_step = True
-            frames.append(
-                Frame("retry" if part.is_retry else "message_part", part.payload, position.cursor)
-            )
+        _advance_parts(read.parts, position, cid, frames)
     if position.status is None or read.version > position.version:
         changed = (
             position.status != read.status
@@ -329,6 +319,36 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
         position.queue_key = read.queue_key
         frames.append(Frame("queue", read.queue_payload, position.cursor))
     return frames
+
+
+def _advance_parts(
+    parts: list[LivePart], position: Position, cid: str, frames: list[Frame]
+) -> None:
+    """The live parts' frames (see `advance`). Plain loops, no generators: this runs for every
+    read of every hub."""
+    held = position.part_id
+    fresh = [part for part in parts if part.id > held]
+    last_retry = None
+    for i, part in enumerate(fresh):
+        if part.is_retry:
+            last_retry = i
+    if last_retry is not None:
+        fresh = fresh[last_retry:]  # a retry voids everything before it
+    elif position.in_step:
+        for part in parts:
+            if part.id == held:
+                break
+        else:
+            # The step this position follows is gone without a message and without a retry
+            # notice: its run failed, was requeued or taken over. Its parts are void.
+            position.in_step = False
+            frames.append(_reset_frame(cid, position.message_id + 1, "step_discarded", position))
+    for part in fresh:
+        position.part_id = part.id
+        position.in_step = True
+        frames.append(
+            Frame("retry" if part.is_retry else "message_part", part.payload, position.cursor)
+        )
 
 
 def _reset_frame(chat_id: str, from_message_id: int, reason: str, position: Position) -> Frame:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -21,9 +20,9 @@ MAX_ID = 2**63 - 1
 _CURSOR = re.compile(r"(\d{1,19}):(\d{1,19})")
 
 
-@dataclass(frozen=True)
-class StreamCursor:
-    """`<last message id>:<last part id>`; 0 means "none"."""
+class StreamCursor(NamedTuple):
+    """`<last message id>:<last part id>`; 0 means "none". A named tuple, not a frozen
+    dataclass: every frame has one, and a frozen dataclass costs several times more to make."""
 
     message_id: int = 0
     part_id: int = 0

@@ -19,9 +19,10 @@ from app.stream.position import ChatRead
 Q = project_queries()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReadRequest:
-    """What one hub asks of one read (see `stream_read`)."""
+    """What one hub asks of one read (see `stream_read`). Not frozen: one is made per read, and
+    a frozen dataclass sets each field through `object.__setattr__`."""
 
     chat_id: uuid.UUID
     history: bool
@@ -30,6 +31,7 @@ class ReadRequest:
     queue: bool
     message_cursors: list[int]
     state: bool = False  # also the chat's newest message and live part ids
+    cid: str = ""  # str(chat_id) when the caller has it (the events carry it)
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class StreamReader:
             return
         for (request, future), row in zip(batch, rows, strict=True):
             if not future.done():
-                future.set_result(ChatRead.from_row(request.chat_id, row))
+                future.set_result(ChatRead.from_row(request.chat_id, row, cid=request.cid))
 
     async def _fetch_within_deadline(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
         """The statement, or TimeoutError after `deadline_s`. The statement runs in a task of its
