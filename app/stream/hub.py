@@ -229,7 +229,13 @@ class ChatStreamHub:
             return True  # nothing to read, or nobody to read it for
         self._in_flight = joiners
         try:
-            hub_read, snapshot_reads = await self._read(snapshots, history=history, queue=queue)
+            requests, groups = self._requests(snapshots, history=history, queue=queue)
+            # Within 2 x deadline_s (StreamReader). The usual live read awaits its future
+            # directly: no gathering, no coroutine layers resumed per read.
+            if groups:
+                reads = await self._reader.read_many(requests)
+            else:
+                reads = [await self._reader.submit(requests[0])]
         except Exception as exc:
             # Nothing was read: everything asked for is still to be read, after a pause.
             self._joiners[:0] = [client for client in joiners if not client.left]
@@ -243,10 +249,12 @@ class ChatStreamHub:
         finally:
             self._in_flight = []
         self._failing_since = None
+        hub_read = reads[0]
         alive = self._advance_hub(hub_read)
-        for client, read in snapshot_reads:
-            self._serve_snapshot(client, read, hub_caught_up=not hub_read.more_messages)
-        if alive and any(client.queued == 0 for client in self._catching_up):
+        for clients, read in zip(groups, reads[1:], strict=True):
+            for client in clients:
+                self._serve_snapshot(client, read, hub_caught_up=not hub_read.more_messages)
+        if alive and self._catching_up and any(c.queued == 0 for c in self._catching_up):
             self._dirty.set()  # a page that gave no frames: the next one at once
         return alive
 
@@ -322,12 +330,12 @@ class ChatStreamHub:
         await asyncio.sleep(self._retry_delay_s)
         self._retry_delay_s = min(self._retry_delay_s * 2, policy.retry_max_s)
 
-    async def _read(
+    def _requests(
         self, snapshots: list[StreamClient], *, history: bool, queue: bool
-    ) -> tuple[ChatRead, list[tuple[StreamClient, ChatRead]]]:
-        """The hub's own read and the snapshot pages of `snapshots` (one request per distinct
-        cursor), in one statement. Each position is read from its own cursor: a cursor only
-        ever bounds what its own client gets."""
+    ) -> tuple[list[ReadRequest], list[list[StreamClient]]]:
+        """The hub's own request and those of the snapshot pages of `snapshots` (one per
+        distinct cursor, with the clients it serves), for one statement. Each position is read
+        from its own cursor: a cursor only ever bounds what its own client gets."""
         self.counters.reads += 1
         position = self._position
         if position is None:
@@ -345,8 +353,8 @@ class ChatStreamHub:
                 message_cursors=[position.message_id] if position.message_id > 0 else [],
                 cid=self._cid,
             )
-        if not snapshots:  # the usual live read: no grouping of clients by cursor
-            return await self._reader.read(own), []  # within 2 x deadline_s (StreamReader)
+        if not snapshots:
+            return [own], []
         by_cursor: dict[tuple[int, int], list[StreamClient]] = {}
         for client in snapshots:
             by_cursor.setdefault((client.position.message_id, client.position.part_id), []).append(
@@ -365,13 +373,7 @@ class ChatStreamHub:
             )
             for message_id, part_id in by_cursor
         ]
-        reads = await self._reader.read_many(requests)  # within 2 x deadline_s (StreamReader)
-        served = [
-            (client, read)
-            for clients, read in zip(by_cursor.values(), reads[1:], strict=True)
-            for client in clients
-        ]
-        return reads[0], served
+        return requests, list(by_cursor.values())
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,16 @@ class StreamReader:
         self.statements = 0
 
     async def read(self, request: ReadRequest) -> ChatRead:
-        return (await self.read_many([request]))[0]
+        return await self.submit(request)
+
+    def submit(self, request: ReadRequest) -> asyncio.Future[ChatRead]:
+        """One read, as a future (a hub's live read awaits it directly; cancelling it drops
+        the request)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ChatRead] = loop.create_future()
+        self._pending.append((loop.time(), [(request, future)]))
+        self._schedule()
+        return future
 
     async def read_many(self, requests: list[ReadRequest]) -> list[ChatRead]:
         """Reads served together, by one statement."""
@@ -97,8 +106,6 @@ class StreamReader:
         group = [(request, loop.create_future()) for request in requests]
         self._pending.append((loop.time(), group))
         self._schedule()
-        if len(group) == 1:  # a hub's live read: no gathering needed
-            return [await group[0][1]]
         return list(await asyncio.gather(*(future for _request, future in group)))
 
     def _schedule(self) -> None:
