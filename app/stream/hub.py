@@ -350,7 +350,8 @@ class ChatStreamHub:
                 after_message_id=position.message_id,
                 from_part_id=position.part_id,
                 queue=queue,
-                message_cursors=[position.message_id] if position.message_id > 0 else [],
+                # A tuple: a tuple of numbers is untracked by the cyclic GC after its first pass.
+                message_cursors=(position.message_id,) if position.message_id > 0 else (),
                 cid=self._cid,
             )
         if not snapshots:

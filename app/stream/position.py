@@ -169,7 +169,7 @@ class ChatRead:
             queue_key=queue_key,
             resets={int(k): int(v) for k, v in loads(row["resets"]).items()}
             if row["resets"] is not None
-            else {},
+            else None,
             more_messages=row["more_messages"],
             newest_message_id=(row["newest_message_id"] or 0) if row["state"] else None,
             newest_part_id=row["newest_part_id"] or 0,
@@ -275,7 +275,7 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
             )
         ]
     frames: list[Frame] = []
-    reset_from = (read.resets or {}).get(position.message_id)
+    reset_from = read.resets.get(position.message_id) if read.resets else None
     if reset_from is not None:
         position.message_id = reset_from - 1
         position.in_step = False

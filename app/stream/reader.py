@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ class ReadRequest:
     after_message_id: int
     from_part_id: int
     queue: bool
-    message_cursors: list[int]
+    message_cursors: Sequence[int]
     state: bool = False  # also the chat's newest message and live part ids
     cid: str = ""  # str(chat_id) when the caller has it (the events carry it)
 
