@@ -33,11 +33,9 @@ from app.stream.protocol import Frame, Payload, StreamCursor, dumps, error_event
 
 
 class LivePart:
-    """A live part of the step in progress. Read from the row's columns (`stream_read`), its
-    event is built only when a position is given it, by splicing the part's stored JSON text
-    into the frame (no decode, no encode): every read also returns the part the hub already
-    has (the one its cursor names, to see that the step is still there; the read leaves its
-    text out), and most reads bring one new part."""
+    """A live part of the step in progress, after the read's part cursor. Read from the row's
+    columns (`stream_read`), its event is built only when a position is given it, by splicing
+    the part's stored JSON text into the frame (no decode, no encode)."""
 
     __slots__ = ("_chat_id", "_payload", "_role", "_text", "id", "is_retry")
 
@@ -45,13 +43,10 @@ class LivePart:
         self.id = id
         self.is_retry = is_retry
         self._payload: Payload | None = payload
-        self._chat_id = self._role = ""
-        self._text: str | None = None
+        self._chat_id = self._role = self._text = ""
 
     @classmethod
-    def of_columns(
-        cls, chat_id: str, id: int, role: str, text: str | None, is_retry: bool
-    ) -> LivePart:
+    def of_columns(cls, chat_id: str, id: int, role: str, text: str, is_retry: bool) -> LivePart:
         part = cls.__new__(cls)
         part.id = id
         part.is_retry = is_retry
@@ -64,10 +59,6 @@ class LivePart:
     @property
     def payload(self) -> Payload:
         if self._payload is None:
-            if self._text is None:
-                # The read left out the text of the part at its cursor: it was advanced from
-                # another position than the one it was read for (a bug, never a client's doing).
-                raise LookupError(f"live part {self.id} was read without its text")
             self._payload = _part_payload(
                 self._chat_id, self.id, self._role, self._text, self.is_retry
             )
@@ -99,6 +90,9 @@ class ChatRead:
     newest_message_id: int | None = None  # the chat's newest visible message (0: none)
     newest_part_id: int = 0  # the newest live part of the step in progress, 0 when none
     cid: str = ""  # str(chat_id), made once per read (empty: made when needed)
+    # Whether the part at the read's part cursor is still live (`parts` holds only the parts
+    # after it); None: look for it in `parts`.
+    part_held: bool | None = None
 
     @classmethod
     def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None, *, cid: str = "") -> ChatRead:
@@ -121,9 +115,10 @@ class ChatRead:
                 )
                 for record in row["messages"]
             ]
-        parts = None
+        parts = part_held = None
         part_ids = row["part_ids"]
         if part_ids is not None:
+            part_held = row["part_held"]
             retry_ids = row["part_retry_ids"]
             parts = [
                 LivePart.of_columns(
@@ -174,6 +169,7 @@ class ChatRead:
             newest_message_id=(row["newest_message_id"] or 0) if row["state"] else None,
             newest_part_id=row["newest_part_id"] or 0,
             cid=cid,
+            part_held=part_held,
         )
 
 
@@ -294,7 +290,7 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
             # nothing after it to replay; the position continues from the chat's state.
             position.message_id = newest
     if read.parts is not None:
-        _advance_parts(read.parts, position, cid, frames)
+        _advance_parts(read.parts, read.part_held, position, cid, frames)
     if position.status is None or read.version > position.version:
         changed = (
             position.status != read.status
@@ -322,12 +318,12 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
 
 
 def _advance_parts(
-    parts: list[LivePart], position: Position, cid: str, frames: list[Frame]
+    parts: list[LivePart], held: bool | None, position: Position, cid: str, frames: list[Frame]
 ) -> None:
-    """The live parts' frames (see `advance`). Plain loops, no generators: this runs for every
-    read of every hub."""
-    held = position.part_id
-    fresh = [part for part in parts if part.id > held]
+    """The live parts' frames (see `advance`); `held`: whether the part at the position's part
+    cursor is still live (None: look for it in `parts`). Plain loops, no generators: this runs
+    for every read of every hub."""
+    fresh = [part for part in parts if part.id > position.part_id]
     last_retry = None
     for i, part in enumerate(fresh):
         if part.is_retry:
@@ -335,10 +331,13 @@ def _advance_parts(
     if last_retry is not None:
         fresh = fresh[last_retry:]  # a retry voids everything before it
     elif position.in_step:
-        for part in parts:
-            if part.id == held:
-                break
-        else:
+        if held is None:
+            held = False
+            for part in parts:
+                if part.id == position.part_id:
+                    held = True
+                    break
+        if not held:
             # The step this position follows is gone without a message and without a retry
             # notice: its run failed, was requeued or taken over. Its parts are void.
             position.in_step = False

@@ -33,12 +33,13 @@
 -- lets the part flush insert without locking the chat row (FOR SHARE): whatever a fenced-out run
 -- manages to flush after its chat stopped running is never shown to anyone.
 --
--- Live parts come as parallel arrays of plain columns, not as row composites: `part_ids` (from
--- $4 on), `part_roles`, `part_texts` (the stored JSON as text, spliced into the event as it is;
--- NULL for the part AT $4: the position reading it already has it, only its presence matters,
--- it tells that the step is still there) and `part_retry_ids` (the retry notices among them).
--- This read runs for every batch of tokens of every watched chat: decoding a composite per part
--- (every column of the row, the JSON parsed and encoded again) was most of its client cost.
+-- Live parts come as parallel arrays of plain columns, not as row composites: `part_ids` (after
+-- $4), `part_roles`, `part_texts` (the stored JSON as text, spliced into the event as it is) and
+-- `part_retry_ids` (the retry notices among them); `part_held` says whether the part AT $4 is
+-- still live (the position reading it already has it: only its presence matters, it tells that
+-- the step is still there). This read runs for every batch of tokens of every watched chat:
+-- decoding a composite per part (every column of the row, the JSON parsed and encoded again)
+-- was most of its client cost.
 --
 -- $9 asks for the chat's state: `newest_message_id` and `newest_part_id` (of the step in
 -- progress, by the same rule), which a hub takes as its own position (never a client's cursor),
@@ -67,6 +68,7 @@ SELECT c.id IS NOT NULL AS found,
        live.roles AS part_roles,
        live.texts AS part_texts,
        live.retry_ids AS part_retry_ids,
+       live.held AS part_held,
        CASE WHEN r.queue THEN ARRAY(
            SELECT q FROM chat_queued_messages q
            WHERE q.chat_id = c.id
@@ -110,12 +112,16 @@ LEFT JOIN LATERAL (
     ) w
 ) page ON true
 LEFT JOIN LATERAL (
-    SELECT coalesce(array_agg(p.id ORDER BY p.id), '{}') AS ids,
-           coalesce(array_agg(p.message_role ORDER BY p.id), '{}') AS roles,
-           coalesce(array_agg(CASE WHEN p.id > r.from_part_id THEN p.part::text END
-                              ORDER BY p.id), '{}') AS texts,
-           coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE p.part->>'type' = 'retry'),
-                    '{}') AS retry_ids
+    SELECT coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE p.id > r.from_part_id),
+                    '{}') AS ids,
+           coalesce(array_agg(p.message_role ORDER BY p.id) FILTER (WHERE p.id > r.from_part_id),
+                    '{}') AS roles,
+           coalesce(array_agg(p.part::text ORDER BY p.id) FILTER (WHERE p.id > r.from_part_id),
+                    '{}') AS texts,
+           coalesce(array_agg(p.id ORDER BY p.id)
+                        FILTER (WHERE p.id > r.from_part_id AND p.part->>'type' = 'retry'),
+                    '{}') AS retry_ids,
+           coalesce(bool_or(p.id = r.from_part_id), false) AS held
     FROM chat_stream_parts p
     WHERE r.history AND NOT coalesce(page.more, false) AND c.status = 'running'
       AND p.chat_id = c.id AND p.id >= r.from_part_id AND p.generation = c.generation
