@@ -115,9 +115,15 @@ class _SseSink:
             data = b"".join(frame.sse() for frame in frames)
             if self._chunked:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
-        if not _fits(self._transport, len(data)):
+        transport = self._transport
+        # _fits without its type check (the transport is a WriteTransport, checked once).
+        if (
+            transport.is_closing()
+            or transport.get_write_buffer_size() + len(data)
+            > transport.get_write_buffer_limits()[1]
+        ):
             return False
-        self._transport.write(data)
+        transport.write(data)
         self.last_write = self._loop.time()
         return True
 

@@ -44,13 +44,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 
 from app.db.failures import classify_db_error, is_transient
 from app.db.listener import Event, Listener, Resync
 from app.errors import LimitReached
 from app.log import get_logger
 from app.stream.position import ChatRead, Position, advance
-from app.stream.protocol import MAX_ID, StreamCursor, loads, notice_frame
+from app.stream.protocol import MAX_ID, StreamCursor, notice_frame
 from app.stream.reader import ReadPolicy, ReadRequest, StreamReader
 from app.stream.subscriber import StreamClient
 
@@ -80,6 +81,7 @@ class ChatStreamHub:
     ) -> None:
         self.chat_id = chat_id
         self.channel = f"chat:{chat_id}"
+        self._cid = str(chat_id)  # made once: every read's events carry it
         self.clients: set[StreamClient] = set()
         self.counters = HubCounters()
         self.finished = False
@@ -171,7 +173,11 @@ class ChatStreamHub:
 
     def _note(self, payload: str) -> None:
         try:
-            notice = loads(payload)
+            # orjson itself, not `loads`: the notices are our triggers' (their ids and
+            # generations are bigints, which orjson reads exactly), and `loads`'s guard against
+            # longer integers (a regex over the text) cost four times the parse, per
+            # notification.
+            notice = orjson.loads(payload)
             kind = notice["type"]
             newest_id = int(notice.get("part_id") or notice.get("message_id") or MAX_ID)
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -215,10 +221,11 @@ class ChatStreamHub:
     async def _step(self) -> bool:
         """Read what is due and deliver it; False when the chat is gone."""
         joiners, self._joiners = self._joiners, []
-        # A client catching up gets its next page once it has taken the previous one.
-        self._catching_up = [client for client in self._catching_up if not client.closed]
-        paging = [client for client in self._catching_up if client.queued == 0]
-        snapshots = joiners + paging
+        snapshots = joiners
+        if self._catching_up:
+            # A client catching up gets its next page once it has taken the previous one.
+            self._catching_up = [client for client in self._catching_up if not client.closed]
+            snapshots = joiners + [client for client in self._catching_up if client.queued == 0]
         history = self._want_history or bool(snapshots)
         queue = self._want_queue or bool(snapshots)
         chat = self._want_chat
@@ -227,7 +234,13 @@ class ChatStreamHub:
             return True  # nothing to read, or nobody to read it for
         self._in_flight = joiners
         try:
-            hub_read, snapshot_reads = await self._read(snapshots, history=history, queue=queue)
+            requests, groups = self._requests(snapshots, history=history, queue=queue)
+            # Within 2 x deadline_s (StreamReader). The usual live read awaits its future
+            # directly: no gathering, no coroutine layers resumed per read.
+            if groups:
+                reads = await self._reader.read_many(requests)
+            else:
+                reads = [await self._reader.submit(requests[0])]
         except Exception as exc:
             # Nothing was read: everything asked for is still to be read, after a pause.
             self._joiners[:0] = [client for client in joiners if not client.left]
@@ -241,10 +254,12 @@ class ChatStreamHub:
         finally:
             self._in_flight = []
         self._failing_since = None
+        hub_read = reads[0]
         alive = self._advance_hub(hub_read)
-        for client, read in snapshot_reads:
-            self._serve_snapshot(client, read, hub_caught_up=not hub_read.more_messages)
-        if alive and any(client.queued == 0 for client in self._catching_up):
+        for clients, read in zip(groups, reads[1:], strict=True):
+            for client in clients:
+                self._serve_snapshot(client, read, hub_caught_up=not hub_read.more_messages)
+        if alive and self._catching_up and any(c.queued == 0 for c in self._catching_up):
             self._dirty.set()  # a page that gave no frames: the next one at once
         return alive
 
@@ -320,17 +335,19 @@ class ChatStreamHub:
         await asyncio.sleep(self._retry_delay_s)
         self._retry_delay_s = min(self._retry_delay_s * 2, policy.retry_max_s)
 
-    async def _read(
+    def _requests(
         self, snapshots: list[StreamClient], *, history: bool, queue: bool
-    ) -> tuple[ChatRead, list[tuple[StreamClient, ChatRead]]]:
-        """The hub's own read and the snapshot pages of `snapshots` (one request per distinct
-        cursor), in one statement. Each position is read from its own cursor: a cursor only
-        ever bounds what its own client gets."""
+    ) -> tuple[list[ReadRequest], list[list[StreamClient]]]:
+        """The hub's own request and those of the snapshot pages of `snapshots` (one per
+        distinct cursor, with the clients it serves), for one statement. Each position is read
+        from its own cursor: a cursor only ever bounds what its own client gets."""
         self.counters.reads += 1
         position = self._position
         if position is None:
             # The hub's first read: only the chat's state, which becomes its position.
-            own = ReadRequest(self.chat_id, True, MAX_ID, MAX_ID, True, [], state=True)
+            own = ReadRequest(
+                self.chat_id, True, MAX_ID, MAX_ID, True, [], state=True, cid=self._cid
+            )
         else:
             own = ReadRequest(
                 chat_id=self.chat_id,
@@ -338,8 +355,12 @@ class ChatStreamHub:
                 after_message_id=position.message_id,
                 from_part_id=position.part_id,
                 queue=queue,
-                message_cursors=[position.message_id] if position.message_id > 0 else [],
+                # A tuple: a tuple of numbers is untracked by the cyclic GC after its first pass.
+                message_cursors=(position.message_id,) if position.message_id > 0 else (),
+                cid=self._cid,
             )
+        if not snapshots:
+            return [own], []
         by_cursor: dict[tuple[int, int], list[StreamClient]] = {}
         for client in snapshots:
             by_cursor.setdefault((client.position.message_id, client.position.part_id), []).append(
@@ -354,16 +375,11 @@ class ChatStreamHub:
                 queue=True,
                 message_cursors=[message_id] if message_id > 0 else [],
                 state=True,
+                cid=self._cid,
             )
             for message_id, part_id in by_cursor
         ]
-        reads = await self._reader.read_many(requests)  # within 2 x deadline_s (StreamReader)
-        served = [
-            (client, read)
-            for clients, read in zip(by_cursor.values(), reads[1:], strict=True)
-            for client in clients
-        ]
-        return reads[0], served
+        return requests, list(by_cursor.values())
 
 
 @dataclass(frozen=True)

@@ -29,48 +29,47 @@ from typing import Any
 import asyncpg
 
 from app.state.model import Message, QueuedMessage
-from app.stream.protocol import Frame, Payload, StreamCursor, error_event, loads
+from app.stream.protocol import Frame, Payload, StreamCursor, dumps, error_event, loads
 
 
 class LivePart:
-    """A live part of the step in progress. Read from a row, its JSON is decoded only when a
-    position is given it: every read also returns the part the hub already has (the one its
-    cursor names, to see that the step is still there), and most reads bring one new part."""
+    """A live part of the step in progress, after the read's part cursor. Read from the row's
+    columns (`stream_read`), its event is built only when a position is given it, by splicing
+    the part's stored JSON text into the frame (no decode, no encode)."""
 
-    __slots__ = ("_chat_id", "_decoded", "_raw", "_role", "id")
+    __slots__ = ("_chat_id", "_payload", "_role", "_text", "id", "is_retry")
 
     def __init__(self, id: int, is_retry: bool, payload: Payload) -> None:
         self.id = id
-        self._decoded: tuple[bool, Payload] | None = (is_retry, payload)
-        self._chat_id = self._raw = self._role = ""
+        self.is_retry = is_retry
+        self._payload: Payload | None = payload
+        self._chat_id = self._role = self._text = ""
 
     @classmethod
-    def of_record(cls, chat_id: str, record: asyncpg.Record) -> LivePart:
+    def of_columns(cls, chat_id: str, id: int, role: str, text: str, is_retry: bool) -> LivePart:
         part = cls.__new__(cls)
-        part.id = record["id"]
-        part._decoded = None
+        part.id = id
+        part.is_retry = is_retry
+        part._payload = None
         part._chat_id = chat_id
-        part._raw = record["part"]
-        part._role = record["message_role"]
+        part._role = role
+        part._text = text
         return part
 
     @property
-    def is_retry(self) -> bool:
-        return self._decode()[0]
-
-    @property
     def payload(self) -> Payload:
-        return self._decode()[1]
+        if self._payload is None:
+            self._payload = _part_payload(
+                self._chat_id, self.id, self._role, self._text, self.is_retry
+            )
+        return self._payload
 
-    def _decode(self) -> tuple[bool, Payload]:
-        if self._decoded is None:
-            self._decoded = _decode_part(self._chat_id, self.id, self._role, loads(self._raw))
-        return self._decoded
 
-
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChatRead:
-    """What one read (a row of `stream_read`) returned, with every payload prepared once."""
+    """What one read (a row of `stream_read`) returned, with every payload prepared once. Not
+    frozen: a frozen dataclass sets each of its fields through `object.__setattr__`, and one
+    of these is made for every read of every hub."""
 
     chat_id: uuid.UUID
     exists: bool
@@ -90,12 +89,16 @@ class ChatRead:
     more_messages: bool = False  # a page: messages after these were left out (and the rest)
     newest_message_id: int | None = None  # the chat's newest visible message (0: none)
     newest_part_id: int = 0  # the newest live part of the step in progress, 0 when none
+    cid: str = ""  # str(chat_id), made once per read (empty: made when needed)
+    # Whether the part at the read's part cursor is still live (`parts` holds only the parts
+    # after it); None: look for it in `parts`.
+    part_held: bool | None = None
 
     @classmethod
-    def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None) -> ChatRead:
+    def from_row(cls, chat_id: uuid.UUID, row: asyncpg.Record | None, *, cid: str = "") -> ChatRead:
         if row is None or not row["found"]:
             return cls(chat_id=chat_id, exists=False)
-        cid = str(chat_id)
+        cid = cid or str(chat_id)
         last_error = loads(row["last_error"]) if row["last_error"] is not None else None
         messages = None
         if row["messages"] is not None:
@@ -112,9 +115,19 @@ class ChatRead:
                 )
                 for record in row["messages"]
             ]
-        parts = None
-        if row["parts"] is not None:
-            parts = [LivePart.of_record(cid, record) for record in row["parts"]]
+        parts = part_held = None
+        part_ids = row["part_ids"]
+        if part_ids is not None:
+            part_held = row["part_held"]
+            retry_ids = row["part_retry_ids"]
+            parts = [
+                LivePart.of_columns(
+                    cid, part_id, role, text, bool(retry_ids) and part_id in retry_ids
+                )
+                for part_id, role, text in zip(
+                    part_ids, row["part_roles"], row["part_texts"], strict=True
+                )
+            ]
         queue_payload = queue_key = None
         if row["queue"] is not None:
             queued = [QueuedMessage.from_record(record).to_json() for record in row["queue"]]
@@ -151,17 +164,28 @@ class ChatRead:
             queue_key=queue_key,
             resets={int(k): int(v) for k, v in loads(row["resets"]).items()}
             if row["resets"] is not None
-            else {},
+            else None,
             more_messages=row["more_messages"],
             newest_message_id=(row["newest_message_id"] or 0) if row["state"] else None,
             newest_part_id=row["newest_part_id"] or 0,
+            cid=cid,
+            part_held=part_held,
         )
 
 
-def _decode_part(chat_id: str, part_id: int, role: str, part: Any) -> tuple[bool, Payload]:
-    """A live part's (is_retry, payload)."""
-    if isinstance(part, dict) and part.get("type") == "retry":
-        return True, Payload(
+# The roles' JSON strings (the `role` column's CHECK allows these; anything else is encoded).
+_ROLE_JSON = {role: dumps(role) for role in ("assistant", "tool", "user", "system")}
+
+
+def _part_payload(chat_id: str, part_id: int, role: str, text: str, is_retry: bool) -> Payload:
+    """A live part's event: `retry` for a retry notice, else `message_part` with the part's
+    stored JSON text spliced in as it is. PostgreSQL writes jsonb as `{"a": 1, "b": [2]}`: the
+    spaces after `:` and `,` differ from the compact rest of the event, the JSON is the same
+    (docs/api.md specifies the JSON, not its bytes; every client parses it). Decoding and
+    encoding it again would cost more than the rest of the event."""
+    if is_retry:
+        part = loads(text)
+        return Payload(
             {
                 "type": "retry",
                 "chat_id": chat_id,
@@ -174,14 +198,10 @@ def _decode_part(chat_id: str, part_id: int, role: str, part: Any) -> tuple[bool
                 "error": part.get("error"),
             }
         )
-    return False, Payload(
-        {
-            "type": "message_part",
-            "chat_id": chat_id,
-            "part_id": part_id,
-            "role": role,
-            "part": part,
-        }
+    role_json = _ROLE_JSON.get(role) or dumps(role)
+    return Payload.of_json(
+        b'{"type":"message_part","chat_id":"%b","part_id":%d,"role":%b,"part":%b}'
+        % (chat_id.encode(), part_id, role_json, text.encode())
     )
 
 
@@ -240,7 +260,7 @@ class Position:
 
 def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912  one pure protocol step; its order is the point
     """The frames that take `position` to the state of `read` (and move it there)."""
-    cid = str(read.chat_id)
+    cid = read.cid or str(read.chat_id)
     if not read.exists:
         return [
             Frame(
@@ -251,7 +271,7 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
             )
         ]
     frames: list[Frame] = []
-    reset_from = (read.resets or {}).get(position.message_id)
+    reset_from = read.resets.get(position.message_id) if read.resets else None
     if reset_from is not None:
         position.message_id = reset_from - 1
         position.in_step = False
@@ -270,21 +290,7 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
             # nothing after it to replay; the position continues from the chat's state.
             position.message_id = newest
     if read.parts is not None:
-        fresh = [part for part in read.parts if part.id > position.part_id]
-        last_retry = max((i for i, part in enumerate(fresh) if part.is_retry), default=None)
-        if last_retry is not None:
-            fresh = fresh[last_retry:]  # a retry voids everything before it
-        elif position.in_step and all(part.id != position.part_id for part in read.parts):
-            # The step this position follows is gone without a message and without a retry
-            # notice: its run failed, was requeued or taken over. Its parts are void.
-            position.in_step = False
-            frames.append(_reset_frame(cid, position.message_id + 1, "step_discarded", position))
-        for part in fresh:
-            position.part_id = part.id
-            position.in_step = True
-            frames.append(
-                Frame("retry" if part.is_retry else "message_part", part.payload, position.cursor)
-            )
+        _advance_parts(read.parts, read.part_held, position, cid, frames)
     if position.status is None or read.version > position.version:
         changed = (
             position.status != read.status
@@ -309,6 +315,39 @@ def advance(read: ChatRead, position: Position) -> list[Frame]:  # noqa: PLR0912
         position.queue_key = read.queue_key
         frames.append(Frame("queue", read.queue_payload, position.cursor))
     return frames
+
+
+def _advance_parts(
+    parts: list[LivePart], held: bool | None, position: Position, cid: str, frames: list[Frame]
+) -> None:
+    """The live parts' frames (see `advance`); `held`: whether the part at the position's part
+    cursor is still live (None: look for it in `parts`). Plain loops, no generators: this runs
+    for every read of every hub."""
+    fresh = [part for part in parts if part.id > position.part_id]
+    last_retry = None
+    for i, part in enumerate(fresh):
+        if part.is_retry:
+            last_retry = i
+    if last_retry is not None:
+        fresh = fresh[last_retry:]  # a retry voids everything before it
+    elif position.in_step:
+        if held is None:
+            held = False
+            for part in parts:
+                if part.id == position.part_id:
+                    held = True
+                    break
+        if not held:
+            # The step this position follows is gone without a message and without a retry
+            # notice: its run failed, was requeued or taken over. Its parts are void.
+            position.in_step = False
+            frames.append(_reset_frame(cid, position.message_id + 1, "step_discarded", position))
+    for part in fresh:
+        position.part_id = part.id
+        position.in_step = True
+        frames.append(
+            Frame("retry" if part.is_retry else "message_part", part.payload, position.cursor)
+        )
 
 
 def _reset_frame(chat_id: str, from_message_id: int, reason: str, position: Position) -> Frame:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -21,9 +20,9 @@ MAX_ID = 2**63 - 1
 _CURSOR = re.compile(r"(\d{1,19}):(\d{1,19})")
 
 
-@dataclass(frozen=True)
-class StreamCursor:
-    """`<last message id>:<last part id>`; 0 means "none"."""
+class StreamCursor(NamedTuple):
+    """`<last message id>:<last part id>`; 0 means "none". A named tuple, not a frozen
+    dataclass: every frame has one, and a frozen dataclass costs several times more to make."""
 
     message_id: int = 0
     part_id: int = 0
@@ -72,18 +71,35 @@ def dumps(data: Any) -> bytes:
 
 
 class Payload:
-    """The JSON data of one event, encoded at most once however many clients receive it."""
+    """The JSON data of one event, encoded at most once however many clients receive it. A
+    payload made from its encoding (`of_json`) is decoded only if someone asks for its data
+    (the AI SDK translation): the SSE and WebSocket paths only ever send its bytes."""
 
-    __slots__ = ("_bytes", "_json", "data")
+    __slots__ = ("_bytes", "_data", "_json")
 
     def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
+        self._data: dict[str, Any] | None = data
         self._bytes: bytes | None = None
         self._json: str | None = None
 
+    @classmethod
+    def of_json(cls, encoded: bytes) -> Payload:
+        """A payload from its JSON encoding (a JSON object)."""
+        payload = cls.__new__(cls)
+        payload._data = None
+        payload._bytes = encoded
+        payload._json = None
+        return payload
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = loads(self._bytes.decode()) if self._bytes is not None else {}
+        return self._data
+
     def encoded(self) -> bytes:
         if self._bytes is None:
-            self._bytes = dumps(self.data)
+            self._bytes = dumps(self._data)
         return self._bytes
 
     def json(self) -> str:

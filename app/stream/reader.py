@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,17 +20,19 @@ from app.stream.position import ChatRead
 Q = project_queries()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReadRequest:
-    """What one hub asks of one read (see `stream_read`)."""
+    """What one hub asks of one read (see `stream_read`). Not frozen: one is made per read, and
+    a frozen dataclass sets each field through `object.__setattr__`."""
 
     chat_id: uuid.UUID
     history: bool
     after_message_id: int
     from_part_id: int
     queue: bool
-    message_cursors: list[int]
+    message_cursors: Sequence[int]
     state: bool = False  # also the chat's newest message and live part ids
+    cid: str = ""  # str(chat_id) when the caller has it (the events carry it)
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,16 @@ class StreamReader:
         self.statements = 0
 
     async def read(self, request: ReadRequest) -> ChatRead:
-        return (await self.read_many([request]))[0]
+        return await self.submit(request)
+
+    def submit(self, request: ReadRequest) -> asyncio.Future[ChatRead]:
+        """One read, as a future (a hub's live read awaits it directly; cancelling it drops
+        the request)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ChatRead] = loop.create_future()
+        self._pending.append((loop.time(), [(request, future)]))
+        self._schedule()
+        return future
 
     async def read_many(self, requests: list[ReadRequest]) -> list[ChatRead]:
         """Reads served together, by one statement."""
@@ -95,8 +107,6 @@ class StreamReader:
         group = [(request, loop.create_future()) for request in requests]
         self._pending.append((loop.time(), group))
         self._schedule()
-        if len(group) == 1:  # a hub's live read: no gathering needed
-            return [await group[0][1]]
         return list(await asyncio.gather(*(future for _request, future in group)))
 
     def _schedule(self) -> None:
@@ -159,7 +169,7 @@ class StreamReader:
             return
         for (request, future), row in zip(batch, rows, strict=True):
             if not future.done():
-                future.set_result(ChatRead.from_row(request.chat_id, row))
+                future.set_result(ChatRead.from_row(request.chat_id, row, cid=request.cid))
 
     async def _fetch_within_deadline(self, args: tuple[Any, ...], *, single: bool) -> list[Any]:
         """The statement, or TimeoutError after `deadline_s`. The statement runs in a task of its
@@ -192,8 +202,9 @@ class StreamReader:
         try:
             return await self._fetch(args, single=single)
         except asyncpg.exceptions.OutdatedSchemaCacheError:
-            # The rows are decoded as the tables' composite types; a migration that changed one
-            # (a rolling deploy) makes asyncpg drop its type cache and raise once.
+            # Messages and the queue are decoded as the tables' composite types; a migration
+            # that changed one (a rolling deploy) makes asyncpg drop its type cache and raise
+            # once.
             self.statements += 1
             return await self._fetch(args, single=single)
 

@@ -33,6 +33,14 @@
 -- lets the part flush insert without locking the chat row (FOR SHARE): whatever a fenced-out run
 -- manages to flush after its chat stopped running is never shown to anyone.
 --
+-- Live parts come as parallel arrays of plain columns, not as row composites: `part_ids` (after
+-- $4), `part_roles`, `part_texts` (the stored JSON as text, spliced into the event as it is) and
+-- `part_retry_ids` (the retry notices among them); `part_held` says whether the part AT $4 is
+-- still live (the position reading it already has it: only its presence matters, it tells that
+-- the step is still there). This read runs for every batch of tokens of every watched chat:
+-- decoding a composite per part (every column of the row, the JSON parsed and encoded again)
+-- was most of its client cost.
+--
 -- $9 asks for the chat's state: `newest_message_id` and `newest_part_id` (of the step in
 -- progress, by the same rule), which a hub takes as its own position (never a client's cursor),
 -- and against which a snapshot's cursor is checked. A hub's live reads do not need them.
@@ -56,13 +64,11 @@ SELECT c.id IS NOT NULL AS found,
            ORDER BY m.id)
        END AS messages,
        coalesce(page.more, false) AS more_messages,
-       CASE WHEN r.history AND NOT coalesce(page.more, false) THEN
-           CASE WHEN c.status = 'running' THEN ARRAY(
-               SELECT p FROM chat_stream_parts p
-               WHERE p.chat_id = c.id AND p.id >= r.from_part_id AND p.generation = c.generation
-               ORDER BY p.id)
-           ELSE '{}'::chat_stream_parts[] END
-       END AS parts,
+       CASE WHEN r.history AND NOT coalesce(page.more, false) THEN live.ids END AS part_ids,
+       live.roles AS part_roles,
+       live.texts AS part_texts,
+       live.retry_ids AS part_retry_ids,
+       live.held AS part_held,
        CASE WHEN r.queue THEN ARRAY(
            SELECT q FROM chat_queued_messages q
            WHERE q.chat_id = c.id
@@ -105,4 +111,19 @@ LEFT JOIN LATERAL (
         WINDOW o AS (ORDER BY f.id)
     ) w
 ) page ON true
+LEFT JOIN LATERAL (
+    SELECT coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE p.id > r.from_part_id),
+                    '{}') AS ids,
+           coalesce(array_agg(p.message_role ORDER BY p.id) FILTER (WHERE p.id > r.from_part_id),
+                    '{}') AS roles,
+           coalesce(array_agg(p.part::text ORDER BY p.id) FILTER (WHERE p.id > r.from_part_id),
+                    '{}') AS texts,
+           coalesce(array_agg(p.id ORDER BY p.id)
+                        FILTER (WHERE p.id > r.from_part_id AND p.part->>'type' = 'retry'),
+                    '{}') AS retry_ids,
+           coalesce(bool_or(p.id = r.from_part_id), false) AS held
+    FROM chat_stream_parts p
+    WHERE r.history AND NOT coalesce(page.more, false) AND c.status = 'running'
+      AND p.chat_id = c.id AND p.id >= r.from_part_id AND p.generation = c.generation
+) live ON true
 ORDER BY r.n;

@@ -119,6 +119,17 @@ def test_a_vanished_step_is_discarded_unless_a_message_or_retry_explains_it() ->
     assert [f.event for f in frames] == ["retry"]
 
 
+def test_a_read_says_whether_the_part_at_its_cursor_is_still_live() -> None:
+    """A database read leaves the part at its cursor out of `parts` and says whether it is
+    still there (`part_held`): the step goes on, or it vanished."""
+    for held, events in [(True, ["message_part"]), (False, ["history_reset", "message_part"])]:
+        following = Position(message_id=2, part_id=11, in_step=True, status="running", version=5)
+        read = _read(messages=[], parts=[(12, "message_part")])
+        read.part_held = held
+        assert [f.event for f in advance(read, following)] == events
+        assert following.cursor == StreamCursor(2, 12)
+
+
 def test_a_deleted_cursor_message_resets_history_first() -> None:
     position = Position(message_id=7, status="waiting", version=5)
     frames = advance(_read(messages=[9], parts=[], resets={7: 4}), position)

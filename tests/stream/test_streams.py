@@ -159,6 +159,67 @@ async def test_websocket_resume_with_after(api: ApiInstance, user: ApiUser) -> N
     assert messages == [1, message_id]
 
 
+async def test_a_part_reaches_sse_and_websocket_clients_as_the_json_stored(
+    api: ApiInstance, user: ApiUser
+) -> None:
+    """A part's stored JSON is spliced into its event as PostgreSQL writes it (not decoded and
+    encoded again): whatever it holds, the client parses the same JSON, live and in a snapshot."""
+    chat_id = await new_chat_id(api, user)
+    worker = SimulatedWorker(api.pool, chat_id)
+    await worker.acquire()
+    call = {
+        "type": "tool_call",
+        "id": "call_1",
+        "name": "search",
+        "args": {
+            "q": 'é "quoted" \\ back\nslash \u2028 \U0001f600',
+            "big": 2**70,
+            "n": [0.1, -3, 2.5, True, None, {}],
+        },
+    }
+    result = {"type": "tool_result", "tool_call_id": "call_1", "name": "search", "result": "ok"}
+
+    def part(part_id: int) -> Any:
+        return lambda e: e["type"] == "message_part" and e["part_id"] == part_id
+
+    async with api.client.ws_connect(f"/api/v1/chats/{chat_id}/ws", headers=user.headers) as ws:
+        async with open_sse(api, user, chat_id) as live:
+            await live.until(_is_status("running"))
+            first = await factories.create_stream_part(
+                api.pool, chat_id=chat_id, generation=worker.generation, part=call
+            )
+            second = await factories.create_stream_part(
+                api.pool,
+                chat_id=chat_id,
+                generation=worker.generation,
+                part=result,
+                message_role="tool",
+            )
+            await live.until(_is_part(second["id"]))
+        received: list[dict[str, Any]] = []
+        while not received or not part(second["id"])(received[-1]):
+            message = await ws.receive(timeout=10)
+            assert message.type == WSMsgType.TEXT, message
+            received.append(json.loads(message.data))
+    async with open_sse(api, user, chat_id) as joining:
+        await joining.until(_is_part(second["id"]))
+
+    expected = [
+        {"part_id": first["id"], "role": "assistant", "part": call},
+        {"part_id": second["id"], "role": "tool", "part": result},
+    ]
+    for events in (
+        [e.json() for e in live.events],
+        received,
+        [e.json() for e in joining.events],
+    ):
+        parts = [e for e in events if e["type"] == "message_part"]
+        assert [
+            {"part_id": e["part_id"], "role": e["role"], "part": e["part"]} for e in parts
+        ] == expected
+        assert all(e["chat_id"] == str(chat_id) for e in parts)
+
+
 async def test_joining_mid_answer_on_another_instance_gets_the_step_from_its_start(
     database_url: str,
 ) -> None:
