@@ -131,29 +131,32 @@ def replicas(dsn: str, count: int, **env: str) -> AbstractAsyncContextManager[li
     return replica_set(dsn, [(f"r{i}", env) for i in range(count)])
 
 
+Predicate = Callable[[dict[str, object]], bool]
+
+
 class ChatWatcher:
-    """LISTENs on chat channels and hands each `chat` notification to waiters by predicate."""
+    """LISTENs on chat channels and hands each notification of a kind (`chat` by default:
+    the row changed; `parts`: live parts were flushed) to waiters by predicate."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
-        self._waiters: dict[str, tuple[Callable[[dict[str, object]], bool], asyncio.Future[float]]]
-        self._waiters = {}
+        self._waiters: dict[str, tuple[str, Predicate, asyncio.Future[float]]] = {}
 
     def _on(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
         waiter = self._waiters.get(channel)
         if waiter is None:
             return
         event = json.loads(str(payload))
-        predicate, future = waiter
-        if event.get("type") == "chat" and predicate(event) and not future.done():
+        kind, predicate, future = waiter
+        if event.get("type") == kind and predicate(event) and not future.done():
             future.set_result(time.perf_counter())
 
     async def expect(
-        self, chat_id: uuid.UUID, predicate: Callable[[dict[str, object]], bool]
+        self, chat_id: uuid.UUID, predicate: Predicate, *, kind: str = "chat"
     ) -> asyncio.Future[float]:
         channel = f"chat:{chat_id}"
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._waiters[channel] = (predicate, future)
+        self._waiters[channel] = (kind, predicate, future)
         await self._conn.add_listener(channel, self._on)
         return future
 
@@ -331,10 +334,12 @@ async def interrupt(dsn: str, result: ScenarioResult) -> None:
             latencies_ms: list[float] = []
             for _ in range(INTERRUPT_ROUNDS):
                 chat_id = uuid.uuid4()
-                running = await watcher.expect(chat_id, _is("running"))
+                # Stop mid-answer: after the first live parts were flushed (a Stop that lands
+                # before the step began is a different, cheaper path).
+                streaming = await watcher.expect(chat_id, lambda _event: True, kind="parts")
                 async with pool.acquire() as conn:
                     await insert_chats(conn, owner, [chat_id], LONG_TEXT, slow)
-                await asyncio.wait_for(running, 30)
+                await asyncio.wait_for(streaming, 30)
                 await watcher.done(chat_id)
                 stopped = await watcher.expect(chat_id, _is("waiting"))
                 await chats.interrupt(pool, owner, chat_id)

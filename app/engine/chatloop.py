@@ -674,7 +674,8 @@ class Run:
     async def _end_turn(
         self, step: StepRecord | None, model_config_id: uuid.UUID, *, interrupted: bool
     ) -> RunEnd | None:
-        await self._deps.flusher.settle(self.token)
+        # A Stop waits for this end: the flush window is cut short rather than waited out.
+        await self._deps.flusher.settle(self.token, urgent=interrupted)
         self._releasing = True
         outcome = await self._deps.commits.write(
             StepWrite(self.token, step, model_config_id, ends_turn=True, interrupted=interrupted)

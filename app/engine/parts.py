@@ -47,7 +47,7 @@ import asyncpg
 import orjson
 
 from app import instruments
-from app.aio import Backoff
+from app.aio import Backoff, wait_event
 from app.db.failures import is_transient
 from app.db.queries import project_queries
 from app.log import get_logger
@@ -118,6 +118,8 @@ class PartFlusher:
         self._seq = itertools.count(1)
         self._lock = asyncio.Lock()  # held for a whole flush statement, and by discard()
         self._nonempty = asyncio.Event()
+        # An urgent settle (a Stop is waiting on it): the window is cut short.
+        self._flush_now = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._in_flight: frozenset[RunToken] = frozenset()  # runs in the flush being written
@@ -172,16 +174,22 @@ class PartFlusher:
         """Whether a part of the run is buffered or being written."""
         return token in self._in_flight or any(p.token == token for p in self._buffer)
 
-    async def settle(self, token: RunToken, *, timeout_s: float = 5.0) -> None:
+    async def settle(
+        self, token: RunToken, *, urgent: bool = False, timeout_s: float = 5.0
+    ) -> None:
         """Wait until every part buffered for the run so far is written by the regular
         windowed flush (so readers get the step's live parts complete, and no flush is
         spent on one chat). Afterwards no flush can carry a part of the run unless it adds
-        one. If the database does not take them within `timeout_s`, they are dropped
-        (`discard`): the guarantee holds either way."""
+        one. `urgent` (a user waits for it, e.g. a Stop): the window in progress ends now
+        instead (one flush a little earlier, for every run's parts). If the database does not
+        take them within `timeout_s`, they are dropped (`discard`): the guarantee holds either
+        way."""
         try:
             async with asyncio.timeout(timeout_s):
                 while self.holds(token):
                     self._nonempty.set()
+                    if urgent:
+                        self._flush_now.set()
                     await asyncio.shield(self._next_flush_end())
         except TimeoutError:
             await self.discard(token)
@@ -232,7 +240,8 @@ class PartFlusher:
             # the buffer is full (a run is waiting for room).
             delay_s = last_flush + self._interval_s - loop.time()
             if delay_s > 0 and self._room.is_set():
-                await asyncio.sleep(delay_s)
+                await wait_event(self._flush_now, delay_s)
+            self._flush_now.clear()
             last_flush = loop.time()
             if await self.flush():
                 backoff.reset()

@@ -219,6 +219,29 @@ async def test_settle_waits_for_the_windowed_flush_of_the_chats_parts(
         await asyncio.wait({task})
 
 
+async def test_an_urgent_settle_ends_the_window_instead_of_waiting_it_out(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    (token,) = await _running(conn, 1)
+    # A window far longer than settle's deadline: only a window cut short writes the part.
+    flusher = PartFlusher(pool, interval_ms=600_000)
+    task = asyncio.create_task(flusher.run())
+    try:
+        await flusher.add(token, "assistant", _text("first "))
+        await flusher.settle(token, urgent=True)  # the window begins with this flush
+        await flusher.add(token, "assistant", _text("stopped"))
+        await flusher.settle(token, urgent=True, timeout_s=30)
+        rows = await conn.fetch(
+            "SELECT part FROM chat_stream_parts WHERE chat_id = $1 ORDER BY id", token.chat_id
+        )
+        assert [json.loads(r["part"]) for r in rows] == [_text("first "), _text("stopped")]
+        assert flusher.stats.transactions == 2
+        assert flusher.stats.parts_discarded == 0
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
 async def test_settle_drops_the_parts_when_they_cannot_be_written_in_time(
     pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
