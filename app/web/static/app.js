@@ -104,6 +104,9 @@ function teardown() {
 async function startApp(session) {
   state.session = session;
   setCsrfToken(session.csrf_token);
+  // Before the app is shown: a model picked in a "New chat" opened meanwhile would be reset to
+  // the default when the models arrived (and the chat sent with the wrong model).
+  await loadModels();
   if (location.pathname !== "/") {
     history.replaceState(null, "", `/${location.hash}`);
   }
@@ -120,7 +123,6 @@ async function startApp(session) {
     },
   });
   state.watch.start();
-  await loadModels();
   route();
 }
 
@@ -330,11 +332,12 @@ function renderChatList() {
 
 $("show-archived").addEventListener("change", renderChatList);
 $("new-chat").addEventListener("click", () => {
-  if (location.hash === "#/new") {
-    route(); // no hashchange: start over here
-  } else {
-    location.hash = "#/new";
+  // Routed now, not on the hashchange event that a hash assignment queues: a model picked
+  // right after the click must not be reset by a late re-render of the new chat.
+  if (location.hash !== "#/new") {
+    history.pushState(null, "", "#/new");
   }
+  route();
 });
 
 // ------------------------------------------------------------------------------------------
