@@ -4,11 +4,13 @@ on until healthy, and stopped or crashed with real signals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -96,3 +98,19 @@ class ReplicaProcess:
             self.process.send_signal(signal.SIGCONT)
             self.process.kill()
             self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def replica_pair(
+    log_dir: Path, env: dict[str, str]
+) -> AsyncIterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    """Two replicas ("a" and "b") with `env`, healthy; SIGKILLed when the block exits."""
+    pair = tuple(ReplicaProcess(log_dir=log_dir, name=name, env=env) for name in ("a", "b"))
+    try:
+        for replica in pair:
+            replica.start()
+        await asyncio.gather(*(replica.wait_healthy(timeout_s=60) for replica in pair))
+        yield pair[0], pair[1]
+    finally:
+        for replica in pair:
+            replica.kill()

@@ -27,7 +27,7 @@ import pytest
 from app.db.sql_files import PROJECT_ROOT
 from app.http.auth import create_token
 from tests import factories
-from tests.e2e.replicas import ReplicaProcess
+from tests.e2e.replicas import ReplicaProcess, replica_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -88,18 +88,8 @@ def node() -> str:
 async def replicas(
     tmp_path: Path, database_url: str
 ) -> AsyncIterator[tuple[ReplicaProcess, ReplicaProcess]]:
-    pair = tuple(
-        ReplicaProcess(log_dir=tmp_path, name=name, env={"DATABASE_URL": database_url} | ENV)
-        for name in ("a", "b")
-    )
-    try:
-        for replica in pair:
-            replica.start()
-        await asyncio.gather(*(replica.wait_healthy(timeout_s=60) for replica in pair))
-        yield pair[0], pair[1]
-    finally:
-        for replica in pair:
-            replica.kill()
+    async with replica_pair(tmp_path, {"DATABASE_URL": database_url} | ENV) as pair:
+        yield pair
 
 
 async def _get(url: str, headers: dict[str, str]) -> Any:

@@ -19,7 +19,7 @@ from app.http.auth import create_token
 from app.terminal import SseEvent, iter_sse
 from tests import factories
 from tests.conditions import wait_for
-from tests.e2e.replicas import ReplicaProcess
+from tests.e2e.replicas import ReplicaProcess, replica_pair
 from tests.http_harness import assemble, message_text
 
 pytestmark = pytest.mark.e2e
@@ -32,18 +32,8 @@ ENV = {"CHATD_PART_FLUSH_INTERVAL_MS": "10", "CHATD_KEEPALIVE_INTERVAL_S": "1"}
 async def replicas(
     tmp_path: Path, database_url: str
 ) -> AsyncIterator[tuple[ReplicaProcess, ReplicaProcess]]:
-    pair = tuple(
-        ReplicaProcess(log_dir=tmp_path, name=name, env={"DATABASE_URL": database_url} | ENV)
-        for name in ("a", "b")
-    )
-    try:
-        for replica in pair:
-            replica.start()
-        await asyncio.gather(*(replica.wait_healthy(timeout_s=60) for replica in pair))
-        yield pair[0], pair[1]
-    finally:
-        for replica in pair:
-            replica.kill()
+    async with replica_pair(tmp_path, {"DATABASE_URL": database_url} | ENV) as pair:
+        yield pair
 
 
 async def _setup(pool: asyncpg.Pool) -> tuple[dict[str, str], uuid.UUID]:
