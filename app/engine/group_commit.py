@@ -34,7 +34,6 @@ from app import instruments
 from app.aio import Batcher
 from app.db.failures import is_outage
 from app.db.queries import transaction
-from app.errors import FencedOut
 from app.log import get_logger
 from app.state import runs
 from app.state.runs import StepWrite, StepWritten
@@ -88,8 +87,4 @@ class GroupCommitter(Batcher[StepWrite, StepWritten]):
         return outcomes
 
     async def _serve_alone(self, write: StepWrite) -> StepWritten:
-        async with transaction(self._pool) as conn:
-            (outcome,) = await runs.write_steps(conn, [write])
-        if isinstance(outcome, FencedOut):
-            raise outcome
-        return outcome
+        return await runs.write_step(self._pool, write)

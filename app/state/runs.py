@@ -233,10 +233,7 @@ async def lock_owned(conn: Conn, token: RunToken) -> asyncpg.Record:
         Q.sql("runs_lock_owned"), token.chat_id, token.worker_id, token.generation
     )
     if row is None:
-        raise FencedOut(
-            "the run no longer owns its chat",
-            detail=f"chat {token.chat_id} generation {token.generation}",
-        )
+        raise _fenced_out(token)
     return row
 
 
@@ -311,18 +308,29 @@ async def write_steps(conn: Conn, writes: Sequence[StepWrite]) -> list[StepWritt
     )
     # Keyed by token, not chat id: one replica may briefly run two generations of a chat.
     locked = {RunToken(row["id"], row["worker_id"], row["generation"]): row for row in locked_rows}
-    owned = [write for write in writes if write.token in locked]
-    written: dict[RunToken, StepWritten] = {}
-    if owned:
-        rows = await conn.fetch(Q.sql("runs_write_steps"), *_write_arrays(owned))
-        for write, row in zip(owned, rows, strict=True):
-            next_message = row["next_message"]
-            written[write.token] = StepWritten(
-                chat=Chat.from_record(row["chat"] or locked[write.token]),
-                messages=[Message.from_record(message) for message in row["messages"]],
-                next_message=Message.from_record(next_message) if next_message else None,
-            )
+    written = await _write_locked(
+        conn, [write for write in writes if write.token in locked], locked
+    )
     return [written.get(token) or _fenced_out(token) for token in tokens]
+
+
+async def _write_locked(
+    conn: Conn, writes: Sequence[StepWrite], locked: dict[RunToken, asyncpg.Record]
+) -> dict[RunToken, StepWritten]:
+    """runs_write_steps for writes whose rows this transaction has locked (`locked`: the rows
+    as locked, by token)."""
+    if not writes:
+        return {}
+    rows = await conn.fetch(Q.sql("runs_write_steps"), *_write_arrays(writes))
+    written: dict[RunToken, StepWritten] = {}
+    for write, row in zip(writes, rows, strict=True):
+        next_message = row["next_message"]
+        written[write.token] = StepWritten(
+            chat=Chat.from_record(row["chat"] or locked[write.token]),
+            messages=[Message.from_record(message) for message in row["messages"]],
+            next_message=Message.from_record(next_message) if next_message else None,
+        )
+    return written
 
 
 def _fenced_out(token: RunToken) -> FencedOut:
@@ -332,7 +340,7 @@ def _fenced_out(token: RunToken) -> FencedOut:
     )
 
 
-async def _write_step(pool: asyncpg.Pool, write: StepWrite) -> StepWritten:
+async def write_step(pool: asyncpg.Pool, write: StepWrite) -> StepWritten:
     """One step write in a transaction of its own; FencedOut when the run lost its chat."""
     async with transaction(pool) as conn:
         (outcome,) = await write_steps(conn, [write])
@@ -351,7 +359,7 @@ async def persist_step(
     poison-chat guard's count starts again. A replica's runs write through their group commit
     (app/engine/group_commit.py), which batches this write with others'."""
     write = StepWrite(token, step, model_config_id, ends_turn=False)
-    return (await _write_step(pool, write)).messages
+    return (await write_step(pool, write)).messages
 
 
 async def require_action(
@@ -375,10 +383,10 @@ async def require_action(
         locked = await lock_owned(conn, token)
         if locked["interrupt_requested_at"] is not None:
             return None
-        (persisted,) = await write_steps(
-            conn, [StepWrite(token, step, model_config_id, ends_turn=False)]
+        # The row is locked already (above): the step is written without a second lock.
+        await _write_locked(
+            conn, [StepWrite(token, step, model_config_id, ends_turn=False)], {token: locked}
         )
-        assert not isinstance(persisted, FencedOut), "the row is locked by this transaction"
         row = await conn.fetchrow(
             Q.sql("runs_require_action"), token.chat_id, json.dumps(pending_calls), timeout_s
         )
@@ -508,7 +516,7 @@ async def end_turn(
     A replica's runs end their turns through their group commit (app/engine/group_commit.py),
     which batches this write with others'."""
     write = StepWrite(token, step, model_config_id, ends_turn=True, interrupted=interrupted)
-    written = await _write_step(pool, write)
+    written = await write_step(pool, write)
     assert written.next_message is not None or written.chat.status == "waiting"
     return written
 
