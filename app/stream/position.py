@@ -29,7 +29,8 @@ from typing import Any
 import asyncpg
 
 from app.state.model import Message, QueuedMessage
-from app.stream.protocol import Frame, Payload, StreamCursor, dumps, error_event, loads
+from app.stream.protocol import Frame, Payload, StreamCursor, error_event
+from app.text import json_dumps, json_loads
 
 
 class LivePart:
@@ -99,7 +100,7 @@ class ChatRead:
         if row is None or not row["found"]:
             return cls(chat_id=chat_id, exists=False)
         cid = cid or str(chat_id)
-        last_error = loads(row["last_error"]) if row["last_error"] is not None else None
+        last_error = json_loads(row["last_error"]) if row["last_error"] is not None else None
         messages = None
         if row["messages"] is not None:
             messages = [
@@ -142,7 +143,7 @@ class ChatRead:
                 {
                     "type": "action_required",
                     "chat_id": cid,
-                    "pending_tool_calls": loads(action_key),
+                    "pending_tool_calls": json_loads(action_key),
                     "action_deadline_at": deadline.isoformat() if deadline else None,
                 }
             )
@@ -162,7 +163,7 @@ class ChatRead:
             parts=parts,
             queue_payload=queue_payload,
             queue_key=queue_key,
-            resets={int(k): int(v) for k, v in loads(row["resets"]).items()}
+            resets={int(k): int(v) for k, v in json_loads(row["resets"]).items()}
             if row["resets"] is not None
             else None,
             more_messages=row["more_messages"],
@@ -174,7 +175,7 @@ class ChatRead:
 
 
 # The roles' JSON strings (the `role` column's CHECK allows these; anything else is encoded).
-_ROLE_JSON = {role: dumps(role) for role in ("assistant", "tool", "user", "system")}
+_ROLE_JSON = {role: json_dumps(role) for role in ("assistant", "tool", "user", "system")}
 
 
 def _part_payload(chat_id: str, part_id: int, role: str, text: str, is_retry: bool) -> Payload:
@@ -184,7 +185,7 @@ def _part_payload(chat_id: str, part_id: int, role: str, text: str, is_retry: bo
     (docs/api.md specifies the JSON, not its bytes; every client parses it). Decoding and
     encoding it again would cost more than the rest of the event."""
     if is_retry:
-        part = loads(text)
+        part = json_loads(text)
         return Payload(
             {
                 "type": "retry",
@@ -198,7 +199,7 @@ def _part_payload(chat_id: str, part_id: int, role: str, text: str, is_retry: bo
                 "error": part.get("error"),
             }
         )
-    role_json = _ROLE_JSON.get(role) or dumps(role)
+    role_json = _ROLE_JSON.get(role) or json_dumps(role)
     return Payload.of_json(
         b'{"type":"message_part","chat_id":"%b","part_id":%d,"role":%b,"part":%b}'
         % (chat_id.encode(), part_id, role_json, text.encode())

@@ -5,14 +5,12 @@ progress, or 0>` (docs/api.md, "Cursor and resume")."""
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from typing import Any, NamedTuple
 
-import orjson
-
 from app.errors import ValidationFailed
+from app.text import json_dumps, json_loads
 
 MAX_ID = 2**63 - 1
 
@@ -41,35 +39,6 @@ class StreamCursor(NamedTuple):
         return cls(int(match[1]), int(match[2]))
 
 
-# Integers beyond 64 bits: orjson reads them as floats (losing digits), the standard library
-# exactly. Any such number has a run of at least 20 digits.
-_LONG_DIGITS = re.compile(r"\d{20}")
-
-
-def loads(text: str) -> Any:
-    """JSON text from the database (jsonb, notification payloads) as Python values: orjson, a
-    tenth of the standard library's cost, where it reads exactly what the standard library
-    does; the standard library for what it does not (integers beyond 64 bits, numbers beyond
-    a double)."""
-    if _LONG_DIGITS.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(text)
-
-
-def dumps(data: Any) -> bytes:
-    """Compact UTF-8 JSON, as `json.dumps(separators=(",", ":"), ensure_ascii=False)` writes
-    it, by orjson (floats with an exponent are written the shortest way, `1e-7` for `1e-07`);
-    the standard library for what orjson does not encode (integers beyond 64 bits, keys that
-    are not strings)."""
-    try:
-        return orjson.dumps(data)
-    except TypeError:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 class Payload:
     """The JSON data of one event, encoded at most once however many clients receive it. A
     payload made from its encoding (`of_json`) is decoded only if someone asks for its data
@@ -94,12 +63,12 @@ class Payload:
     @property
     def data(self) -> dict[str, Any]:
         if self._data is None:
-            self._data = loads(self._bytes.decode()) if self._bytes is not None else {}
+            self._data = json_loads(self._bytes.decode()) if self._bytes is not None else {}
         return self._data
 
     def encoded(self) -> bytes:
         if self._bytes is None:
-            self._bytes = dumps(self._data)
+            self._bytes = json_dumps(self._data)
         return self._bytes
 
     def json(self) -> str:
