@@ -119,6 +119,25 @@ async def running_replica(dsn: str, pool: asyncpg.Pool, **overrides: Any) -> Asy
             assert exc is None, f"the replica crashed: {exc!r}"
 
 
+async def state_snapshot(pool: asyncpg.Pool) -> tuple[object, ...]:
+    """Everything a chat transition could change (the chat rows, the messages, the queue), for
+    before/after comparisons: "refused, and nothing changed"."""
+    chat_rows = await pool.fetch(
+        "SELECT id, status, version, worker_id, generation, title, archived,"
+        " interrupt_requested_at, pending_tool_calls, action_deadline_at, client_tools"
+        " FROM chats ORDER BY id"
+    )
+    messages = await pool.fetch(
+        "SELECT id, chat_id, role, content, deleted FROM chat_messages ORDER BY id"
+    )
+    queued = await pool.fetch("SELECT id, chat_id, content, promoted FROM chat_queued_messages")
+    return (
+        [tuple(r.values()) for r in chat_rows],
+        [tuple(r.values()) for r in messages],
+        [tuple(r.values()) for r in queued],
+    )
+
+
 async def chat_row(pool: asyncpg.Pool, chat_id: uuid.UUID) -> Chat:
     row = await pool.fetchrow("SELECT * FROM chats WHERE id = $1", chat_id)
     assert row is not None

@@ -13,34 +13,17 @@ from app.state import chats
 from tests import engine_harness, factories
 
 
-async def _snapshot(pool: asyncpg.Pool) -> tuple[object, ...]:
-    """Everything a chat operation could change, for before/after comparisons."""
-    chat_rows = await pool.fetch(
-        "SELECT id, status, version, worker_id, generation, title, archived,"
-        " interrupt_requested_at FROM chats ORDER BY id"
-    )
-    messages = await pool.fetch(
-        "SELECT id, chat_id, role, content, deleted FROM chat_messages ORDER BY id"
-    )
-    queued = await pool.fetch("SELECT id, chat_id, content, promoted FROM chat_queued_messages")
-    return (
-        [tuple(r.values()) for r in chat_rows],
-        [tuple(r.values()) for r in messages],
-        [tuple(r.values()) for r in queued],
-    )
-
-
 async def test_a_full_queue_refuses_another_message(pool: asyncpg.Pool) -> None:
     owner = await factories.create_owner(pool)
     chat, _ = await chats.create_chat(pool, owner, "busy")  # pending: new messages queue
     for i in range(3):
         sent = await chats.send_message(pool, owner, chat.id, f"q{i}", queue_limit=3)
         assert sent.queued is not None
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(QueueFull) as raised:
         await chats.send_message(pool, owner, chat.id, "one too many", queue_limit=3)
     assert raised.value.limit == 3
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_only_user_messages_can_be_edited(pool: asyncpg.Pool) -> None:
@@ -49,14 +32,14 @@ async def test_only_user_messages_can_be_edited(pool: asyncpg.Pool) -> None:
     assistant_id = (
         await factories.create_message(pool, chat_id=chat.id, role="assistant", text="answer")
     )["id"]
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(InvalidTransition) as raised:
         await chats.edit_message(pool, owner, chat.id, assistant_id, "rewritten")
     assert raised.value.transition == "edit a message of"
     assert "only user messages" in raised.value.reason
     with pytest.raises(NotFound):
         await chats.edit_message(pool, owner, chat.id, assistant_id + 1000, "rewritten")
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_another_users_chat_is_indistinguishable_from_a_missing_one(
@@ -68,7 +51,7 @@ async def test_another_users_chat_is_indistinguishable_from_a_missing_one(
     queued = await chats.send_message(pool, owner, chat.id, "queued", queue_limit=20)
     assert queued.queued is not None
     missing = uuid.uuid4()
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
 
     for who, chat_id in ((stranger, chat.id), (owner, missing)):
         operations = [
@@ -84,7 +67,7 @@ async def test_another_users_chat_is_indistinguishable_from_a_missing_one(
         for operation in operations:
             with pytest.raises(NotFound):
                 await operation
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
     assert await chats.list_chats(pool, stranger) == []
 
 
@@ -93,22 +76,22 @@ async def test_archived_chats_refuse_messages_and_edits(pool: asyncpg.Pool) -> N
     chat, message = await chats.create_chat(pool, owner, "old")
     archived = await chats.update_chat(pool, owner, chat.id, archived=True)
     assert (archived.status, archived.archived) == ("waiting", True)
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(InvalidTransition):
         await chats.send_message(pool, owner, chat.id, "hello?", queue_limit=20)
     with pytest.raises(InvalidTransition):
         await chats.edit_message(pool, owner, chat.id, message.id, "hello?")
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_malformed_content_never_reaches_the_database(pool: asyncpg.Pool) -> None:
     owner = await factories.create_owner(pool)
     chat, _ = await chats.create_chat(pool, owner, "fine")
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     for content in ("", "   ", [], [{"type": "image"}], 42, [{"type": "text", "text": 1}]):
         with pytest.raises(ValidationFailed):
             await chats.send_message(pool, owner, chat.id, content, queue_limit=20)
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_interrupting_a_pending_chat_is_final(database_url: str, pool: asyncpg.Pool) -> None:
@@ -146,12 +129,12 @@ async def test_a_chat_id_chosen_by_the_client_is_taken_once(pool: asyncpg.Pool) 
     again = await chats.send_or_create(pool, alice, chat_id, "second", queue_limit=3)
     assert again.queued is not None  # the chat is pending: queued, as a send is
 
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(Conflict):
         await chats.create_chat(pool, bob, "mine now", chat_id=chat_id)
     with pytest.raises(NotFound):
         await chats.send_or_create(pool, bob, chat_id, "mine now", queue_limit=3)
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_regenerate_edits_the_last_user_message_with_its_own_content(

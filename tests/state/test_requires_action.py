@@ -24,7 +24,7 @@ from app.state.client_tools import (
 )
 from app.state.model import Chat, Owner
 from app.state.runs import RunToken, StepRecord
-from tests import factories
+from tests import engine_harness, factories
 
 WORKER = uuid.UUID("00000000-0000-0000-0000-00000000aaaa")
 
@@ -33,23 +33,6 @@ LOCATE = {
     "description": "Where the user is.",
     "input_schema": {"type": "object", "properties": {"precise": {"type": "boolean"}}},
 }
-
-
-async def _snapshot(pool: asyncpg.Pool) -> tuple[object, ...]:
-    """Everything a transition could change, for before/after comparisons."""
-    chat_rows = await pool.fetch(
-        "SELECT id, status, version, worker_id, generation, archived, interrupt_requested_at,"
-        " pending_tool_calls, action_deadline_at, client_tools FROM chats ORDER BY id"
-    )
-    messages = await pool.fetch(
-        "SELECT id, chat_id, role, content, deleted FROM chat_messages ORDER BY id"
-    )
-    queued = await pool.fetch("SELECT id, chat_id, content, promoted FROM chat_queued_messages")
-    return (
-        [tuple(r.values()) for r in chat_rows],
-        [tuple(r.values()) for r in messages],
-        [tuple(r.values()) for r in queued],
-    )
 
 
 async def _roles(pool: asyncpg.Pool, chat_id: uuid.UUID) -> list[str]:
@@ -160,7 +143,7 @@ async def test_a_stop_marked_before_the_write_wins_and_nothing_is_written(
     owner = await factories.create_owner(pool)
     running = await _running(pool, owner)
     await chats.interrupt(pool, owner, running.id)
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     pending = [pending_call("call_1", "get_location", {})]
     chat = await runs.require_action(
         pool,
@@ -171,20 +154,20 @@ async def test_a_stop_marked_before_the_write_wins_and_nothing_is_written(
         model_config_id=running.model_config_id,
     )
     assert chat is None
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_a_run_that_lost_its_chat_is_fenced_out(pool: asyncpg.Pool) -> None:
     owner = await factories.create_owner(pool)
     running = await _running(pool, owner)
     stale = RunToken(running.id, WORKER, running.generation - 1)
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     pending = [pending_call("call_1", "get_location", {})]
     with pytest.raises(FencedOut):
         await runs.require_action(
             pool, stale, _step(pending, []), pending, timeout_s=300, model_config_id=None
         )
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_the_clients_results_make_the_chat_pending(pool: asyncpg.Pool) -> None:
@@ -258,10 +241,10 @@ async def test_results_that_do_not_answer_exactly_the_pending_calls_change_nothi
 ) -> None:
     owner = await factories.create_owner(pool)
     chat, _pending = await _requiring_action(pool, owner, calls=2)
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(error):
         await chats.submit_tool_results(pool, owner, chat.id, results)
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_an_answer_is_taken_once(pool: asyncpg.Pool) -> None:
@@ -294,29 +277,29 @@ async def test_a_late_answer_for_an_earlier_turn_is_refused(pool: asyncpg.Pool) 
         timeout_s=300,
         model_config_id=None,
     )
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     late = [{"tool_call_id": first[0]["id"], "result": "here again"}]
     with pytest.raises(Conflict, match="not pending"):
         await chats.submit_tool_results(pool, owner, chat.id, late)
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
     # And once the chat is back with the user, any answer is refused.
     await chats.interrupt(pool, owner, chat.id)
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(InvalidTransition):
         await chats.submit_tool_results(pool, owner, chat.id, late)
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_another_users_chat_is_not_found(pool: asyncpg.Pool) -> None:
     owner = await factories.create_owner(pool)
     mallory = await factories.create_owner(pool)
     chat, pending = await _requiring_action(pool, owner)
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(NotFound):
         await chats.submit_tool_results(
             pool, mallory, chat.id, [{"tool_call_id": pending[0]["id"], "result": 1}]
         )
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
 
 
 async def test_the_time_out_answers_with_errors_and_ends_the_turn(pool: asyncpg.Pool) -> None:
@@ -421,10 +404,10 @@ async def test_promoting_a_queued_message_interrupts_and_sends_it(pool: asyncpg.
     chat, _pending = await _requiring_action(pool, owner)
     sent = await chats.send_message(pool, owner, chat.id, "forget it", queue_limit=5)
     assert sent.queued is not None
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     with pytest.raises(NotFound):
         await chats.promote_queued(pool, owner, chat.id, sent.queued.id + 1000)
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
     message = await chats.promote_queued(pool, owner, chat.id, sent.queued.id)
     assert message.role == "user"  # type: ignore[union-attr]
     promoted = await _chat_row(pool, chat.id)
@@ -434,7 +417,7 @@ async def test_promoting_a_queued_message_interrupts_and_sends_it(pool: asyncpg.
 
 async def test_client_tools_are_checked_and_replaced_by_a_send(pool: asyncpg.Pool) -> None:
     owner = await factories.create_owner(pool)
-    before = await _snapshot(pool)
+    before = await engine_harness.state_snapshot(pool)
     bad_definitions: list[object] = [
         "get_location",
         [{"name": "has space", "input_schema": {"type": "object"}}],
@@ -452,7 +435,7 @@ async def test_client_tools_are_checked_and_replaced_by_a_send(pool: asyncpg.Poo
             await chats.create_chat(
                 pool, owner, "hi", tools=tools, server_tool_names={"add", "current_time"}
             )
-    assert await _snapshot(pool) == before
+    assert await engine_harness.state_snapshot(pool) == before
     assert MAX_CLIENT_TOOLS == 64
 
     chat, _ = await chats.create_chat(pool, owner, "hi", tools=[LOCATE])
