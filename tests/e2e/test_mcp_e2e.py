@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,21 +18,12 @@ import pytest
 from app.state.model import Chat
 from tests import engine_harness, factories
 from tests.conditions import wait_for
+from tests.e2e.cluster import Cluster
 from tests.e2e.replicas import ReplicaProcess
-from tests.e2e.test_engine_e2e import Cluster
 from tests.factories import ApiUser
 from tests.mcp_harness import SCRIPT_MODEL_CONFIG_ID, http_mcp_server, pid_alive, stdio_transport
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, database_url: str, pool: asyncpg.Pool) -> AsyncIterator[Cluster]:
-    cluster = Cluster(tmp_path, database_url, pool)
-    try:
-        yield cluster
-    finally:
-        cluster.kill_all()
 
 
 class Api:

@@ -10,8 +10,6 @@ import asyncio
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from app.state import chats
 from tests import engine_harness, factories
 from tests.conditions import wait_for
-from tests.e2e.test_engine_e2e import Cluster
+from tests.e2e.cluster import Cluster
 from tests.fakes import running
 from tests.fakes.anthropic_server import FakeAnthropicServer
 from tests.fakes.scenarios import (
@@ -32,15 +30,6 @@ from tests.fakes.scenarios import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, database_url: str, pool: asyncpg.Pool) -> AsyncIterator[Cluster]:
-    cluster = Cluster(tmp_path, database_url, pool)
-    try:
-        yield cluster
-    finally:
-        cluster.kill_all()
 
 
 async def _children(pool: asyncpg.Pool, parent_id: uuid.UUID) -> list[uuid.UUID]:
